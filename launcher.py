@@ -268,12 +268,25 @@ def stop_processes(
         if proc.pid not in skip:
             with contextlib.suppress(psutil.Error):
                 proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace)
+    alive = _wait_gone(procs, grace)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    _, alive = psutil.wait_procs(alive, timeout=grace)
-    return alive
+    return _wait_gone(alive, grace)
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until none of procs is alive; returns those still alive at the deadline.
+
+    A zombie counts as gone: it holds no port and only waits for its parent (psutil.wait_procs would
+    wait on it in vain when the parent is another process, as an earlier instance's launcher is).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if _alive(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
 
 
 def _alive(proc: psutil.Process) -> bool:
