@@ -119,8 +119,8 @@ def default_port(env: dict[str, str]) -> int:
         raise LauncherError(f"REDIS_API_PORT is not usable: {exc}") from None
 
 
-def parse_args(argv: list[str] | None, env: dict[str, str]) -> argparse.Namespace:
-    """Parse the options that start-storyart.ps1 maps its parameters onto."""
+def build_parser(env: dict[str, str]) -> argparse.ArgumentParser:
+    """The options that start-storyart.ps1 maps its parameters onto (its test checks they exist)."""
     parser = argparse.ArgumentParser(
         prog="launcher.py",
         description="Start the StoryArt session service and the StoryArt frontend; Ctrl+C stops both.",
@@ -140,7 +140,12 @@ def parse_args(argv: list[str] | None, env: dict[str, str]) -> argparse.Namespac
                         help="seconds to wait for /health (default: 30)")
     parser.add_argument("--frontend-timeout", type=float, default=90.0,
                         help="seconds to wait for the dev server (default: 90; a first Vite start is slow)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None, env: dict[str, str]) -> argparse.Namespace:
+    """Parse argv; the port defaults to REDIS_API_PORT only here, so a bad value is reported cleanly."""
+    args = build_parser(env).parse_args(argv)
     if args.port is None:
         args.port = default_port(env)
     return args
@@ -590,7 +595,7 @@ def open_browser(url: str) -> None:
     try:
         if not webbrowser.open(url):
             say(f"Could not open a browser; open {url} yourself.")
-    except Exception as exc:  # webbrowser raises various errors on odd setups
+    except (webbrowser.Error, OSError) as exc:
         say(f"Could not open a browser ({exc}); open {url} yourself.")
 
 

@@ -6,6 +6,7 @@ exists at the repository root, one test runs it end to end as well. Every proces
 a finalizer, whatever the test did; only 127.0.0.1 is used; deadlines only guard against hangs.
 """
 
+import contextlib
 import http.server
 import importlib
 import json
@@ -34,7 +35,8 @@ launcher = importlib.import_module("launcher")
 
 DEADLINE = 30.0  # a guard against hanging, never a performance assertion
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="sends POSIX signals")
-NEEDS_NPM = pytest.mark.skipif(not (shutil.which("npm") and shutil.which("node")), reason="needs node and npm")
+NEEDS_NPM = pytest.mark.skipif(not (shutil.which("npm") and shutil.which("node")),
+                               reason="needs node and npm")
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 STAND_IN_APP = '''\
@@ -69,7 +71,8 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-server = ThreadingHTTPServer((os.environ.get("HOST", "127.0.0.1"), int(os.environ["REDIS_API_PORT"])), Handler)
+address = (os.environ.get("HOST", "127.0.0.1"), int(os.environ["REDIS_API_PORT"]))
+server = ThreadingHTTPServer(address, Handler)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 print("stand-in serving on", server.server_address, flush=True)
 try:
@@ -201,16 +204,12 @@ class Cleanup:
                 except (psutil.Error, ValueError):
                     pass
         for proc in procs:
-            try:
+            with contextlib.suppress(psutil.Error):
                 proc.kill()
-            except psutil.Error:
-                pass
         psutil.wait_procs(procs, timeout=5)
         for popen in self.popens:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 @pytest.fixture
@@ -269,7 +268,8 @@ def launch(tmp_path: Path, cleanup: Cleanup, *args: str, env: dict[str, str] | N
 
 def start_earlier_instance(app_dir: Path, port: int, cleanup: Cleanup) -> subprocess.Popen[bytes]:
     """Run the stand-in service directly, as a launcher from an earlier session would have left it."""
-    popen = subprocess.Popen([sys.executable, str(app_dir / "app.py")], env=clean_env(REDIS_API_PORT=str(port)),
+    popen = subprocess.Popen([sys.executable, str(app_dir / "app.py")],
+                             env=clean_env(REDIS_API_PORT=str(port)),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cleanup.popens.append(popen)
     deadline = time.monotonic() + DEADLINE
