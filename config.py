@@ -1,0 +1,147 @@
+"""Service configuration: one typed, validated object built from the environment and `.env`.
+
+Every setting is read here and nowhere else, so a bad value stops start-up with one line that names the
+variable (SPEC §4) instead of failing on the first request.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message is one line naming the variable."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings with their documented defaults (see `.env.example`)."""
+
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 7802
+    app_env: str = "development"
+    session_ttl_seconds: int = 604_800
+    max_content_length: int = 50 * 1024 * 1024
+    cors_origins: tuple[str, ...] = ()
+    log_level: str = "INFO"
+    memory_max_sessions: int = 500
+    memory_max_bytes: int = 512 * 1024 * 1024
+    redis_connect_timeout: float = 1.0
+    redis_socket_timeout: float = 5.0
+    redis_retry_interval: float = 3.0
+    redis_max_connections: int = 16
+    workers: int = 0
+    threads: int = 0
+    trusted_proxy_hops: int = 0
+
+    @property
+    def redis_configured(self) -> bool:
+        return self.redis_url is not None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | Path | None = ".env") -> Config:
+        """Build from `environ` (default: the process environment) over the values of `.env`.
+
+        The real environment always wins over `.env`, as python-dotenv's `override=False` does, but the file
+        is read without touching `os.environ` so building a config has no side effects.
+        """
+        env: dict[str, str] = {}
+        if dotenv_path is not None and Path(dotenv_path).is_file():
+            env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        env.update(os.environ if environ is None else environ)
+        return cls(
+            redis_url=_redis_url(env),
+            host=_text(env, "HOST", "127.0.0.1"),
+            port=_int(env, "REDIS_API_PORT", 7802, 1, 65535),
+            app_env=_text(env, "APP_ENV", env.get("NODE_ENV") or "development").lower(),
+            session_ttl_seconds=_int(env, "SESSION_TTL_SECONDS", 604_800, 1, 10 * 365 * 86_400),
+            max_content_length=_int(env, "MAX_CONTENT_LENGTH", 50 * 1024 * 1024, 1024, 2**40),
+            cors_origins=_origins(env),
+            log_level=_choice(env, "LOG_LEVEL", "INFO", LOG_LEVELS),
+            memory_max_sessions=_int(env, "MEMORY_MAX_SESSIONS", 500, 1, 10_000_000),
+            memory_max_bytes=_int(env, "MEMORY_MAX_BYTES", 512 * 1024 * 1024, 1024, 2**44),
+            redis_connect_timeout=_float(env, "REDIS_CONNECT_TIMEOUT", 1.0, 0.01, 60),
+            redis_socket_timeout=_float(env, "REDIS_SOCKET_TIMEOUT", 5.0, 0.01, 300),
+            redis_retry_interval=_float(env, "REDIS_RETRY_INTERVAL", 3.0, 0.05, 3600),
+            redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", 16, 1, 10_000),
+            workers=_int(env, "WEB_CONCURRENCY", 0, 0, 64),
+            threads=_int(env, "GUNICORN_THREADS", 0, 0, 256),
+            trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 0, 0, 10),
+        )
+
+
+def _text(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip()
+    return value or default
+
+
+def _number(
+    env: Mapping[str, str], name: str, default: float, low: float, high: float, parse: Callable[[str], float]
+) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = parse(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: must be between {low:g} and {high:g}, got {raw!r}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    return int(_number(env, name, default, low, high, int))
+
+
+def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    return _number(env, name, default, low, high, float)
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _text(env, name, default).upper()
+    if value not in choices:
+        raise ConfigError(f"{name}: must be one of {', '.join(choices)}, got {env[name]!r}")
+    return value
+
+
+def _redis_url(env: Mapping[str, str]) -> str | None:
+    """`REDIS_URL`, else `redis://REDIS_HOST:REDIS_PORT/0` when either is set, else no Redis (memory mode)."""
+    url = env.get("REDIS_URL", "").strip()
+    if url:
+        parts = urlsplit(url)
+        shown = url.replace(f":{parts.password}@", ":***@") if parts.password else url  # never log a password
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise ConfigError(f"REDIS_URL: expected redis://host:port/db, got {shown!r}")
+        db = parts.path.lstrip("/")
+        if parts.scheme != "unix" and db and not db.isdigit():
+            raise ConfigError(f"REDIS_URL: the database must be a number, got {shown!r}")
+        return url
+    host, port = env.get("REDIS_HOST", "").strip(), env.get("REDIS_PORT", "").strip()
+    if not host and not port:
+        return None
+    port_number = _int(env, "REDIS_PORT", 6379, 1, 65535)
+    return f"redis://{host or '127.0.0.1'}:{port_number}/0"
+
+
+_ORIGIN = re.compile(r"^https?://[^/\s]+$")
+
+
+def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Exact origins from `CORS_ORIGINS`; empty means the default (any localhost origin)."""
+    raw = env.get("CORS_ORIGINS", "").strip()
+    origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise ConfigError(f"CORS_ORIGINS: {origin!r} is not an origin like http://host:port")
+    return origins

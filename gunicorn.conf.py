@@ -1,0 +1,48 @@
+"""gunicorn settings for `gunicorn app:app` (gunicorn reads this file from the working directory).
+
+Everything comes from the same validated `Config` as the app, so a bad variable stops the master with one
+line before any worker starts, and the bind address is always HOST:REDIS_API_PORT (127.0.0.1 by default),
+never 0.0.0.0 by accident.
+"""
+
+import sys
+
+from config import Config, ConfigError
+
+try:
+    _config = Config.from_env()
+except ConfigError as _error:
+    print(f"storyart: configuration error: {_error}", file=sys.stderr)
+    sys.exit(2)
+
+_host = f"[{_config.host}]" if ":" in _config.host else _config.host
+bind = [f"{_host}:{_config.port}"]
+
+# Measured on 2 cores (bench/): with Redis, 3 single-threaded workers serve 1 MB sessions best. Without
+# Redis every worker would hold its own in-memory store, so save-then-latest could hit different stores:
+# memory mode runs exactly one worker and uses threads for concurrency.
+if _config.redis_configured:
+    workers = _config.workers or 3
+    threads = _config.threads or 1
+else:
+    if _config.workers > 1:
+        print("storyart: configuration error: WEB_CONCURRENCY: more than one worker needs REDIS_URL "
+              "(each worker would keep its own in-memory store)", file=sys.stderr)
+        sys.exit(2)
+    workers = 1
+    threads = _config.threads or 8
+worker_class = "gthread" if threads > 1 else "sync"
+
+timeout = 60  # a 50 MB body on a slow link still fits
+graceful_timeout = 30  # SIGTERM: requests in flight get this long to finish
+control_socket_disable = True  # one control socket per user would collide between instances
+forwarded_allow_ips = "127.0.0.1,::1" if _config.trusted_proxy_hops else ""
+accesslog = None  # the app writes its own access log line (request id, status, bytes, ms)
+loglevel = _config.log_level.lower()
+
+
+def worker_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
+    """After a worker's last request: flush sessions held in memory to Redis, and say how many could not."""
+    app_module = sys.modules.get("app")
+    if app_module is not None:
+        app_module.app.extensions["storyart"].close()

@@ -1,0 +1,77 @@
+"""Turn a save request's body into a `Draft`, or into one clear sentence saying what is wrong with it.
+
+Parsing with orjson also enforces what a browser's `JSON.parse` needs to read the session back: it rejects
+`NaN`/`Infinity`, lone surrogates, invalid UTF-8 and nesting deeper than 1024; serialization rejects nesting
+deeper than 254. Integers beyond 64 bits come back as the same JavaScript number (e.g. `1e+20`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from storage import Draft
+
+# Field -> (type, how the error message describes it). Every other field is stored verbatim.
+REQUIRED: dict[str, tuple[type, str]] = {
+    "scriptText": (str, "a non-empty string"),
+    "episodeContext": (str, "a string"),
+    "storyUuid": (str, "a string"),
+    "analyzedEpisode": (dict, "an object"),
+}
+MAX_FUTURE_MS = 86_400_000  # a client timestamp may run at most one day ahead of this server's clock
+
+
+class PayloadError(ValueError):
+    """The body is not a session this service can store; the message is the 400 error text."""
+
+
+def parse_session(body: bytes, now: int) -> Draft:
+    try:
+        session = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise PayloadError(f"The request body is not valid JSON: {error}.") from None
+    if not isinstance(session, dict):
+        raise PayloadError(f"The request body must be a JSON object, not {_json_type(session)}.")
+    problems = [_field_problem(session, name, kind, wanted) for name, (kind, wanted) in REQUIRED.items()]
+    problems = [p for p in problems if p]
+    if problems:
+        raise PayloadError(f"Invalid session data: {'; '.join(problems)}.")
+    timestamp = session.pop("timestamp", None)
+    if timestamp is not None:
+        _check_timestamp(timestamp, now)
+    try:
+        serialized = orjson.dumps(session)
+    except orjson.JSONEncodeError:
+        raise PayloadError("The session is nested too deeply (at most 254 levels).") from None
+    return Draft(serialized[:-1] + (b',"timestamp":' if len(session) else b'"timestamp":'), timestamp)
+
+
+def _field_problem(session: dict[str, Any], name: str, kind: type, wanted: str) -> str | None:
+    if name not in session:
+        return f"{name} is missing"
+    value = session[name]
+    if not isinstance(value, kind) or (name == "scriptText" and not value):
+        return f"{name} must be {wanted}, got {_json_type(value)}"
+    return None
+
+
+def _check_timestamp(value: Any, now: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        shown = orjson.dumps(value)[:40].decode(errors="replace")
+        raise PayloadError(f"timestamp must be a positive integer (ms since epoch), got {shown}.")
+    if value > now + MAX_FUTURE_MS:
+        raise PayloadError("timestamp is more than one day in the future.")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "an empty string" if not value else "a string"
+    if isinstance(value, int | float):
+        return "a number"
+    return "an array" if isinstance(value, list) else "an object"

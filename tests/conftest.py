@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import storage  # noqa: E402
+from app import create_app  # noqa: E402
+from config import Config  # noqa: E402
+from servers import RedisServer, ServiceProcess  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def session_1mb() -> bytes:
+    return (FIXTURES / "session-1mb.json").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def session_10kb() -> bytes:
+    return (FIXTURES / "session-10kb.json").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_db(redis_server: RedisServer):
+    """The shared test Redis, emptied before each test (restarted first if a test left it dead)."""
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.start()
+    client = redis_server.client()
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_app() -> Iterator[Callable[..., Flask]]:
+    """Build apps on a fresh module-level memory store; their storage is closed after the test."""
+    apps: list[Flask] = []
+
+    def build(**settings: object) -> Flask:
+        storage.MEMORY.clear()
+        config = dataclasses.replace(Config(), **settings)
+        app = create_app(config)
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        app.extensions["storyart"].close()
+    storage.MEMORY.clear()
+
+
+@pytest.fixture(params=["redis", "memory"])
+def client(request: pytest.FixtureRequest, make_app: Callable[..., Flask]) -> FlaskClient:
+    """A test client on each storage mode: the contract is the same on both."""
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        request.getfixturevalue("redis_db")
+        app = make_app(redis_url=server.url)
+    else:
+        app = make_app()
+    return app.test_client()
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start the real service (`python app.py` or gunicorn); every one is stopped after the test."""
+    started: list[ServiceProcess] = []
+
+    def start(kind: str = "app", **env: str) -> ServiceProcess:
+        proc = ServiceProcess(kind, env, tmp_path / f"{kind}-{len(started)}.log")
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,94 @@
+"""Configuration (SPEC §4): defaults, `.env` under the real environment, one clear line for a bad value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import Config, ConfigError
+from servers import ROOT
+
+
+def test_defaults() -> None:
+    config = Config.from_env({}, dotenv_path=None)
+    assert config == Config()
+    assert (config.host, config.port, config.redis_url, config.session_ttl_seconds) == ("127.0.0.1", 7802, None, 604800)
+    assert config.max_content_length == 50 * 1024 * 1024 and not config.redis_configured
+
+
+def test_everything_is_read() -> None:
+    config = Config.from_env({
+        "REDIS_URL": "redis://10.0.0.5:6380/2", "HOST": "0.0.0.0", "REDIS_API_PORT": "9000", "APP_ENV": "Production",
+        "SESSION_TTL_SECONDS": "60", "MAX_CONTENT_LENGTH": "2048", "CORS_ORIGINS": "https://a.example, http://b:1/",
+        "LOG_LEVEL": "debug", "MEMORY_MAX_SESSIONS": "3", "MEMORY_MAX_BYTES": "4096", "REDIS_CONNECT_TIMEOUT": "0.5",
+        "REDIS_SOCKET_TIMEOUT": "2", "REDIS_RETRY_INTERVAL": "1.5", "REDIS_MAX_CONNECTIONS": "4",
+        "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "4", "TRUSTED_PROXY_HOPS": "1",
+    }, dotenv_path=None)
+    assert config == Config(
+        redis_url="redis://10.0.0.5:6380/2", host="0.0.0.0", port=9000, app_env="production", session_ttl_seconds=60,
+        max_content_length=2048, cors_origins=("https://a.example", "http://b:1"), log_level="DEBUG",
+        memory_max_sessions=3, memory_max_bytes=4096, redis_connect_timeout=0.5, redis_socket_timeout=2.0,
+        redis_retry_interval=1.5, redis_max_connections=4, workers=2, threads=4, trusted_proxy_hops=1)
+
+
+def test_redis_host_and_port_make_a_url() -> None:
+    assert Config.from_env({"REDIS_HOST": "cache", "REDIS_PORT": "6390"}, None).redis_url == "redis://cache:6390/0"
+    assert Config.from_env({"REDIS_PORT": "6390"}, None).redis_url == "redis://127.0.0.1:6390/0"
+
+
+def test_node_env_is_the_fallback_for_app_env() -> None:
+    assert Config.from_env({"NODE_ENV": "production"}, None).app_env == "production"
+    assert Config.from_env({"NODE_ENV": "production", "APP_ENV": "staging"}, None).app_env == "staging"
+
+
+def test_dotenv_fills_in_but_never_overrides_the_environment(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("REDIS_API_PORT=7900\nSESSION_TTL_SECONDS=120\n# comment\nLOG_LEVEL=warning\n")
+    config = Config.from_env({"SESSION_TTL_SECONDS": "30"}, dotenv_path=dotenv)
+    assert (config.port, config.session_ttl_seconds, config.log_level) == (7900, 30, "WARNING")
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("REDIS_API_PORT", "abc"), ("REDIS_API_PORT", "70000"), ("SESSION_TTL_SECONDS", "0"),
+    ("SESSION_TTL_SECONDS", "-5"), ("MAX_CONTENT_LENGTH", "1e9"), ("LOG_LEVEL", "loud"),
+    ("REDIS_URL", "http://x"), ("REDIS_URL", "redis://host:6379/db"), ("REDIS_PORT", "x"),
+    ("CORS_ORIGINS", "localhost:3000"), ("MEMORY_MAX_SESSIONS", "0"), ("REDIS_CONNECT_TIMEOUT", "soon"),
+    ("TRUSTED_PROXY_HOPS", "-1"),
+])
+def test_a_bad_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({name: value}, dotenv_path=None)
+    message = str(raised.value)
+    assert message.startswith(f"{name}: ") and "\n" not in message and repr(value) in message
+
+
+@pytest.mark.parametrize("command", [["app.py"], ["-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"]])
+def test_start_up_with_a_bad_value_stops_with_one_line(command: list[str], tmp_path: Path) -> None:
+    env = {**os.environ, "REDIS_API_PORT": "not-a-port"}
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines == ["storyart: configuration error: REDIS_API_PORT: expected a number, got 'not-a-port'"]
+
+
+def test_gunicorn_refuses_several_workers_without_redis() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")} | {"WEB_CONCURRENCY": "3"}
+    done = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "WEB_CONCURRENCY" in done.stderr
+
+
+def test_env_example_lists_every_variable_with_its_default() -> None:
+    text = (ROOT / ".env.example").read_text()
+    names = {line.split("=", 1)[0].lstrip("# ").strip() for line in text.splitlines() if "=" in line}
+    source = (ROOT / "config.py").read_text()
+    import re
+
+    read = set(re.findall(r'"([A-Z][A-Z_]+)"', source)) - {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+    assert read <= names, read - names
+    defaults = Config.from_env({}, dotenv_path=None)
+    assert f"REDIS_API_PORT={defaults.port}" in text and f"SESSION_TTL_SECONDS={defaults.session_ttl_seconds}" in text
