@@ -8,7 +8,6 @@ a finalizer, whatever the test did; only 127.0.0.1 is used; deadlines only guard
 
 import contextlib
 import http.server
-import importlib
 import json
 import os
 import shutil
@@ -28,10 +27,10 @@ from typing import Any
 import psutil
 import pytest
 
+import launcher
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launcher.py"
-sys.path.insert(0, str(ROOT))
-launcher = importlib.import_module("launcher")
 
 DEADLINE = 30.0  # a guard against hanging, never a performance assertion
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="sends POSIX signals")

@@ -5,11 +5,9 @@ Windows PowerShell 5.1 cannot run, and map its parameters onto options launcher.
 is installed, PowerShell's own parser checks it too.
 """
 
-import importlib
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +15,10 @@ import pytest
 import tree_sitter_powershell
 from tree_sitter import Language, Node, Parser, Tree
 
+import launcher
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "start-storyart.ps1"
-sys.path.insert(0, str(ROOT))
-launcher = importlib.import_module("launcher")
 
 PARSER = Parser(Language(tree_sitter_powershell.language()))
 # Parameters of cmdlets that only exist from PowerShell 6/7 on.
