@@ -1,12 +1,12 @@
 """Start the StoryArt session service and the StoryArt frontend together, and stop both cleanly.
 
 start-storyart.ps1 only prepares the virtual environment and then runs this file, so that every decision
-about ports, child processes and shutdown lives here, in Python, where it is tested on every platform.
+about ports, child processes and shutdown lives here, in Python, where it can be tested.
 
     python launcher.py [--port 7802] [--frontend-dir DIR] [--frontend-port N] [--no-frontend] [--no-browser]
 
-Exit codes: 0 after Ctrl+C or SIGTERM (a requested stop), 1 when start-up fails or a child exits on its
-own, 2 for bad command-line arguments.
+Exit codes: 0 after Ctrl+C, SIGTERM or SIGHUP (a requested stop), 1 when start-up fails or a child exits on
+its own, 2 for bad command-line arguments.
 """
 
 import argparse
@@ -89,7 +89,7 @@ class Child:
 
 def say(message: str) -> None:
     """Print one launcher line; children's output is interleaved, so tag and flush it."""
-    with _OUTPUT_LOCK:
+    with contextlib.suppress(OSError), _OUTPUT_LOCK:  # a closed terminal must not abort the cleanup
         print(f"[storyart] {message}", flush=True)
 
 
@@ -569,8 +569,12 @@ class StopSignal:
         self.name = ""
 
     def install(self) -> None:
-        """Handle SIGINT, SIGTERM and (Windows) SIGBREAK from now on."""
-        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+        """Handle SIGINT, SIGTERM, SIGHUP (terminal closed) and, on Windows, SIGBREAK from now on.
+
+        The children run in their own process groups, so a closed terminal's SIGHUP reaches only the
+        launcher: it must stop them rather than die and leave them behind.
+        """
+        for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), self._handle)
 

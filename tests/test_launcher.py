@@ -333,9 +333,9 @@ def test_a_free_port_has_no_holder() -> None:
 
 @POSIX_ONLY
 @NEEDS_NPM
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGHUP"], ids=["ctrl-c", "sigterm", "terminal-closed"])
 def test_starts_both_and_a_stop_signal_leaves_no_process(
-    tmp_path: Path, cleanup: Cleanup, app_dir: Path, frontend_dir: Path, signum: int
+    tmp_path: Path, cleanup: Cleanup, app_dir: Path, frontend_dir: Path, signame: str
 ) -> None:
     port, frontend_port = free_port(), free_port()
     run = launch(tmp_path, cleanup, "--app-dir", str(app_dir), "--frontend-dir", str(frontend_dir),
@@ -351,7 +351,7 @@ def test_starts_both_and_a_stop_signal_leaves_no_process(
     assert page["pid"] in pids, "the frontend answering is not in the launcher's tree"
     assert len(tree) >= 3  # python app.py, npm, node (plus the shell npm runs the script with)
 
-    run.popen.send_signal(signum)
+    run.popen.send_signal(getattr(signal, signame))
     assert run.finish() == 0, run.output()
     assert survivors(tree) == [], run.output()
     assert not launcher.is_listening("127.0.0.1", port)
