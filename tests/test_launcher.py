@@ -333,7 +333,9 @@ def test_a_free_port_has_no_holder() -> None:
 
 @POSIX_ONLY
 @NEEDS_NPM
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGHUP"], ids=["ctrl-c", "sigterm", "terminal-closed"])
+@pytest.mark.parametrize(
+    "signame", ["SIGINT", "SIGTERM", "SIGHUP"], ids=["ctrl-c", "sigterm", "terminal-closed"]
+)
 def test_starts_both_and_a_stop_signal_leaves_no_process(
     tmp_path: Path, cleanup: Cleanup, app_dir: Path, frontend_dir: Path, signame: str
 ) -> None:
