@@ -304,8 +304,12 @@ def _alive(proc: psutil.Process) -> bool:
 
 def stop_earlier_instance(pid: int, host: str, port: int) -> None:
     """Stop an earlier StoryArt session service (and its children) and wait until it frees the port."""
-    if pid == os.getpid():
-        raise LauncherError(f"Port {port} is answered by this launcher itself (pid {pid}); nothing to stop.")
+    listeners = listening_processes(port)
+    if pid == os.getpid() or (listeners and pid not in {p.pid for p in listeners}):
+        # Only a process that really holds the port is stopped, whatever pid an answer names.
+        raise LauncherError(f"Port {port} is already in use by {describe_holder(port)}, which claims to be "
+                            f"a StoryArt session service with pid {pid}; stop it yourself or choose another "
+                            "port.")
     try:
         root = instance_root(pid, port)
         tree = [root, *root.children(recursive=True)]
@@ -485,23 +489,32 @@ def port_taken(port: int) -> bool:
     return any(is_listening(h, port) for h in LOOPBACKS)
 
 
-def listening_ports(child: Child) -> set[int]:
-    """TCP ports the child's process tree listens on (empty when the OS will not tell)."""
+def listening_ports(child: Child) -> set[int] | None:
+    """TCP ports the child's process tree listens on; None when the OS will not tell for some process."""
     ports: set[int] = set()
     for proc in list(child.known.values()):
-        with contextlib.suppress(psutil.Error):
+        try:
             conns = proc.net_connections(kind="tcp")
-            ports.update(c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN)
+        except psutil.AccessDenied:
+            return None
+        except psutil.Error:
+            continue  # gone meanwhile
+        ports.update(c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN)
     return ports
 
 
 def find_frontend_port(child: Child, candidates: list[int], busy: set[int]) -> int | None:
-    """The dev server's port once it answers: a candidate nobody held before, or one its tree listens on.
+    """The dev server's port, once it answers HTTP.
 
-    Vite moves to the next free port when its own is taken, so the tree's listening ports are checked too.
+    Preferably a port its own process tree listens on: a candidate first, else any (Vite moves on to the
+    next free port when its own is taken). Where the OS hides the tree's sockets, a candidate that was
+    free before the start. Probing only these also keeps polling fast where a refused connection is slow.
     """
     own = listening_ports(child)
-    ordered = [p for p in candidates if p not in busy or p in own] + sorted(own - set(candidates))
+    if own is None:
+        ordered = [p for p in candidates if p not in busy]
+    else:
+        ordered = [p for p in candidates if p in own] + sorted(own - set(candidates))
     return next((p for p in ordered if answers_http(p)), None)
 
 

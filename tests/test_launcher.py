@@ -323,6 +323,24 @@ def test_wildcard_hosts_are_probed_on_loopback() -> None:
     assert launcher.url_host("::1") == "[::1]"
 
 
+@pytest.mark.parametrize(
+    ("own", "expected"),
+    [
+        ({3000}, 3000),  # its own candidate port
+        ({5173, 3000}, 3000),  # candidates in order
+        ({3001}, 3001),  # Vite moved on: a port of its own that was not asked for
+        (set(), None),  # listening nowhere yet: 5173 answering is somebody else
+        (None, 5173),  # the OS hides its sockets: a candidate that was free before (3000 was busy)
+    ],
+)
+def test_frontend_port_prefers_the_trees_own_ports(
+    monkeypatch: pytest.MonkeyPatch, own: set[int] | None, expected: int | None
+) -> None:
+    monkeypatch.setattr(launcher, "listening_ports", lambda child: own)
+    monkeypatch.setattr(launcher, "answers_http", lambda port: True)
+    assert launcher.find_frontend_port(None, [3000, 5173], busy={3000}) == expected
+
+
 def test_a_free_port_has_no_holder() -> None:
     assert launcher.describe_holder(free_port()) == "an unknown process"
 
@@ -408,9 +426,10 @@ class _OtherService(http.server.BaseHTTPRequestHandler):
     """Answers /health like some other service that happens to report a pid."""
 
     victim = 0
+    service = "something-else"
 
     def do_GET(self) -> None:
-        body = json.dumps({"status": "healthy", "service": "something-else", "pid": self.victim}).encode()
+        body = json.dumps({"status": "healthy", "service": self.service, "pid": self.victim}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -438,6 +457,27 @@ def test_never_stops_another_service_that_answers_health(
         server.server_close()
     assert f"Port {port} is already in use by" in run.output()
     assert sleeper.poll() is None, "a pid reported by another service must never be stopped"
+
+
+def test_never_stops_a_pid_that_does_not_hold_the_port(
+    tmp_path: Path, cleanup: Cleanup, app_dir: Path
+) -> None:
+    """An answer that claims to be this service but names some other process's pid stops nothing."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    cleanup.popens.append(sleeper)
+    handler = type("Handler", (_OtherService,), {"victim": sleeper.pid, "service": "storyart-session"})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        run = launch(tmp_path, cleanup, "--app-dir", str(app_dir), "--no-frontend", "--port", str(port))
+        assert run.finish() == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    me = psutil.Process()
+    assert f"in use by {me.name()} (pid {me.pid}), which claims to be" in run.output()
+    assert sleeper.poll() is None
 
 
 @POSIX_ONLY
