@@ -441,6 +441,8 @@ def check_frontend_dir(frontend_dir: str | None) -> Path:
     if not frontend_dir:
         raise LauncherError("No frontend folder given: pass -FrontendDir / --frontend-dir, set "
                             "STORYART_FRONTEND_DIR, or use -NoFrontend / --no-frontend.")
+    if IS_WINDOWS:  # Windows PowerShell 5.1 passes "C:\My Dir\" on as C:\My Dir" (the \" reads as a quote)
+        frontend_dir = frontend_dir.rstrip('"')
     path = Path(frontend_dir).expanduser().resolve()
     if not path.is_dir():
         raise LauncherError(f"Frontend folder not found: {path}")

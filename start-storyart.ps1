@@ -67,8 +67,10 @@ param(
 )
 
 Set-StrictMode -Version 3.0
-$ErrorActionPreference = 'Stop'
-# PowerShell 7.3+ could turn a non-zero exit code of a native program into an exception; we check them.
+# Exit codes are checked one by one. 'Stop' (perhaps inherited from a profile) would turn a warning that
+# pip or Python writes to stderr into a terminating error in Windows PowerShell 5.1, and a non-zero exit
+# code into one in PowerShell 7.3+.
+$ErrorActionPreference = 'Continue'
 $PSNativeCommandUseErrorActionPreference = $false
 
 if ($Help) {
@@ -87,9 +89,12 @@ function Test-IsWindows {
 function Test-PythonVersion {
     # True when the given program (plus arguments) is Python 3.11 or newer.
     param([string]$Program, [string[]]$Arguments)
-    $ErrorActionPreference = 'Continue'
     $check = 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'
-    $null = & $Program @Arguments -c $check 2>&1
+    try {
+        $null = & $Program @Arguments -c $check 2>&1
+    } catch {
+        return $false  # it could not even be started
+    }
     return ($LASTEXITCODE -eq 0)
 }
 
@@ -132,15 +137,16 @@ if (-not (Test-Path -LiteralPath $venvPython)) {
         exit 1
     }
     Write-Host "[storyart] Creating the virtual environment $venvDir ..."
+    $pythonExe = $python[0]
     $pythonArgs = @($python | Select-Object -Skip 1)
-    & $python[0] @pythonArgs -m venv $venvDir
+    & $pythonExe @pythonArgs -m venv $venvDir
     if (($LASTEXITCODE -ne 0) -or (-not (Test-Path -LiteralPath $venvPython))) {
         Write-Host '[storyart] Error: could not create .venv (on Debian or Ubuntu, install the python3-venv package).'
         exit 1
     }
     $venvIsNew = $true
 } elseif (-not (Test-PythonVersion -Program $venvPython -Arguments @())) {
-    Write-Host "[storyart] Error: $venvDir holds a Python older than 3.11; delete that folder and run this script again."
+    Write-Host "[storyart] Error: $venvDir holds no working Python 3.11 or newer; delete that folder and run this script again."
     exit 1
 }
 
