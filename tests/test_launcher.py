@@ -563,7 +563,8 @@ def test_end_to_end_with_the_real_service(tmp_path: Path, cleanup: Cleanup) -> N
     health = run.wait_for("/health", lambda: get_json(port, "/health"))
     run.wait_running()
     assert health["service"] == "storyart-session"
-    assert health["storage"] == "memory"
+    if not (ROOT / ".env").exists():  # a developer's .env may configure Redis; the launcher honours it
+        assert health["storage"] == "memory"
     tree = run.tree()
     assert health["pid"] in {p.pid for p in tree}
 
