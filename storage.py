@@ -114,6 +114,7 @@ class _Entry:
     body: bytes
     summary: bytes
     expires_at: int  # wall clock, ms
+    assigned: bool  # the service chose the timestamp (else it is the client's identity for the session)
 
 
 class MemoryStore:
@@ -161,7 +162,8 @@ class MemoryStore:
                 while timestamp in self._entries:
                     timestamp += 1
                 self._last_assigned = timestamp
-            self._put(timestamp, _Entry(draft.render(timestamp), draft.summary, now + ttl_ms), now)
+            entry = _Entry(draft.render(timestamp), draft.summary, now + ttl_ms, draft.timestamp is None)
+            self._put(timestamp, entry, now)
             return timestamp
 
     def _put(self, timestamp: int, entry: _Entry, now: int) -> None:
@@ -276,15 +278,24 @@ end
 """
 
 # Save (and write back) one session atomically. KEYS: index, expiry, clock. ARGV: head, requested timestamp
-# or "", now in ms, TTL in ms, "keep" ("1": never replace a different session under the requested timestamp
-# but take a fresh one; used by write-back), summary JSON. Returns the timestamp.
+# or "", now in ms, TTL in ms, write-back mode, summary JSON. Returns the timestamp, or 0 when a write-back
+# was superseded. A save replaces whatever holds its timestamp. A write-back meeting a *different* session
+# there: if its timestamp was the client's ("identity"), the copy acknowledged later wins (the later
+# expiry); if the service assigned it ("assigned": two processes chose the same millisecond), both are kept
+# and the written-back one takes a fresh timestamp.
 _SAVE = _PRUNE + """
 local function fmt(n) return string.format('%d', n) end
 local head, now, ttl = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
 local ts = tonumber(ARGV[2])
-if ts and ARGV[5] == '1' then
+if ts and ARGV[5] ~= '' then
   local current = redis.call('GET', '{SESSION}' .. fmt(ts))
-  if current and current ~= head .. fmt(ts) .. '}' then ts = nil end
+  if current and current ~= head .. fmt(ts) .. '}' then
+    if ARGV[5] == 'assigned' then
+      ts = nil
+    elseif redis.call('PTTL', '{SESSION}' .. fmt(ts)) >= ttl then
+      return 0
+    end
+  end
 end
 if not ts then
   ts = math.max(now, tonumber(redis.call('GET', KEYS[3]) or '0') + 1)
@@ -371,9 +382,10 @@ class RedisStore:
         )
         return cls(redis.Redis(connection_pool=pool))
 
-    def save(self, draft: Draft, now: int, ttl_ms: int, keep: bool = False) -> int:
+    def save(self, draft: Draft, now: int, ttl_ms: int, write_back: str = "") -> int:
+        """Store; `write_back` is "" for a client's save, else "identity" or "assigned" (see `_SAVE`)."""
         requested = "" if draft.timestamp is None else str(draft.timestamp)
-        args = (draft.head, requested, now, ttl_ms, "1" if keep else "", draft.summary)
+        args = (draft.head, requested, now, ttl_ms, write_back, draft.summary)
         return int(self._save(keys=(INDEX_KEY, EXPIRY_KEY, CLOCK_KEY), args=args))
 
     def get(self, timestamp: int) -> Stored | None:
@@ -558,8 +570,8 @@ class SessionStorage:
         """Move memory-held sessions to Redis (same timestamp, remaining TTL); returns how many moved.
 
         A session that expired meanwhile is dropped, not revived. If Redis already holds a *different*
-        session under the same timestamp (two workers saved in the same millisecond during an outage),
-        this one is kept under a fresh timestamp rather than overwrite or be lost.
+        session under the same timestamp, `_SAVE` decides: a later save of the same client timestamp wins;
+        a service-assigned clash (two workers, one millisecond) keeps both.
         """
         if self.redis is None:
             return 0
@@ -570,8 +582,11 @@ class SessionStorage:
                 self.memory.discard_if_same(timestamp, entry)
                 continue
             draft = Draft(head_of(entry.body, timestamp), timestamp, entry.summary)
-            stored_as = self.redis.save(draft, now, entry.expires_at - now, keep=True)
-            if stored_as != timestamp:
+            mode = "assigned" if entry.assigned else "identity"
+            stored_as = self.redis.save(draft, now, entry.expires_at - now, write_back=mode)
+            if stored_as == 0:
+                log.info("write-back: session %d was saved again since; the later copy stays", timestamp)
+            elif stored_as != timestamp:
                 log.warning("write-back: Redis already held another session %d; this one is now %d",
                             timestamp, stored_as)
             self.memory.discard_if_same(timestamp, entry)

@@ -152,16 +152,28 @@ def test_assigned_timestamps_skip_ones_taken_by_a_client(store: RedisStore) -> N
     assert orjson.loads(store.get(now).body)["scriptText"] == "client"
 
 
-def test_write_back_never_replaces_a_different_session(store: RedisStore) -> None:
+def test_write_back_of_a_clashing_assigned_timestamp_keeps_both(store: RedisStore) -> None:
     now = now_ms()
     store.save(draft("in redis", timestamp=now), now, 60_000)
-    moved = store.save(draft("from memory", timestamp=now), now, 60_000, keep=True)
-    assert moved != now
+    moved = store.save(draft("from memory", timestamp=now), now, 60_000, write_back="assigned")
+    assert moved > now
     assert orjson.loads(store.get(now).body)["scriptText"] == "in redis"
-    assert orjson.loads(store.get(moved).body) == {**orjson.loads(store.get(moved).body), "scriptText": "from memory",
-                                               "timestamp": moved}
-    same = store.save(draft("in redis", timestamp=now), now, 60_000, keep=True)
+    assert orjson.loads(store.get(moved).body)["scriptText"] == "from memory"
+    assert orjson.loads(store.get(moved).body)["timestamp"] == moved
+    same = store.save(draft("in redis", timestamp=now), now, 60_000, write_back="assigned")
     assert same == now  # identical content: nothing to move
+
+
+def test_write_back_of_a_client_timestamp_lets_the_later_save_win(store: RedisStore) -> None:
+    now = now_ms()
+    store.save(draft("saved again after the outage", timestamp=now), now, 60_000)
+    superseded = store.save(draft("older copy from memory", timestamp=now), now, 30_000, write_back="identity")
+    assert superseded == 0
+    assert orjson.loads(store.get(now).body)["scriptText"] == "saved again after the outage"
+    newer = store.save(draft("newer copy from memory", timestamp=now), now, 90_000, write_back="identity")
+    assert newer == now
+    assert orjson.loads(store.get(now).body)["scriptText"] == "newer copy from memory"
+    assert store.page(Query())[0] == 1
 
 
 # ------------------------------------------------------------------------------------------ memory store
