@@ -30,7 +30,7 @@ from werkzeug.serving import make_server
 
 from config import Config, ConfigError
 from payload import PayloadError, draft_from, parse_json, parse_session
-from storage import Query, SessionStorage, StorageFull, Stored, build_storage, now_ms, session_key
+from storage import Query, SessionStorage, StorageUnavailable, Stored, build_storage, now_ms, session_key
 
 log = logging.getLogger("storyart")
 access_log = logging.getLogger("storyart.access")
@@ -219,8 +219,8 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
             return error(400, str(exc))
         try:
             timestamp, where = storage.save(draft)
-        except StorageFull as exc:
-            return storage_full(exc, storage)
+        except StorageUnavailable as exc:
+            return unavailable(exc, storage)
         return json_response({
             "success": True,
             "message": "Session saved successfully",
@@ -262,7 +262,11 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
     @app.delete("/api/v1/session/<session_id:raw>")
     def delete_session(raw: str) -> Response:
         timestamp = _timestamp(raw)
-        if not storage.delete(timestamp):
+        try:
+            deleted = storage.delete(timestamp)
+        except StorageUnavailable as exc:
+            return unavailable(exc, storage)
+        if not deleted:
             return error(404, "Session not found")
         return json_response({"success": True, "message": "Session deleted", "sessionKey": session_key(timestamp),
                               "timestamp": timestamp})
@@ -307,7 +311,7 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
         return json_response({"success": True, "ready": True, "redis": redis_state})
 
 
-def storage_full(exc: StorageFull, storage: SessionStorage) -> Response:
+def unavailable(exc: StorageUnavailable, storage: SessionStorage) -> Response:
     retry = str(max(1, round(storage.retry_interval)))
     return error(503, f"Storage is unavailable: {exc}; retry later.", {"Retry-After": retry})
 
@@ -317,7 +321,7 @@ def _import_one(storage: SessionStorage, index: int, item: Any) -> dict[str, Any
         draft = draft_from(item, now_ms())
         existed = draft.timestamp is not None and storage.exists(draft.timestamp)
         timestamp, where = storage.save(draft)
-    except (PayloadError, StorageFull) as exc:
+    except (PayloadError, StorageUnavailable) as exc:
         return {"index": index, "status": "rejected", "error": str(exc)}
     return {"index": index, "status": "replaced" if existed else "imported", "timestamp": timestamp,
             "sessionKey": session_key(timestamp), "storage": where}

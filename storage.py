@@ -58,8 +58,12 @@ class Stored(NamedTuple):
     summary: bytes | None = None  # the summary JSON next to a body, when the store has one
 
 
-class StorageFull(Exception):
-    """Neither Redis nor memory can take this session now; the client should retry later (503)."""
+class StorageUnavailable(Exception):
+    """The operation cannot be done safely now; the client should retry later (503)."""
+
+
+class StorageFull(StorageUnavailable):
+    """Neither Redis nor memory can take this session now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,7 +556,17 @@ class SessionStorage:
         return redis_total + memory_total - both, rows[query.offset : query.offset + query.limit]
 
     def delete(self, timestamp: int) -> bool:
-        in_redis = self._from_redis(lambda r: r.delete(timestamp), False)
+        """Delete everywhere, or not at all: with Redis configured but away, a copy there would come back."""
+        in_redis = False
+        if self.redis is not None:
+            unavailable = StorageUnavailable("Redis is unreachable, so the session cannot be deleted everywhere")
+            if self._redis_down:
+                raise unavailable
+            try:
+                in_redis = self.redis.delete(timestamp)
+            except redis.RedisError as error:
+                self._redis_failed(error)
+                raise unavailable from error
         return self.memory.delete(timestamp) or in_redis
 
     def check(self) -> str:

@@ -157,6 +157,18 @@ def test_delete_removes_session_index_and_summary(client: FlaskClient, catalogue
     assert client.delete("/api/v1/session/abc").status_code == 400
 
 
+def test_delete_while_redis_is_away_is_503_and_deletes_nothing(make_app, redis_server, redis_db) -> None:
+    app = make_app(redis_url=redis_server.url)
+    client = app.test_client()
+    saved = save(client, session())
+    redis_server.kill()
+    for _ in range(2):  # the first call finds Redis gone, the second already knows
+        got = client.delete(f"/api/v1/session/{saved['timestamp']}")
+        assert got.status_code == 503 and got.headers["Retry-After"].isdigit()
+        assert "cannot be deleted everywhere" in got.get_json()["error"]
+    redis_server.start()
+
+
 def test_delete_leaves_nothing_in_redis(make_app, redis_server, redis_db) -> None:
     client = make_app(redis_url=redis_server.url).test_client()
     saved = save(client, session())
