@@ -6,6 +6,7 @@ shutdown on SIGINT and SIGTERM.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import re
@@ -14,10 +15,12 @@ import sys
 import threading
 import time
 import uuid
+import zlib
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from flask import Flask, Response, g, request
+from flask import Flask, Response, abort, g, request
 from flask.json.provider import JSONProvider
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
@@ -26,8 +29,8 @@ from werkzeug.routing import BaseConverter
 from werkzeug.serving import make_server
 
 from config import Config, ConfigError
-from payload import PayloadError, parse_session
-from storage import SessionStorage, StorageFull, Stored, build_storage, now_ms, session_key
+from payload import PayloadError, draft_from, parse_json, parse_session
+from storage import Query, SessionStorage, StorageUnavailable, Stored, build_storage, now_ms, session_key
 
 log = logging.getLogger("storyart")
 access_log = logging.getLogger("storyart.access")
@@ -35,6 +38,7 @@ access_log = logging.getLogger("storyart.access")
 SERVICE_NAME = "storyart-session"
 DEFAULT_CORS_ORIGINS = (re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?$", re.IGNORECASE),)
 LIST_DEFAULT, LIST_MAX = 20, 100
+MAX_TIMESTAMP = 2**53  # the largest integer a browser's JSON.parse reads exactly
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 MESSAGES = {
@@ -88,14 +92,39 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> R
 
 
 def session_response(found: Stored) -> Response:
-    """Splice the stored bytes into the envelope: no parse, no re-serialization of a 1 MB session."""
-    body = b'{"success":true,"data":%s,"storage":"%s"}' % (found.body, found.storage.encode())
-    return Response(body, mimetype="application/json")
+    """Splice the stored bytes into the envelope: no parse, no re-serialization of a 1 MB session.
+
+    The ETag names the timestamp, the store and the content hash recorded at save time, so polling with
+    `If-None-Match` costs a 304 and no body."""
+    etag = f"{found.timestamp}-{found.storage}-{content_hash(found)}"
+    if request.if_none_match.contains_weak(etag):
+        response = Response(status=304)
+    else:
+        body = b'{"success":true,"data":%s,"storage":"%s"}' % (found.body, found.storage.encode())
+        response = Response(body, mimetype="application/json")
+    response.set_etag(etag)
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+def content_hash(found: Stored) -> str:
+    if found.summary:
+        recorded = orjson.loads(found.summary).get("etag")
+        if recorded:
+            return recorded
+    return f"{zlib.crc32(found.body):08x}"  # a session saved without a summary (by another tool)
 
 
 def list_item(found: Stored) -> bytes:
     """The stored session object plus its `sessionKey`, spliced in before the closing brace."""
     return b'%s,"sessionKey":"%s"}' % (found.body[:-1], session_key(found.timestamp).encode())
+
+
+def summary_item(found: Stored) -> bytes:
+    saved_at = datetime.fromtimestamp(found.timestamp / 1000, UTC).isoformat(timespec="milliseconds")
+    return orjson.dumps({"timestamp": found.timestamp, "sessionKey": session_key(found.timestamp),
+                         **orjson.loads(found.body), "savedAt": saved_at.replace("+00:00", "Z"),
+                         "storage": found.storage})
 
 
 def create_app(config: Config | None = None, storage: SessionStorage | None = None) -> Flask:
@@ -119,19 +148,32 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
         supports_credentials=True,
         max_age=600,
     )
-    _register_hooks(app)
+    _register_hooks(app, config.api_token)
     _register_routes(app, storage)
+    if config.api_token is None and config.app_env == "production":
+        log.warning("APP_ENV=production and no API_TOKEN: the session API is open to anyone who can reach it")
     log.info("StoryArt session service ready: Redis %s, storage %s", storage.redis_state,
              "redis" if storage.redis is not None else "memory")
     return app
 
 
-def _register_hooks(app: Flask) -> None:
+def _register_hooks(app: Flask, api_token: str | None) -> None:
     @app.before_request
     def assign_request_id() -> None:
         given = request.headers.get("X-Request-ID", "")
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
         g.started = time.perf_counter()
+
+    @app.before_request
+    def require_token() -> Response | None:
+        """With API_TOKEN set, /api/v1/... needs `Authorization: Bearer <token>`; preflights and /health don't."""
+        if api_token is None or request.method == "OPTIONS" or not request.path.startswith("/api/v1/"):
+            return None
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_token.encode()):
+            return None
+        return error(401, "A valid API token is required (Authorization: Bearer <token>).",
+                     {"WWW-Authenticate": 'Bearer realm="storyart"'})
 
     @app.after_request
     def tag_and_log(response: Response) -> Response:
@@ -177,9 +219,8 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
             return error(400, str(exc))
         try:
             timestamp, where = storage.save(draft)
-        except StorageFull as exc:
-            retry = str(max(1, round(storage.retry_interval)))
-            return error(503, f"Storage is unavailable: {exc}; retry later.", {"Retry-After": retry})
+        except StorageUnavailable as exc:
+            return unavailable(exc, storage)
         return json_response({
             "success": True,
             "message": "Session saved successfully",
@@ -196,21 +237,56 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
     @app.get("/api/v1/session/list")
     def list_sessions() -> Response:
         try:
-            limit = _int_arg("limit", LIST_DEFAULT, 1, LIST_MAX)
-            offset = _int_arg("offset", 0, 0, 10**9)
+            query, summaries = _list_query()
         except ValueError as exc:
             return error(400, str(exc))
-        total, rows = storage.page(offset, limit)
-        body = b'{"success":true,"count":%d,"total":%d,"sessions":[%s]}' % (
-            len(rows), total, b",".join(list_item(row) for row in rows))
+        total, rows = storage.page(query, summaries)
+        items = (summary_item(row) for row in rows) if summaries else (list_item(row) for row in rows)
+        body = b'{"success":true,"count":%d,"total":%d,"sessions":[%s]}' % (len(rows), total, b",".join(items))
         return Response(body, mimetype="application/json")
 
     @app.get("/api/v1/session/<session_id:raw>")
     def get_session(raw: str) -> Response:
-        if not raw.isascii() or not raw.isdigit() or len(raw) > 16:
-            return error(400, "The timestamp in the path must be digits (ms since epoch).")
-        found = storage.get(int(raw))
+        found = storage.get(_timestamp(raw))
         return session_response(found) if found else error(404, "Session not found")
+
+    @app.get("/api/v1/session/<session_id:raw>/export")
+    def export_session(raw: str) -> Response:
+        timestamp = _timestamp(raw)
+        found = storage.get(timestamp)
+        if not found:
+            return error(404, "Session not found")
+        disposition = f'attachment; filename="storyart-session-{timestamp}.json"'
+        return Response(found.body, mimetype="application/json", headers={"Content-Disposition": disposition})
+
+    @app.delete("/api/v1/session/<session_id:raw>")
+    def delete_session(raw: str) -> Response:
+        timestamp = _timestamp(raw)
+        try:
+            deleted = storage.delete(timestamp)
+        except StorageUnavailable as exc:
+            return unavailable(exc, storage)
+        if not deleted:
+            return error(404, "Session not found")
+        return json_response({"success": True, "message": "Session deleted", "sessionKey": session_key(timestamp),
+                              "timestamp": timestamp})
+
+    @app.post("/api/v1/session/import")
+    def import_sessions() -> Response:
+        """One session or an array of them, as exported: each validated like `save`, timestamps kept."""
+        if request.mimetype != "application/json":
+            return error(415, MESSAGES[415])
+        try:
+            parsed = parse_json(request.get_data(cache=False))
+        except PayloadError as exc:
+            return error(400, str(exc))
+        items = parsed if isinstance(parsed, list) else [parsed]
+        if not items:
+            return error(400, "Nothing to import: the array is empty.")
+        results = [_import_one(storage, index, item) for index, item in enumerate(items)]
+        statuses = [r["status"] for r in results]
+        counts = {status: statuses.count(status) for status in ("imported", "replaced", "rejected")}
+        return json_response({"success": True, **counts, "results": results})
 
     @app.get("/health")
     def health() -> Response:
@@ -225,14 +301,71 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
             "pid": os.getpid(),
         })
 
+    @app.get("/health/ready")
+    def ready() -> Response:
+        """For load balancers: not ready while a configured Redis is unreachable (`/health` stays 200)."""
+        redis_state = storage.check()
+        if redis_state == "disconnected":
+            return json_response({"success": False, "error": "Redis is configured but unreachable.",
+                                  "ready": False, "redis": redis_state}, 503)
+        return json_response({"success": True, "ready": True, "redis": redis_state})
 
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
+
+def unavailable(exc: StorageUnavailable, storage: SessionStorage) -> Response:
+    retry = str(max(1, round(storage.retry_interval)))
+    return error(503, f"Storage is unavailable: {exc}; retry later.", {"Retry-After": retry})
+
+
+def _import_one(storage: SessionStorage, index: int, item: Any) -> dict[str, Any]:
+    try:
+        draft = draft_from(item, now_ms())
+        existed = draft.timestamp is not None and storage.exists(draft.timestamp)
+        timestamp, where = storage.save(draft)
+    except (PayloadError, StorageUnavailable) as exc:
+        return {"index": index, "status": "rejected", "error": str(exc)}
+    return {"index": index, "status": "replaced" if existed else "imported", "timestamp": timestamp,
+            "sessionKey": session_key(timestamp), "storage": where}
+
+
+def _timestamp(raw: str) -> int:
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 16:
+        abort(400, "The timestamp in the path must be digits (ms since epoch).")
+    return int(raw)
+
+
+def _list_query() -> tuple[Query, bool]:
+    """The list's query string as a `Query`, and whether summaries were asked for; ValueError says what is
+    wrong. Empty text filters count as absent."""
+    view = request.args.get("view", "full")
+    if view not in ("full", "summary"):
+        raise ValueError("view must be full or summary.")
+    query = Query(
+        limit=_int_arg("limit", LIST_DEFAULT, 1, LIST_MAX),
+        offset=_int_arg("offset", 0, 0, 10**9),
+        since=_int_arg("since", None, 0, MAX_TIMESTAMP),
+        until=_int_arg("until", None, 0, MAX_TIMESTAMP),
+        before=_int_arg("before", None, 1, MAX_TIMESTAMP),
+        story_uuid=_text_arg("storyUuid"),
+        episode=_text_arg("episode"),
+        text=_text_arg("q"),
+    )
+    return query, view == "summary"
+
+
+def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 10 and low <= int(raw) <= high):
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 16 and low <= int(raw) <= high):
         raise ValueError(f"{name} must be an integer from {low} to {high}.")
     return int(raw)
+
+
+def _text_arg(name: str, longest: int = 200) -> str | None:
+    raw = request.args.get(name, "")
+    if len(raw) > longest:
+        raise ValueError(f"{name} must be at most {longest} characters.")
+    return raw or None
 
 
 def _load_config() -> Config:

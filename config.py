@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -43,6 +43,7 @@ class Config:
     workers: int = 0
     threads: int = 0
     trusted_proxy_hops: int = 0
+    api_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
 
     @property
     def redis_configured(self) -> bool:
@@ -77,6 +78,7 @@ class Config:
             workers=_int(env, "WEB_CONCURRENCY", 0, 0, 64),
             threads=_int(env, "GUNICORN_THREADS", 0, 0, 256),
             trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 0, 0, 10),
+            api_token=_token(env),
         )
 
 
@@ -132,6 +134,16 @@ def _redis_url(env: Mapping[str, str]) -> str | None:
         return None
     port_number = _int(env, "REDIS_PORT", 6379, 1, 65535)
     return f"redis://{host or '127.0.0.1'}:{port_number}/0"
+
+
+def _token(env: Mapping[str, str]) -> str | None:
+    """`API_TOKEN`: unset or empty means the API is open; a set token must be usable in a Bearer header."""
+    token = env.get("API_TOKEN", "").strip()
+    if not token:
+        return None
+    if len(token) < 16 or not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", token):
+        raise ConfigError("API_TOKEN: must be at least 16 characters of A-Z a-z 0-9 . _ ~ + / = -")
+    return token
 
 
 _ORIGIN = re.compile(r"^https?://[^/\s]+$")

@@ -7,11 +7,11 @@ deeper than 254. Integers beyond 64 bits come back as the same JavaScript number
 
 from __future__ import annotations
 
+import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-
-from storage import Draft
 
 # Field -> (type, how the error message describes it). Every other field is stored verbatim.
 REQUIRED: dict[str, tuple[type, str]] = {
@@ -23,21 +23,48 @@ REQUIRED: dict[str, tuple[type, str]] = {
 MAX_FUTURE_MS = 86_400_000  # a client timestamp may run at most one day ahead of this server's clock
 
 
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A validated session, serialized up to its timestamp (`timestamp` None: the service assigns it), and
+    its summary record (JSON, see `payload.summarize`) that list views and ETags read instead of the body."""
+
+    head: bytes
+    timestamp: int | None
+    summary: bytes
+
+    def render(self, timestamp: int) -> bytes:
+        return b"%s%d}" % (self.head, timestamp)
+
+
+def head_of(body: bytes, timestamp: int) -> bytes:
+    """The `Draft.head` of a stored body: every stored body ends in `<timestamp>}`."""
+    return body[: -len(str(timestamp)) - 1]
+
+
 class PayloadError(ValueError):
     """The body is not a session this service can store; the message is the 400 error text."""
 
 
-def parse_session(body: bytes, now: int) -> Draft:
+def parse_json(body: bytes) -> Any:
     try:
-        session = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as error:
         raise PayloadError(f"The request body is not valid JSON: {error}.") from None
+
+
+def parse_session(body: bytes, now: int) -> Draft:
+    return draft_from(parse_json(body), now)
+
+
+def draft_from(session: Any, now: int) -> Draft:
+    """Validate one session object (as `save` and each item of `import` receive it) and serialize it."""
     if not isinstance(session, dict):
-        raise PayloadError(f"The request body must be a JSON object, not {_json_type(session)}.")
+        raise PayloadError(f"A session must be a JSON object, not {_json_type(session)}.")
     problems = [_field_problem(session, name, kind, wanted) for name, (kind, wanted) in REQUIRED.items()]
     problems = [p for p in problems if p]
     if problems:
         raise PayloadError(f"Invalid session data: {'; '.join(problems)}.")
+    session = dict(session)  # the caller's object stays as it was
     timestamp = session.pop("timestamp", None)
     if timestamp is not None:
         _check_timestamp(timestamp, now)
@@ -45,7 +72,27 @@ def parse_session(body: bytes, now: int) -> Draft:
         serialized = orjson.dumps(session)
     except orjson.JSONEncodeError:
         raise PayloadError("The session is nested too deeply (at most 254 levels).") from None
-    return Draft(serialized[:-1] + (b',"timestamp":' if len(session) else b'"timestamp":'), timestamp)
+    head = serialized[:-1] + b',"timestamp":'
+    return Draft(head, timestamp, summarize(session, len(head) + len(str(timestamp or now)) + 1, head))
+
+
+def summarize(session: dict[str, Any], size: int, head: bytes) -> bytes:
+    """The small record list views show instead of the session, and the content hash behind its ETag."""
+    episode = session.get("analyzedEpisode")
+    episode = episode if isinstance(episode, dict) else {}
+    scenes = episode.get("scenes")
+    scenes = scenes if isinstance(scenes, list) else []
+    beats = sum(len(s["beats"]) for s in scenes if isinstance(s, dict) and isinstance(s.get("beats"), list))
+    number, title = episode.get("episodeNumber"), episode.get("title")
+    return orjson.dumps({
+        "storyUuid": session.get("storyUuid") if isinstance(session.get("storyUuid"), str) else None,
+        "episodeNumber": number if isinstance(number, int | float | str) and not isinstance(number, bool) else None,
+        "title": title if isinstance(title, str) else None,
+        "sceneCount": len(scenes),
+        "beatCount": beats,
+        "sizeBytes": size,
+        "etag": f"{zlib.crc32(head):08x}",
+    })
 
 
 def _field_problem(session: dict[str, Any], name: str, kind: type, wanted: str) -> str | None:

@@ -20,21 +20,27 @@ import bisect
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import NamedTuple, TypeVar
 
+import orjson
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from config import Config
+from payload import Draft, head_of, summarize
 
 log = logging.getLogger("storyart.storage")
 
 KEY_PREFIX = "storyart:session:"
+META_PREFIX = "storyart:meta:"  # string: the session's summary JSON, same TTL (ours; outside the public pattern)
 INDEX_KEY = "storyart:sessions:index"  # sorted set: member session key, score timestamp (public)
 EXPIRY_KEY = "storyart:sessions:expiry"  # sorted set: member session key, score expiry in ms (ours)
 CLOCK_KEY = "storyart:sessions:clock"  # the last timestamp this service assigned (ours)
+
+T = TypeVar("T")
 
 
 def now_ms() -> int:
@@ -45,30 +51,63 @@ def session_key(timestamp: int) -> str:
     return f"{KEY_PREFIX}{timestamp}"
 
 
-@dataclass(frozen=True, slots=True)
-class Draft:
-    """A validated session, serialized up to its timestamp; `timestamp` is None when the service assigns it."""
-
-    head: bytes
-    timestamp: int | None
-
-    def render(self, timestamp: int) -> bytes:
-        return b"%s%d}" % (self.head, timestamp)
-
-
-def head_of(body: bytes, timestamp: int) -> bytes:
-    """The `Draft.head` of a stored body: every stored body ends in `<timestamp>}`."""
-    return body[: -len(str(timestamp)) - 1]
-
-
 class Stored(NamedTuple):
     timestamp: int
-    body: bytes
+    body: bytes  # the session JSON, or its summary JSON where a summary was asked for
     storage: str  # "redis" or "memory": where this copy was read from
+    summary: bytes | None = None  # the summary JSON next to a body, when the store has one
 
 
-class StorageFull(Exception):
-    """Neither Redis nor memory can take this session now; the client should retry later (503)."""
+class StorageUnavailable(Exception):
+    """The operation cannot be done safely now; the client should retry later (503)."""
+
+
+class StorageFull(StorageUnavailable):
+    """Neither Redis nor memory can take this session now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Which sessions a list page wants: a timestamp range, optional summary filters, then offset/limit.
+
+    `before` is the keyset cursor (strictly older than), so pages do not drift while sessions arrive."""
+
+    offset: int = 0
+    limit: int = 20
+    since: int | None = None
+    until: int | None = None
+    before: int | None = None
+    story_uuid: str | None = None
+    episode: str | None = None
+    text: str | None = None  # case-insensitive substring of the title
+
+    @property
+    def low(self) -> int:
+        return self.since or 0
+
+    @property
+    def high(self) -> int:
+        high = self.until if self.until is not None else 2**53
+        return min(high, self.before - 1) if self.before is not None else high
+
+    @property
+    def filters_summaries(self) -> bool:
+        return self.story_uuid is not None or self.episode is not None or self.text is not None
+
+    def in_range(self, timestamp: int) -> bool:
+        return self.low <= timestamp <= self.high
+
+    def matches(self, summary: dict) -> bool:
+        if self.story_uuid is not None and summary.get("storyUuid") != self.story_uuid:
+            return False
+        if self.episode is not None and str(summary.get("episodeNumber")) != self.episode:
+            return False
+        title = summary.get("title")
+        return self.text is None or (isinstance(title, str) and self.text.casefold() in title.casefold())
+
+    def widened(self) -> Query:
+        """The same selection from the start, as long as needed to cut this page from a merge of two stores."""
+        return replace(self, offset=0, limit=self.offset + self.limit)
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -77,7 +116,9 @@ class StorageFull(Exception):
 @dataclass(slots=True)
 class _Entry:
     body: bytes
+    summary: bytes
     expires_at: int  # wall clock, ms
+    assigned: bool  # the service chose the timestamp (else it is the client's identity for the session)
 
 
 class MemoryStore:
@@ -125,25 +166,21 @@ class MemoryStore:
                 while timestamp in self._entries:
                     timestamp += 1
                 self._last_assigned = timestamp
-            self._put(timestamp, draft.render(timestamp), now + ttl_ms, now)
+            entry = _Entry(draft.render(timestamp), draft.summary, now + ttl_ms, draft.timestamp is None)
+            self._put(timestamp, entry, now)
             return timestamp
 
-    def put(self, timestamp: int, body: bytes, expires_at: int) -> None:
-        """Store an already rendered body (used to move sessions between stores)."""
-        with self._lock:
-            self._put(timestamp, body, expires_at, now_ms())
-
-    def _put(self, timestamp: int, body: bytes, expires_at: int, now: int) -> None:
+    def _put(self, timestamp: int, entry: _Entry, now: int) -> None:
         self._purge_expired(now)
         old = self._entries.get(timestamp)
         freed = len(old.body) if old else 0
-        self._make_room(len(body) - freed, 0 if old else 1)
+        self._make_room(len(entry.body) - freed, 0 if old else 1)
         if old:
             self._bytes -= freed
         else:
             bisect.insort(self._order, timestamp)
-        self._entries[timestamp] = _Entry(body, expires_at)
-        self._bytes += len(body)
+        self._entries[timestamp] = entry
+        self._bytes += len(entry.body)
 
     def _make_room(self, extra_bytes: int, extra_count: int) -> None:
         if extra_bytes > self.max_bytes:
@@ -173,11 +210,16 @@ class MemoryStore:
             self._bytes -= len(entry.body)
         return entry
 
-    def get(self, timestamp: int) -> bytes | None:
+    def _live(self, timestamp: int) -> _Entry | None:
         entry = self._entries.get(timestamp)
-        if entry is None or entry.expires_at <= now_ms():
-            return None
-        return entry.body
+        return entry if entry is not None and entry.expires_at > now_ms() else None
+
+    def get(self, timestamp: int) -> Stored | None:
+        entry = self._live(timestamp)
+        return Stored(timestamp, entry.body, "memory", entry.summary) if entry else None
+
+    def exists(self, timestamp: int) -> bool:
+        return self._live(timestamp) is not None
 
     def latest(self) -> Stored | None:
         now = now_ms()
@@ -185,31 +227,33 @@ class MemoryStore:
             for timestamp in reversed(self._order):
                 entry = self._entries[timestamp]
                 if entry.expires_at > now:
-                    return Stored(timestamp, entry.body, "memory")
+                    return Stored(timestamp, entry.body, "memory", entry.summary)
         return None
 
-    def page(self, offset: int, limit: int) -> tuple[int, list[Stored]]:
-        """(number stored, up to `limit` sessions newest first after skipping `offset`)."""
-        now = now_ms()
+    def page(self, query: Query, summaries: bool = False) -> tuple[int, list[Stored]]:
+        """(how many match, up to `query.limit` of them newest first after `query.offset`)."""
         with self._lock:
-            self._purge_expired(now)
-            chosen = self._order[::-1][offset : offset + limit]
-            return len(self._order), [Stored(ts, self._entries[ts].body, "memory") for ts in chosen]
+            self._purge_expired(now_ms())
+            chosen = [ts for ts in reversed(self._order) if query.in_range(ts)]
+            if query.filters_summaries:
+                chosen = [ts for ts in chosen if query.matches(orjson.loads(self._entries[ts].summary))]
+            page = chosen[query.offset : query.offset + query.limit]
+            rows = [(ts, self._entries[ts]) for ts in page]
+        return len(chosen), [Stored(ts, e.summary if summaries else e.body, "memory", e.summary) for ts, e in rows]
 
     def delete(self, timestamp: int) -> bool:
         with self._lock:
             return self._drop(timestamp) is not None
 
-    def snapshot(self) -> list[tuple[int, bytes, int]]:
-        """(timestamp, body, expires_at) of every session, oldest first: what a write-back walks through."""
+    def snapshot(self) -> list[tuple[int, _Entry]]:
+        """Every session, oldest first: what a write-back walks through."""
         with self._lock:
-            return [(ts, self._entries[ts].body, self._entries[ts].expires_at) for ts in self._order]
+            return [(ts, self._entries[ts]) for ts in self._order]
 
-    def discard_if_same(self, timestamp: int, body: bytes) -> None:
+    def discard_if_same(self, timestamp: int, entry: _Entry) -> None:
         """Forget a session that now lives in Redis, unless it was replaced meanwhile."""
         with self._lock:
-            entry = self._entries.get(timestamp)
-            if entry is not None and entry.body is body:
+            if self._entries.get(timestamp) is entry:
                 self._drop(timestamp)
 
 
@@ -219,82 +263,114 @@ MEMORY = MemoryStore()
 
 # ---------------------------------------------------------------------------------------------- redis
 
+# Index members whose session expired leave the index (and the expiry set); run by every save and list page.
+_PRUNE = """
+local function prune(index, expiry, now)
+  local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, 200)
+  for _, k in ipairs(due) do
+    local left = redis.call('PTTL', k)
+    if left == -2 then
+      redis.call('ZREM', index, k)
+      redis.call('ZREM', expiry, k)
+    elseif left == -1 then
+      redis.call('ZREM', expiry, k)
+    else
+      redis.call('ZADD', expiry, string.format('%d', now + left), k)
+    end
+  end
+end
+"""
+
 # Save (and write back) one session atomically. KEYS: index, expiry, clock. ARGV: head, requested timestamp
-# or "", now in ms, TTL in ms, key prefix, "keep" ("1": never replace a different session under the requested
-# timestamp but take a fresh one; used by write-back). Returns the timestamp as a string.
-_SAVE = """
+# or "", now in ms, TTL in ms, write-back mode, summary JSON. Returns the timestamp, or 0 when a write-back
+# was superseded. A save replaces whatever holds its timestamp. A write-back meeting a *different* session
+# there: if its timestamp was the client's ("identity"), the copy acknowledged later wins (the later
+# expiry); if the service assigned it ("assigned": two processes chose the same millisecond), both are kept
+# and the written-back one takes a fresh timestamp.
+_SAVE = _PRUNE + """
 local function fmt(n) return string.format('%d', n) end
-local head, now, ttl, prefix = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local head, now, ttl = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
 local ts = tonumber(ARGV[2])
-if ts and ARGV[6] == '1' then
-  local current = redis.call('GET', prefix .. fmt(ts))
-  if current and current ~= head .. fmt(ts) .. '}' then ts = nil end
+if ts and ARGV[5] ~= '' then
+  local current = redis.call('GET', '{SESSION}' .. fmt(ts))
+  if current and current ~= head .. fmt(ts) .. '}' then
+    if ARGV[5] == 'assigned' then
+      ts = nil
+    elseif redis.call('PTTL', '{SESSION}' .. fmt(ts)) >= ttl then
+      return 0
+    end
+  end
 end
 if not ts then
   ts = math.max(now, tonumber(redis.call('GET', KEYS[3]) or '0') + 1)
-  while redis.call('EXISTS', prefix .. fmt(ts)) == 1 do ts = ts + 1 end
+  while redis.call('EXISTS', '{SESSION}' .. fmt(ts)) == 1 do ts = ts + 1 end
   redis.call('SET', KEYS[3], fmt(ts))
 end
 local id = fmt(ts)
-local key = prefix .. id
+local key = '{SESSION}' .. id
 redis.call('SET', key, head .. id .. '}', 'PX', fmt(ttl))
+redis.call('SET', '{META}' .. id, ARGV[6], 'PX', fmt(ttl))
 redis.call('ZADD', KEYS[1], id, key)
 redis.call('ZADD', KEYS[2], fmt(now + ttl), key)
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', fmt(now), 'LIMIT', 0, 100)
-for _, k in ipairs(due) do
-  local left = redis.call('PTTL', k)
-  if left == -2 then
-    redis.call('ZREM', KEYS[1], k)
-    redis.call('ZREM', KEYS[2], k)
-  elseif left == -1 then
-    redis.call('ZREM', KEYS[2], k)
-  else
-    redis.call('ZADD', KEYS[2], fmt(now + left), k)
-  end
-end
+prune(KEYS[1], KEYS[2], now)
 return id
 """
 
-# The newest session: {score, body}, or false. Index members whose key is gone are pruned on the way.
+# The newest session: {score, body, summary or false}, or false. Members whose key is gone are pruned.
 _LATEST = """
 for _ = 1, 100 do
   local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   if #top == 0 then return false end
   local body = redis.call('GET', top[1])
-  if body then return {top[2], body} end
+  if body then return {top[2], body, redis.call('GET', '{META}' .. top[2])} end
   redis.call('ZREM', KEYS[1], top[1])
   redis.call('ZREM', KEYS[2], top[1])
 end
 return false
 """
 
-# One page newest first: {total, score1, body1, score2, body2, ...}; ARGV: offset, limit.
-_PAGE = """
-local rows = redis.call('ZREVRANGE', KEYS[1], ARGV[1], tonumber(ARGV[1]) + tonumber(ARGV[2]) - 1, 'WITHSCORES')
-local out = {0}
+# One page newest first within a score range: {total, score1, value1, score2, value2, ...}. ARGV: offset,
+# limit, min, max, now, "meta" for summaries (false where a session has none) instead of bodies.
+_PAGE = _PRUNE + """
+prune(KEYS[1], KEYS[2], tonumber(ARGV[5]))
+local rows = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[4], ARGV[3], 'WITHSCORES', 'LIMIT', ARGV[1], ARGV[2])
+local out = {redis.call('ZCOUNT', KEYS[1], ARGV[3], ARGV[4])}
 for i = 1, #rows, 2 do
-  local body = redis.call('GET', rows[i])
-  if body then
+  local value = nil
+  if redis.call('EXISTS', rows[i]) == 1 then
+    if ARGV[6] == 'meta' then
+      value = redis.call('GET', '{META}' .. rows[i + 1])
+    else
+      value = redis.call('GET', rows[i])
+    end
+  end
+  if value ~= nil then
     out[#out + 1] = rows[i + 1]
-    out[#out + 1] = body
+    out[#out + 1] = value
   else
     redis.call('ZREM', KEYS[1], rows[i])
     redis.call('ZREM', KEYS[2], rows[i])
+    out[1] = out[1] - 1
   end
 end
-out[1] = redis.call('ZCARD', KEYS[1])
 return out
 """
+
+
+def _script(source: str) -> str:
+    return source.replace("{SESSION}", KEY_PREFIX).replace("{META}", META_PREFIX)
 
 
 class RedisStore:
     """The public Redis layout (SPEC §3) behind the same operations as `MemoryStore`."""
 
+    SCAN_BATCH = 500  # summaries fetched per round trip when a list filters on them
+
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._save = client.register_script(_SAVE)
-        self._latest = client.register_script(_LATEST)
-        self._page = client.register_script(_PAGE)
+        self._save = client.register_script(_script(_SAVE))
+        self._latest = client.register_script(_script(_LATEST))
+        self._page = client.register_script(_script(_PAGE))
 
     @classmethod
     def from_config(cls, config: Config) -> RedisStore:
@@ -310,28 +386,74 @@ class RedisStore:
         )
         return cls(redis.Redis(connection_pool=pool))
 
-    def save(self, draft: Draft, now: int, ttl_ms: int, keep: bool = False) -> int:
-        head = draft.head
+    def save(self, draft: Draft, now: int, ttl_ms: int, write_back: str = "") -> int:
+        """Store; `write_back` is "" for a client's save, else "identity" or "assigned" (see `_SAVE`)."""
         requested = "" if draft.timestamp is None else str(draft.timestamp)
-        keys = (INDEX_KEY, EXPIRY_KEY, CLOCK_KEY)
-        return int(self._save(keys=keys, args=(head, requested, now, ttl_ms, KEY_PREFIX, "1" if keep else "")))
+        args = (draft.head, requested, now, ttl_ms, write_back, draft.summary)
+        return int(self._save(keys=(INDEX_KEY, EXPIRY_KEY, CLOCK_KEY), args=args))
 
-    def get(self, timestamp: int) -> bytes | None:
-        return self.client.get(session_key(timestamp))
+    def get(self, timestamp: int) -> Stored | None:
+        body, summary = self.client.mget(session_key(timestamp), f"{META_PREFIX}{timestamp}")
+        return Stored(timestamp, body, "redis", summary) if body is not None else None
+
+    def exists(self, timestamp: int) -> bool:
+        return bool(self.client.exists(session_key(timestamp)))
 
     def latest(self) -> Stored | None:
         found = self._latest(keys=(INDEX_KEY, EXPIRY_KEY))
-        return Stored(int(found[0]), found[1], "redis") if found else None
+        return Stored(int(found[0]), found[1], "redis", found[2] or None) if found else None
 
-    def page(self, offset: int, limit: int) -> tuple[int, list[Stored]]:
-        out = self._page(keys=(INDEX_KEY, EXPIRY_KEY), args=(offset, limit))
-        return int(out[0]), [Stored(int(out[i]), out[i + 1], "redis") for i in range(1, len(out), 2)]
+    def page(self, query: Query, summaries: bool = False) -> tuple[int, list[Stored]]:
+        if query.filters_summaries:
+            return self._filtered_page(query, summaries)
+        out = self._page(keys=(INDEX_KEY, EXPIRY_KEY), args=(
+            query.offset, query.limit, query.low, query.high, now_ms(), "meta" if summaries else ""))
+        rows = [(int(out[i]), out[i + 1]) for i in range(1, len(out), 2)]
+        if summaries:
+            rows = [(ts, value or self._backfill(ts)) for ts, value in rows]
+            return int(out[0]), [Stored(ts, value, "redis", value) for ts, value in rows if value]
+        return int(out[0]), [Stored(ts, value, "redis") for ts, value in rows]
+
+    def _filtered_page(self, query: Query, summaries: bool) -> tuple[int, list[Stored]]:
+        """Walk the range newest first in batches, reading summaries only; O(sessions in range)."""
+        matched: list[tuple[int, bytes]] = []
+        start = 0
+        while True:
+            batch = self.client.zrevrangebyscore(INDEX_KEY, query.high, query.low, start=start,
+                                                 num=self.SCAN_BATCH, withscores=True)
+            if not batch:
+                break
+            stamps = [int(score) for _, score in batch]
+            values = self.client.mget([f"{META_PREFIX}{ts}" for ts in stamps])
+            for ts, value in zip(stamps, values, strict=True):
+                value = value or self._backfill(ts)
+                if value and query.matches(orjson.loads(value)):
+                    matched.append((ts, value))
+            start += self.SCAN_BATCH
+        page = matched[query.offset : query.offset + query.limit]
+        if summaries:
+            return len(matched), [Stored(ts, value, "redis", value) for ts, value in page]
+        bodies = self.client.mget([session_key(ts) for ts, _ in page]) if page else []
+        rows = [Stored(ts, body, "redis", value) for (ts, value), body in zip(page, bodies, strict=True) if body]
+        return len(matched), rows
+
+    def _backfill(self, timestamp: int) -> bytes:
+        """The summary of a session saved without one (by another tool or an older version), stored for next
+        time with the session's remaining TTL; empty when the session is gone."""
+        key = session_key(timestamp)
+        with self.client.pipeline(transaction=False) as pipe:
+            body, left = pipe.get(key).pttl(key).execute()
+        if body is None:
+            return b""
+        summary = summarize(orjson.loads(body), len(body), head_of(body, timestamp))
+        self.client.set(f"{META_PREFIX}{timestamp}", summary, px=left if left > 0 else None)
+        return summary
 
     def delete(self, timestamp: int) -> bool:
         key = session_key(timestamp)
         with self.client.pipeline() as pipe:
-            deleted, _, _ = pipe.delete(key).zrem(INDEX_KEY, key).zrem(EXPIRY_KEY, key).execute()
-        return bool(deleted)
+            deleted = pipe.delete(key, f"{META_PREFIX}{timestamp}").zrem(INDEX_KEY, key).zrem(EXPIRY_KEY, key).execute()
+        return bool(deleted[0])
 
     def ping(self) -> None:
         self.client.ping()
@@ -397,46 +519,55 @@ class SessionStorage:
             self._start_worker()
         return timestamp, "memory"
 
-    def get(self, timestamp: int) -> Stored | None:
-        if self._use_redis():
-            try:
-                body = self.redis.get(timestamp)
-            except redis.RedisError as error:
-                self._redis_failed(error)
-            else:
-                if body is not None:
-                    return Stored(timestamp, body, "redis")
-        body = self.memory.get(timestamp)
-        return Stored(timestamp, body, "memory") if body is not None else None
-
-    def latest(self) -> Stored | None:
-        candidates = [self.memory.latest()]
-        if self._use_redis():
-            try:
-                candidates.append(self.redis.latest())
-            except redis.RedisError as error:
-                self._redis_failed(error)
-        found = [c for c in candidates if c is not None]
-        return max(found, key=lambda s: (s.timestamp, s.storage == "redis")) if found else None
-
-    def page(self, offset: int, limit: int) -> tuple[int, list[Stored]]:
-        """A page of sessions newest first and how many are stored; with sessions in both stores (only
-        while a write-back is pending) the two are merged, a timestamp in both counted once."""
-        memory_total, memory_rows = self.memory.page(0, offset + limit) if len(self.memory) else (0, [])
+    def _from_redis(self, call: Callable[[RedisStore], T], fallback: T) -> T:
+        """`call(redis)`, or `fallback` when Redis is absent, known to be down, or fails now."""
         if not self._use_redis():
-            return memory_total, memory_rows[offset:]
+            return fallback
         try:
-            if not memory_rows:
-                return self.redis.page(offset, limit)
-            redis_total, redis_rows = self.redis.page(0, offset + limit)
+            return call(self.redis)
         except redis.RedisError as error:
             self._redis_failed(error)
-            return memory_total, memory_rows[offset:]
+            return fallback
+
+    def get(self, timestamp: int) -> Stored | None:
+        return self._from_redis(lambda r: r.get(timestamp), None) or self.memory.get(timestamp)
+
+    def exists(self, timestamp: int) -> bool:
+        return self._from_redis(lambda r: r.exists(timestamp), False) or self.memory.exists(timestamp)
+
+    def latest(self) -> Stored | None:
+        found = [s for s in (self.memory.latest(), self._from_redis(RedisStore.latest, None)) if s is not None]
+        return max(found, key=lambda s: (s.timestamp, s.storage == "redis")) if found else None
+
+    def page(self, query: Query, summaries: bool = False) -> tuple[int, list[Stored]]:
+        """A page of sessions (or their summaries) newest first and how many match; with sessions in both
+        stores (only while a write-back is pending) the two are merged, a timestamp in both counted once."""
+        if not len(self.memory):
+            return self._from_redis(lambda r: r.page(query, summaries), (0, []))
+        memory_total, memory_rows = self.memory.page(query.widened(), summaries)
+        redis_result = self._from_redis(lambda r: r.page(query.widened(), summaries), None)
+        if redis_result is None:
+            return memory_total, memory_rows[query.offset :]
+        redis_total, redis_rows = redis_result
         merged = {row.timestamp: row for row in memory_rows}
         merged.update({row.timestamp: row for row in redis_rows})
         both = len(memory_rows) + len(redis_rows) - len(merged)
         rows = sorted(merged.values(), key=lambda s: s.timestamp, reverse=True)
-        return redis_total + memory_total - both, rows[offset : offset + limit]
+        return redis_total + memory_total - both, rows[query.offset : query.offset + query.limit]
+
+    def delete(self, timestamp: int) -> bool:
+        """Delete everywhere, or not at all: with Redis configured but away, a copy there would come back."""
+        in_redis = False
+        if self.redis is not None:
+            unavailable = StorageUnavailable("Redis is unreachable, so the session cannot be deleted everywhere")
+            if self._redis_down:
+                raise unavailable
+            try:
+                in_redis = self.redis.delete(timestamp)
+            except redis.RedisError as error:
+                self._redis_failed(error)
+                raise unavailable from error
+        return self.memory.delete(timestamp) or in_redis
 
     def check(self) -> str:
         """Health probe: ping Redis unless it is already known to be down (no wait on a dead Redis)."""
@@ -453,23 +584,26 @@ class SessionStorage:
         """Move memory-held sessions to Redis (same timestamp, remaining TTL); returns how many moved.
 
         A session that expired meanwhile is dropped, not revived. If Redis already holds a *different*
-        session under the same timestamp (two workers saved in the same millisecond during an outage),
-        this one is kept under a fresh timestamp rather than overwrite or be lost.
+        session under the same timestamp, `_SAVE` decides: a later save of the same client timestamp wins;
+        a service-assigned clash (two workers, one millisecond) keeps both.
         """
         if self.redis is None:
             return 0
         moved = 0
-        for timestamp, body, expires_at in self.memory.snapshot():
+        for timestamp, entry in self.memory.snapshot():
             now = now_ms()
-            if expires_at <= now:
-                self.memory.discard_if_same(timestamp, body)
+            if entry.expires_at <= now:
+                self.memory.discard_if_same(timestamp, entry)
                 continue
-            draft = Draft(head_of(body, timestamp), timestamp)
-            stored_as = self.redis.save(draft, now, expires_at - now, keep=True)
-            if stored_as != timestamp:
+            draft = Draft(head_of(entry.body, timestamp), timestamp, entry.summary)
+            mode = "assigned" if entry.assigned else "identity"
+            stored_as = self.redis.save(draft, now, entry.expires_at - now, write_back=mode)
+            if stored_as == 0:
+                log.info("write-back: session %d was saved again since; the later copy stays", timestamp)
+            elif stored_as != timestamp:
                 log.warning("write-back: Redis already held another session %d; this one is now %d",
                             timestamp, stored_as)
-            self.memory.discard_if_same(timestamp, body)
+            self.memory.discard_if_same(timestamp, entry)
             moved += 1
         return moved
 

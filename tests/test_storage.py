@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from config import Config
-from payload import parse_session
-from storage import INDEX_KEY, Draft, MemoryStore, RedisStore, StorageFull, build_storage, now_ms
+from payload import Draft, parse_session
+from storage import INDEX_KEY, MemoryStore, Query, RedisStore, StorageFull, build_storage, now_ms
 
 DAY_MS = 86_400_000
 
@@ -54,8 +54,8 @@ def test_redis_layout_is_the_public_contract(make_app, redis_server, redis_db: r
     session_keys = sorted(k.decode() for k in redis_db.scan_iter("storyart:session:*") if k.count(b":") == 2)
     assert session_keys == sorted(f"storyart:session:{ts}" for ts in stamps)
     assert all(k.count(b":") == 2 for k in redis_db.scan_iter("storyart:session:*"))
-    assert {k.decode() for k in redis_db.scan_iter("*")} - set(session_keys) <= {
-        INDEX_KEY, "storyart:sessions:expiry", "storyart:sessions:clock"}
+    ours = {INDEX_KEY, "storyart:sessions:expiry", "storyart:sessions:clock"} | {f"storyart:meta:{ts}" for ts in stamps}
+    assert {k.decode() for k in redis_db.scan_iter("*")} - set(session_keys) == ours
     assert redis_db.zcard(INDEX_KEY) == 3
 
 
@@ -95,7 +95,7 @@ def test_reads_prune_index_members_whose_key_another_tool_deleted(store: RedisSt
     redis_db.delete(f"storyart:session:{second}")
     assert store.latest().timestamp == first
     redis_db.delete(f"storyart:session:{first}")
-    assert store.page(0, 20) == (0, [])
+    assert store.page(Query()) == (0, [])
     assert redis_db.zcard(INDEX_KEY) == 0
 
 
@@ -116,8 +116,8 @@ def test_sessions_written_by_the_original_service_are_read(store: RedisStore, re
     redis_db.set(f"storyart:session:{ts}", body, ex=600)
     redis_db.zadd(INDEX_KEY, {f"storyart:session:{ts}": ts})
     assert store.latest().body == body
-    assert store.get(ts) == body
-    assert store.page(0, 5)[0] == 1
+    assert store.get(ts).body == body
+    assert store.page(Query())[0] == 1
 
 
 # --------------------------------------------------------------------------------- unique timestamps
@@ -129,7 +129,7 @@ def test_same_millisecond_saves_from_200_threads_get_200_timestamps(store: Redis
         stamps = list(pool.map(lambda i: store.save(draft(f"s{i}"), now, 60_000), range(200)))
     assert len(set(stamps)) == 200
     for i, ts in enumerate(stamps):
-        assert orjson.loads(store.get(ts)) == {"scriptText": f"s{i}", "episodeContext": "", "storyUuid": "s",
+        assert orjson.loads(store.get(ts).body) == {"scriptText": f"s{i}", "episodeContext": "", "storyUuid": "s",
                                                "analyzedEpisode": {}, "timestamp": ts}
 
 
@@ -149,19 +149,31 @@ def test_assigned_timestamps_skip_ones_taken_by_a_client(store: RedisStore) -> N
     store.save(draft("client", timestamp=now), now, 60_000)
     assigned = store.save(draft("server"), now, 60_000)
     assert assigned != now
-    assert orjson.loads(store.get(now))["scriptText"] == "client"
+    assert orjson.loads(store.get(now).body)["scriptText"] == "client"
 
 
-def test_write_back_never_replaces_a_different_session(store: RedisStore) -> None:
+def test_write_back_of_a_clashing_assigned_timestamp_keeps_both(store: RedisStore) -> None:
     now = now_ms()
     store.save(draft("in redis", timestamp=now), now, 60_000)
-    moved = store.save(draft("from memory", timestamp=now), now, 60_000, keep=True)
-    assert moved != now
-    assert orjson.loads(store.get(now))["scriptText"] == "in redis"
-    assert orjson.loads(store.get(moved)) == {**orjson.loads(store.get(moved)), "scriptText": "from memory",
-                                               "timestamp": moved}
-    same = store.save(draft("in redis", timestamp=now), now, 60_000, keep=True)
+    moved = store.save(draft("from memory", timestamp=now), now, 60_000, write_back="assigned")
+    assert moved > now
+    assert orjson.loads(store.get(now).body)["scriptText"] == "in redis"
+    assert orjson.loads(store.get(moved).body)["scriptText"] == "from memory"
+    assert orjson.loads(store.get(moved).body)["timestamp"] == moved
+    same = store.save(draft("in redis", timestamp=now), now, 60_000, write_back="assigned")
     assert same == now  # identical content: nothing to move
+
+
+def test_write_back_of_a_client_timestamp_lets_the_later_save_win(store: RedisStore) -> None:
+    now = now_ms()
+    store.save(draft("saved again after the outage", timestamp=now), now, 60_000)
+    superseded = store.save(draft("older copy from memory", timestamp=now), now, 30_000, write_back="identity")
+    assert superseded == 0
+    assert orjson.loads(store.get(now).body)["scriptText"] == "saved again after the outage"
+    newer = store.save(draft("newer copy from memory", timestamp=now), now, 90_000, write_back="identity")
+    assert newer == now
+    assert orjson.loads(store.get(now).body)["scriptText"] == "newer copy from memory"
+    assert store.page(Query())[0] == 1
 
 
 # ------------------------------------------------------------------------------------------ memory store
@@ -171,7 +183,7 @@ def test_memory_store_evicts_the_oldest_by_count(caplog) -> None:
     memory = MemoryStore(max_sessions=3, max_bytes=10**6)
     stamps = [memory.save(draft(f"s{i}"), now_ms(), 60_000) for i in range(5)]
     assert len(memory) == 3
-    assert [row.timestamp for row in memory.page(0, 10)[1]] == stamps[:1:-1]
+    assert [row.timestamp for row in memory.page(Query(limit=10))[1]] == stamps[:1:-1]
     assert "evicted the 1 oldest" in caplog.text
 
 
@@ -205,7 +217,7 @@ def test_memory_store_honours_the_ttl() -> None:
     kept = memory.save(draft("long"), now_ms(), ttl_ms=60_000)
     time.sleep(0.2)
     assert memory.get(gone) is None
-    assert memory.page(0, 10)[0] == 1 and memory.latest().timestamp == kept
+    assert memory.page(Query(limit=10))[0] == 1 and memory.latest().timestamp == kept
     memory.save(draft("another"), now_ms(), 60_000)
     assert len(memory) == 2  # the expired one was purged, not just hidden
 
@@ -216,7 +228,7 @@ def test_memory_store_is_thread_safe() -> None:
     with ThreadPoolExecutor(16) as pool:
         stamps = list(pool.map(lambda i: memory.save(draft(f"s{i}"), now, 60_000), range(2000)))
     assert len(set(stamps)) == 2000 and len(memory) == 2000
-    assert memory.nbytes == sum(len(memory.get(ts)) for ts in stamps)
+    assert memory.nbytes == sum(len(memory.get(ts).body) for ts in stamps)
 
 
 def test_memory_only_mode_reports_and_bounds(make_app, caplog) -> None:
