@@ -117,10 +117,11 @@ def content_hash(found: Stored) -> str:
 
 def list_item(found: Stored) -> bytes:
     """The stored session object plus its `sessionKey`, spliced in before the closing brace."""
-    return b'%s,"sessionKey":"%s"}' % (found.body[:-1], session_key(found.timestamp).encode())
+    return b'%s,"sessionKey":"%s"}' % (found.body.rstrip()[:-1], session_key(found.timestamp).encode())
 
 
 def summary_item(found: Stored) -> bytes:
+    """A summary record (whose body is the summary JSON) with its identity, ISO time and store."""
     saved_at = datetime.fromtimestamp(found.timestamp / 1000, UTC).isoformat(timespec="milliseconds")
     return orjson.dumps({"timestamp": found.timestamp, "sessionKey": session_key(found.timestamp),
                          **orjson.loads(found.body), "savedAt": saved_at.replace("+00:00", "Z"),
