@@ -2,11 +2,13 @@
 itself (only the listen address, the upstream address and client_max_body_size swapped), on free 127.0.0.1
 ports, with its own prefix, pid, logs and temp dirs under pytest's tmp dir: nothing system-wide is touched.
 
-The client connects from 127.0.0.2 so the service's access log can tell the real client from the proxy."""
+The client connects from 127.0.0.2 so the service's access log can tell the real client from the proxy.
+The last tests check, without nginx, the draining of refused bodies that lets nginx relay the service's 413."""
 
 from __future__ import annotations
 
 import http.client
+import io
 import os
 import re
 import shutil
@@ -17,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from werkzeug.test import EnvironBuilder
 
+from drain import DRAIN_MAX_EXCESS
 from servers import ROOT, Response, ServiceProcess, free_port, wait_for
 
 DEPLOY_CONF = ROOT / "deploy" / "nginx-storyart.conf"
@@ -231,3 +235,28 @@ def test_readme_shows_the_tested_nginx_config() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```nginx\n(.*?)```", readme, re.S)
     assert DEPLOY_CONF.read_text(encoding="utf-8") in blocks, "README's nginx block differs from the deploy file"
+
+
+@pytest.mark.parametrize(("size", "drained"), [(4096, True), (1024 + DRAIN_MAX_EXCESS + 1, False)])
+def test_a_refused_body_is_drained_only_when_moderately_oversized(make_app, size: int, drained: bool) -> None:
+    app = make_app(max_content_length=1024)
+    stream = io.BytesIO(b" " * size)
+    environ = EnvironBuilder(path="/api/v1/session/save", method="POST", content_type="application/json",
+                             content_length=size).get_environ()
+    environ["wsgi.input"] = stream
+    statuses: list[str] = []
+    body = b"".join(app.wsgi_app(environ, lambda status, headers, exc_info=None: statuses.append(status)))
+    assert statuses == ["413 REQUEST ENTITY TOO LARGE"] and b'"success":false' in body
+    assert stream.tell() == (size if drained else 0)
+
+
+def test_an_accepted_body_is_read_once_and_nothing_more_is_drained(make_app) -> None:
+    app = make_app()
+    payload = b'{"scriptText":"s","episodeContext":"","storyUuid":"u","analyzedEpisode":{}}'
+    stream = io.BytesIO(payload + b"trailing bytes that are not part of the request")
+    environ = EnvironBuilder(path="/api/v1/session/save", method="POST", content_type="application/json",
+                             content_length=len(payload)).get_environ()
+    environ["wsgi.input"] = stream
+    statuses: list[str] = []
+    b"".join(app.wsgi_app(environ, lambda status, headers, exc_info=None: statuses.append(status)))
+    assert statuses == ["200 OK"] and stream.tell() == len(payload)
