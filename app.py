@@ -17,9 +17,12 @@ import time
 import uuid
 import zlib
 from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
 from flask import Flask, Response, abort, g, request
 from flask.json.provider import JSONProvider
 from flask_cors import CORS
@@ -29,6 +32,7 @@ from werkzeug.routing import BaseConverter
 from werkzeug.serving import make_server
 
 from config import Config, ConfigError
+from drain import DrainRefusedBody
 from payload import PayloadError, draft_from, parse_json, parse_session
 from storage import Query, SessionStorage, StorageUnavailable, Stored, build_storage, now_ms, session_key
 
@@ -40,6 +44,7 @@ DEFAULT_CORS_ORIGINS = (re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(
 LIST_DEFAULT, LIST_MAX = 20, 100
 MAX_TIMESTAMP = 2**53  # the largest integer a browser's JSON.parse reads exactly
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+OPENAPI_PATH = Path(__file__).resolve().with_name("openapi.yaml")
 
 MESSAGES = {
     400: "The request is malformed.",
@@ -128,6 +133,13 @@ def summary_item(found: Stored) -> bytes:
                          "storage": found.storage})
 
 
+@cache
+def openapi_json() -> bytes:
+    """`openapi.yaml` as JSON, read and converted once per process (on first use)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it
+    return orjson.dumps(yaml.load(OPENAPI_PATH.read_text(encoding="utf-8"), Loader=loader))
+
+
 def create_app(config: Config | None = None, storage: SessionStorage | None = None) -> Flask:
     config = config or Config.from_env()
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -137,6 +149,7 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
         hops = config.trusted_proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
     app.config.update(MAX_CONTENT_LENGTH=config.max_content_length, STORYART=config)
+    app.wsgi_app = DrainRefusedBody(app.wsgi_app, config.max_content_length)  # a 413, not a reset, behind a proxy
     storage = storage or build_storage(config)
     app.extensions["storyart"] = storage
     CORS(
@@ -310,6 +323,11 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
             return json_response({"success": False, "error": "Redis is configured but unreachable.",
                                   "ready": False, "redis": redis_state}, 503)
         return json_response({"success": True, "ready": True, "redis": redis_state})
+
+    @app.get("/api/v1/openapi.json")
+    def openapi() -> Response:
+        """This API described by `openapi.yaml` (OpenAPI 3.1), as JSON."""
+        return Response(openapi_json(), mimetype="application/json")
 
 
 def unavailable(exc: StorageUnavailable, storage: SessionStorage) -> Response:
