@@ -85,7 +85,7 @@ class SessionIdConverter(BaseConverter):
     """Any path segment but the POST-only action names, so `GET /api/v1/session/save` is a 405, not a bad
     timestamp; the view itself answers non-digits with 400 as SPEC §1 asks."""
 
-    regex = r"(?!(?:save|import)$)[^/]+"
+    regex = r"(?!(?:save|import|latest|list)$)[^/]+"
 
 
 def json_response(payload: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -28,15 +28,12 @@ JSON = {"Content-Type": "application/json"}
 TOKEN = "test-token-0123456789abcdef"
 
 # What the schemathesis run checks. Left out, on purpose:
-# unsupported_method, allow_header_conformance: `DELETE /api/v1/session/latest` (and `/list`) reaches the
-#   `/api/v1/session/<timestamp>` rule and answers 400 (not digits), not 405, and OPTIONS on those two paths
-#   advertises DELETE. The fix is in app.py (SessionIdConverter should refuse `latest` and `list` as it
-#   refuses `save` and `import`); then both checks can join.
 # negative_data_rejection: an import reports a schema-violating item as `rejected` inside a 200, by design;
 # positive_data_acceptance: JSON Schema counts `5.0` as an integer, the service refuses it as a timestamp,
 #   and a schema cannot say "at most one day ahead of the server's clock".
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,"
-          "response_schema_conformance,use_after_free,ensure_resource_availability")
+          "response_schema_conformance,use_after_free,ensure_resource_availability,unsupported_method,"
+          "allow_header_conformance")
 MAX_EXAMPLES = 50
 
 
