@@ -171,32 +171,36 @@ class MemoryStore:
             return timestamp
 
     def _put(self, timestamp: int, entry: _Entry, now: int) -> None:
+        """Insert or replace; room is made (or refused) before anything changes, so a failed replace keeps
+        the old copy."""
         self._purge_expired(now)
         old = self._entries.get(timestamp)
-        freed = len(old.body) if old else 0
-        self._make_room(len(entry.body) - freed, 0 if old else 1)
+        self._make_room(entry, timestamp, len(old.body) if old else 0, 0 if old else 1)
         if old:
-            self._bytes -= freed
-        else:
-            bisect.insort(self._order, timestamp)
+            self._drop(timestamp)
+        bisect.insort(self._order, timestamp)
         self._entries[timestamp] = entry
         self._bytes += len(entry.body)
 
-    def _make_room(self, extra_bytes: int, extra_count: int) -> None:
-        if extra_bytes > self.max_bytes:
+    def _make_room(self, entry: _Entry, timestamp: int, freed: int, added: int) -> None:
+        if len(entry.body) > self.max_bytes:
             raise StorageFull("the session is larger than MEMORY_MAX_BYTES")
-        over_count = len(self._entries) + extra_count - self.max_sessions
-        over_bytes = self._bytes + extra_bytes - self.max_bytes
+        over_count = len(self._entries) + added - self.max_sessions
+        over_bytes = self._bytes - freed + len(entry.body) - self.max_bytes
         if over_count <= 0 and over_bytes <= 0:
             return
         if not self.evict:
             raise StorageFull("the in-memory store is full of sessions waiting for Redis")
-        evicted = 0
-        while self._order and (over_count > 0 or over_bytes > 0):
-            entry = self._entries.pop(self._order.pop(0))
-            self._bytes -= len(entry.body)
-            over_count, over_bytes, evicted = over_count - 1, over_bytes - len(entry.body), evicted + 1
-        log.warning("memory store full: evicted the %d oldest session(s)", evicted)
+        victims = []
+        for oldest in self._order:  # never the one being replaced
+            if over_count <= 0 and over_bytes <= 0:
+                break
+            if oldest != timestamp:
+                victims.append(oldest)
+                over_count, over_bytes = over_count - 1, over_bytes - len(self._entries[oldest].body)
+        for victim in victims:
+            self._drop(victim)
+        log.warning("memory store full: evicted the %d oldest session(s)", len(victims))
 
     def _purge_expired(self, now: int) -> None:
         expired = [ts for ts, entry in self._entries.items() if entry.expires_at <= now]

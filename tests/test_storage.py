@@ -279,3 +279,24 @@ def test_concurrent_saves_through_the_app_are_distinct(make_app, redis_server, r
     with ThreadPoolExecutor(20) as pool:
         stamps = list(pool.map(one, range(200)))
     assert len(set(stamps)) == 200 and redis_db.zcard(INDEX_KEY) == 200
+
+
+def test_memory_store_replacing_a_session_when_full_keeps_its_books_straight() -> None:
+    """Re-saving a client timestamp with a bigger body when memory is full evicts others, never itself."""
+    memory = MemoryStore(max_sessions=10, max_bytes=2000)
+    first = memory.save(draft("a" * 500, timestamp=now_ms() - 10), now_ms(), 60_000)
+    second = memory.save(draft("b" * 500), now_ms(), 60_000)
+    memory.save(draft("A" * 1500, timestamp=first), now_ms(), 60_000)
+    assert memory.get(second) is None and memory.get(first).body.count(b"A" * 1500) == 1
+    assert memory.nbytes == len(memory.get(first).body) and memory.page(Query())[0] == 1
+    assert memory.latest().timestamp == first
+    assert memory.delete(first) and len(memory) == 0 and memory.nbytes == 0
+
+
+def test_memory_store_refused_replacement_keeps_the_old_copy() -> None:
+    memory = MemoryStore(max_sessions=10, max_bytes=2000, evict=False)
+    ts = memory.save(draft("a" * 500, timestamp=now_ms() - 10), now_ms(), 60_000)
+    memory.save(draft("b" * 500), now_ms(), 60_000)
+    with pytest.raises(StorageFull):
+        memory.save(draft("A" * 1500, timestamp=ts), now_ms(), 60_000)
+    assert memory.get(ts).body.count(b"a" * 500) == 1 and len(memory) == 2
