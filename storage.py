@@ -267,10 +267,11 @@ MEMORY = MemoryStore()
 
 # ---------------------------------------------------------------------------------------------- redis
 
-# Index members whose session expired leave the index (and the expiry set); run by every save and list page.
+# Index members whose session expired leave the index (and the expiry set); run by every save, latest and
+# list page. The work is the number of sessions that expired since the last run.
 _PRUNE = """
 local function prune(index, expiry, now)
-  local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, 200)
+  local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', now)
   for _, k in ipairs(due) do
     local left = redis.call('PTTL', k)
     if left == -2 then
@@ -320,9 +321,11 @@ prune(KEYS[1], KEYS[2], now)
 return id
 """
 
-# The newest session: {score, body, summary or false}, or false. Members whose key is gone are pruned.
-_LATEST = """
-for _ = 1, 100 do
+# The newest session: {score, body, summary or false}, or false. ARGV: now. Members whose key is gone without
+# an expiry entry (written by another tool, then deleted) are pruned on the way.
+_LATEST = _PRUNE + """
+prune(KEYS[1], KEYS[2], tonumber(ARGV[1]))
+while true do
   local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   if #top == 0 then return false end
   local body = redis.call('GET', top[1])
@@ -330,31 +333,32 @@ for _ = 1, 100 do
   redis.call('ZREM', KEYS[1], top[1])
   redis.call('ZREM', KEYS[2], top[1])
 end
-return false
 """
 
 # One page newest first within a score range: {total, score1, value1, score2, value2, ...}. ARGV: offset,
-# limit, min, max, now, "meta" for summaries (false where a session has none) instead of bodies.
+# limit, min, max, now, "meta" for summaries (false where a session has none) instead of bodies. Dead members
+# in the window are removed first, so a page is never short while matches remain.
 _PAGE = _PRUNE + """
 prune(KEYS[1], KEYS[2], tonumber(ARGV[5]))
-local rows = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[4], ARGV[3], 'WITHSCORES', 'LIMIT', ARGV[1], ARGV[2])
-local out = {redis.call('ZCOUNT', KEYS[1], ARGV[3], ARGV[4])}
-for i = 1, #rows, 2 do
-  local value = nil
-  if redis.call('EXISTS', rows[i]) == 1 then
-    if ARGV[6] == 'meta' then
-      value = redis.call('GET', '{META}' .. rows[i + 1])
-    else
-      value = redis.call('GET', rows[i])
+local rows, dead
+repeat
+  rows = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[4], ARGV[3], 'WITHSCORES', 'LIMIT', ARGV[1], ARGV[2])
+  dead = 0
+  for i = 1, #rows, 2 do
+    if redis.call('EXISTS', rows[i]) == 0 then
+      redis.call('ZREM', KEYS[1], rows[i])
+      redis.call('ZREM', KEYS[2], rows[i])
+      dead = dead + 1
     end
   end
-  if value ~= nil then
-    out[#out + 1] = rows[i + 1]
-    out[#out + 1] = value
+until dead == 0
+local out = {redis.call('ZCOUNT', KEYS[1], ARGV[3], ARGV[4])}
+for i = 1, #rows, 2 do
+  out[#out + 1] = rows[i + 1]
+  if ARGV[6] == 'meta' then
+    out[#out + 1] = redis.call('GET', '{META}' .. rows[i + 1])
   else
-    redis.call('ZREM', KEYS[1], rows[i])
-    redis.call('ZREM', KEYS[2], rows[i])
-    out[1] = out[1] - 1
+    out[#out + 1] = redis.call('GET', rows[i])
   end
 end
 return out
@@ -404,7 +408,7 @@ class RedisStore:
         return bool(self.client.exists(session_key(timestamp)))
 
     def latest(self) -> Stored | None:
-        found = self._latest(keys=(INDEX_KEY, EXPIRY_KEY))
+        found = self._latest(keys=(INDEX_KEY, EXPIRY_KEY), args=(now_ms(),))
         return Stored(int(found[0]), found[1], "redis", found[2] or None) if found else None
 
     def page(self, query: Query, summaries: bool = False) -> tuple[int, list[Stored]]:

@@ -300,3 +300,23 @@ def test_memory_store_refused_replacement_keeps_the_old_copy() -> None:
     with pytest.raises(StorageFull):
         memory.save(draft("A" * 1500, timestamp=ts), now_ms(), 60_000)
     assert memory.get(ts).body.count(b"a" * 500) == 1 and len(memory) == 2
+
+
+def test_latest_and_list_look_past_any_number_of_expired_sessions(store: RedisStore, redis_db) -> None:
+    now = now_ms()
+    live = [store.save(draft(f"live {i}", timestamp=now - 100_000 + i), now, 60_000) for i in range(5)]
+    for i in range(260):  # newer timestamps, all expiring at once
+        store.save(draft(f"short {i}"), now_ms(), ttl_ms=150)
+    time.sleep(0.3)
+    assert store.latest().timestamp == live[-1]
+    total, rows = store.page(Query(limit=20))
+    assert total == 5 and [r.timestamp for r in rows] == live[::-1]
+    assert redis_db.zcard(INDEX_KEY) == 5
+
+
+def test_list_pages_are_full_even_past_members_another_tool_deleted(store: RedisStore, redis_db) -> None:
+    stamps = [store.save(draft(f"s{i}"), now_ms(), 60_000) for i in range(30)]
+    for ts in stamps[-25:-5]:  # 20 keys deleted behind the service's back, index entries left
+        redis_db.delete(f"storyart:session:{ts}")
+    total, rows = store.page(Query(limit=10))
+    assert total == 10 and [r.timestamp for r in rows] == stamps[-1:-6:-1] + stamps[-26:-31:-1]
