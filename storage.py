@@ -254,6 +254,9 @@ class MemoryStore:
         with self._lock:
             return [(ts, self._entries[ts]) for ts in self._order]
 
+    def holds(self, timestamp: int, entry: _Entry) -> bool:
+        return self._entries.get(timestamp) is entry
+
     def discard_if_same(self, timestamp: int, entry: _Entry) -> None:
         """Forget a session that now lives in Redis, unless it was replaced meanwhile."""
         with self._lock:
@@ -485,6 +488,7 @@ class SessionStorage:
         self.retry_interval = retry_interval
         self._redis_down = False
         self._lock = threading.Lock()
+        self._moving = threading.Lock()  # a write-back step and a delete never interleave
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
 
@@ -565,17 +569,18 @@ class SessionStorage:
 
     def delete(self, timestamp: int) -> bool:
         """Delete everywhere, or not at all: with Redis configured but away, a copy there would come back."""
-        in_redis = False
-        if self.redis is not None:
-            unavailable = StorageUnavailable("Redis is unreachable, so the session cannot be deleted everywhere")
-            if self._redis_down:
-                raise unavailable
+        if self.redis is None:
+            return self.memory.delete(timestamp)
+        unavailable = StorageUnavailable("Redis is unreachable, so the session cannot be deleted everywhere")
+        if self._redis_down:
+            raise unavailable
+        with self._moving:
             try:
                 in_redis = self.redis.delete(timestamp)
             except redis.RedisError as error:
                 self._redis_failed(error)
                 raise unavailable from error
-        return self.memory.delete(timestamp) or in_redis
+            return self.memory.delete(timestamp) or in_redis
 
     def check(self) -> str:
         """Health probe: ping Redis unless it is already known to be down (no wait on a dead Redis)."""
@@ -605,13 +610,16 @@ class SessionStorage:
                 continue
             draft = Draft(head_of(entry.body, timestamp), timestamp, entry.summary)
             mode = "assigned" if entry.assigned else "identity"
-            stored_as = self.redis.save(draft, now, entry.expires_at - now, write_back=mode)
+            with self._moving:
+                if not self.memory.holds(timestamp, entry):
+                    continue  # deleted or replaced since the snapshot
+                stored_as = self.redis.save(draft, now, entry.expires_at - now, write_back=mode)
+                self.memory.discard_if_same(timestamp, entry)
             if stored_as == 0:
                 log.info("write-back: session %d was saved again since; the later copy stays", timestamp)
             elif stored_as != timestamp:
                 log.warning("write-back: Redis already held another session %d; this one is now %d",
                             timestamp, stored_as)
-            self.memory.discard_if_same(timestamp, entry)
             moved += 1
         return moved
 

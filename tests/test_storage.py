@@ -320,3 +320,30 @@ def test_list_pages_are_full_even_past_members_another_tool_deleted(store: Redis
         redis_db.delete(f"storyart:session:{ts}")
     total, rows = store.page(Query(limit=10))
     assert total == 10 and [r.timestamp for r in rows] == stamps[-1:-6:-1] + stamps[-26:-31:-1]
+
+
+def test_a_delete_during_write_back_is_not_undone(redis_server, redis_db) -> None:
+    """The race from review: write-back took its snapshot, then a DELETE removed the session everywhere;
+    the write-back must not put it back into Redis."""
+    import storage as storage_module
+
+    config = dataclasses.replace(Config(), redis_url=redis_server.url, redis_retry_interval=60)
+    memory = MemoryStore(evict=False)
+    sessions = storage_module.SessionStorage(memory, RedisStore.from_config(config), 600, 60)
+    redis_server.kill()
+    doomed, kept = (sessions.save(draft(name))[0] for name in ("doomed", "kept"))
+    redis_server.start()
+    sessions._redis_down = False  # what the retry thread does once Redis answers again
+    snapshot = memory.snapshot
+
+    def snapshot_then_delete():
+        taken = snapshot()
+        assert sessions.delete(doomed)
+        return taken
+
+    memory.snapshot = snapshot_then_delete
+    assert sessions.write_back() == 1
+    memory.snapshot = snapshot
+    assert sessions.get(doomed) is None and not redis_db.exists(f"storyart:session:{doomed}")
+    assert sessions.get(kept).storage == "redis"
+    sessions.close()
