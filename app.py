@@ -113,11 +113,13 @@ def session_response(found: Stored) -> Response:
 
 
 def content_hash(found: Stored) -> str:
+    """The hash recorded at save time while the summary still describes these bytes (same size), else one
+    computed now (a session written without a summary, or rewritten since by another tool)."""
     if found.summary:
-        recorded = orjson.loads(found.summary).get("etag")
-        if recorded:
-            return recorded
-    return f"{zlib.crc32(found.body):08x}"  # a session saved without a summary (by another tool)
+        summary = orjson.loads(found.summary)
+        if summary.get("etag") and summary.get("sizeBytes") == len(found.body):
+            return summary["etag"]
+    return f"{zlib.crc32(found.body):08x}"
 
 
 def list_item(found: Stored) -> bytes:
@@ -155,7 +157,8 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
     CORS(
         app,
         resources={r"/api/*": {}, r"/health*": {}},
-        origins=list(config.cors_origins) or list(DEFAULT_CORS_ORIGINS),
+        origins=[re.compile(re.escape(o) + r"\Z", re.IGNORECASE) for o in config.cors_origins]
+        or list(DEFAULT_CORS_ORIGINS),
         methods=["GET", "POST", "DELETE", "OPTIONS"],
         allow_headers=["Content-Type", "Authorization"],
         expose_headers=["ETag", "X-Request-ID"],
@@ -195,7 +198,8 @@ def _register_hooks(app: Flask, api_token: str | None) -> None:
         request_id = g.get("request_id", "-")
         response.headers["X-Request-ID"] = request_id
         elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
-        access_log.info("%s %s %s %d %s %.1fms %s", request_id, request.method, request.path,
+        path = repr(request.path)[1:-1]  # control characters escaped: one request, one log line
+        access_log.info("%s %s %s %d %s %.1fms %s", request_id, request.method, path,
                         response.status_code, response.content_length, elapsed_ms, request.remote_addr)
         return response
 
@@ -294,9 +298,9 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
             parsed = parse_json(request.get_data(cache=False))
         except PayloadError as exc:
             return error(400, str(exc))
+        if not isinstance(parsed, dict | list) or parsed == []:
+            return error(400, "The import body must be a session object or a non-empty array of them.")
         items = parsed if isinstance(parsed, list) else [parsed]
-        if not items:
-            return error(400, "Nothing to import: the array is empty.")
         results = [_import_one(storage, index, item) for index, item in enumerate(items)]
         statuses = [r["status"] for r in results]
         counts = {status: statuses.count(status) for status in ("imported", "replaced", "rejected")}

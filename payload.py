@@ -61,13 +61,12 @@ def draft_from(session: Any, now: int) -> Draft:
     if not isinstance(session, dict):
         raise PayloadError(f"A session must be a JSON object, not {_json_type(session)}.")
     problems = [_field_problem(session, name, kind, wanted) for name, (kind, wanted) in REQUIRED.items()]
+    problems.append(_timestamp_problem(session.get("timestamp"), now))
     problems = [p for p in problems if p]
     if problems:
         raise PayloadError(f"Invalid session data: {'; '.join(problems)}.")
     session = dict(session)  # the caller's object stays as it was
     timestamp = session.pop("timestamp", None)
-    if timestamp is not None:
-        _check_timestamp(timestamp, now)
     try:
         serialized = orjson.dumps(session)
     except orjson.JSONEncodeError:
@@ -104,12 +103,16 @@ def _field_problem(session: dict[str, Any], name: str, kind: type, wanted: str) 
     return None
 
 
-def _check_timestamp(value: Any, now: int) -> None:
+def _timestamp_problem(value: Any, now: int) -> str | None:
+    """None (absent or null: the service assigns one) or a valid client timestamp pass."""
+    if value is None:
+        return None
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         shown = orjson.dumps(value)[:40].decode(errors="replace")
-        raise PayloadError(f"timestamp must be a positive integer (ms since epoch), got {shown}.")
+        return f"timestamp must be a positive integer (ms since epoch), got {shown}"
     if value > now + MAX_FUTURE_MS:
-        raise PayloadError("timestamp is more than one day in the future.")
+        return "timestamp is more than one day in the future"
+    return None
 
 
 def _json_type(value: Any) -> str:

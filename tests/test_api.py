@@ -331,3 +331,16 @@ def test_every_response_is_json(client: FlaskClient) -> None:
                 client.get("/api/v1/session/latest")):
         assert got.mimetype == "application/json"
         json.loads(got.data)
+
+
+def test_a_bad_timestamp_is_named_with_the_missing_fields(client: FlaskClient) -> None:
+    got = save(client, {"episodeContext": "", "storyUuid": "s", "analyzedEpisode": {}, "timestamp": "soon"})
+    message = got.get_json()["error"]
+    assert got.status_code == 400 and "scriptText is missing" in message and "timestamp must be" in message
+
+
+def test_configured_ipv6_origin_is_allowed_exactly(make_app) -> None:
+    client = make_app(cors_origins=("http://[::1]:5173",)).test_client()
+    got = client.get("/health", headers={"Origin": "http://[::1]:5173"})
+    assert got.headers["Access-Control-Allow-Origin"] == "http://[::1]:5173"
+    assert "Access-Control-Allow-Origin" not in client.get("/health", headers={"Origin": "http://:5173"}).headers

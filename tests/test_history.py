@@ -375,3 +375,27 @@ def test_forwarded_for_is_trusted_only_for_configured_hops(make_app, caplog) -> 
     make_app(trusted_proxy_hops=1).test_client().get("/health", headers=spoofed)
     addresses = [r.getMessage().rsplit(" ", 1)[1] for r in caplog.records if r.name == "storyart.access"]
     assert addresses == ["127.0.0.1", "203.0.113.7"]
+
+
+def test_etag_follows_a_body_rewritten_by_another_tool(make_app, redis_server, redis_db) -> None:
+    client = make_app(redis_url=redis_server.url).test_client()
+    saved = save(client, session(title="ours"))
+    etag = client.get("/api/v1/session/latest").headers["ETag"]
+    rewritten = orjson.dumps({**session(title="edited by a tool"), "timestamp": saved["timestamp"]})
+    redis_db.set(saved["sessionKey"], rewritten, keepttl=True)
+    got = client.get("/api/v1/session/latest", headers={"If-None-Match": etag})
+    assert got.status_code == 200 and got.get_json()["data"]["analyzedEpisode"]["title"] == "edited by a tool"
+
+
+def test_a_path_cannot_forge_access_log_lines(make_app, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="storyart.access")
+    make_app().test_client().get("/api/v1/session/1%0A2026-01-01 INFO storyart.access: forged")
+    lines = [r.getMessage() for r in caplog.records if r.name == "storyart.access"]
+    assert len(lines) == 1 and "\n" not in lines[0] and "\\n" in lines[0]
+
+
+@pytest.mark.parametrize("body", [b"5", b'"text"', b"null", b"true", b"{}"])
+def test_import_of_something_that_is_no_session_list_is_400(client: FlaskClient, body: bytes) -> None:
+    got = client.post("/api/v1/session/import", data=body, headers=JSON)
+    expected = 200 if body == b"{}" else 400  # {} is one (invalid) session: reported as rejected
+    assert got.status_code == expected
