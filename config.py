@@ -6,6 +6,7 @@ variable (SPEC §4) instead of failing on the first request.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -14,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
+from redis.connection import parse_url
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -62,7 +64,7 @@ class Config:
         env.update(os.environ if environ is None else environ)
         return cls(
             redis_url=_redis_url(env),
-            host=_text(env, "HOST", "127.0.0.1"),
+            host=_host(env),
             port=_int(env, "REDIS_API_PORT", 7802, 1, 65535),
             app_env=_text(env, "APP_ENV", env.get("NODE_ENV") or "development").lower(),
             session_ttl_seconds=_int(env, "SESSION_TTL_SECONDS", 604_800, 1, 10 * 365 * 86_400),
@@ -85,6 +87,20 @@ class Config:
 def _text(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, "").strip()
     return value or default
+
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
+def _host(env: Mapping[str, str]) -> str:
+    """An IP address or a host name to listen on."""
+    host = _text(env, "HOST", "127.0.0.1")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        if not _HOSTNAME.match(host):
+            raise ConfigError(f"HOST: expected an IP address or host name, got {host!r}") from None
+    return host.strip("[]")
 
 
 def _number(
@@ -128,6 +144,11 @@ def _redis_url(env: Mapping[str, str]) -> str | None:
         db = parts.path.lstrip("/")
         if parts.scheme != "unix" and db and not db.isdigit():
             raise ConfigError(f"REDIS_URL: the database must be a number, got {shown!r}")
+        try:
+            _ = parts.port  # raises for a port that is not a number from 0 to 65535
+            parse_url(url)  # what redis-py will do with it, query options included
+        except ValueError as error:
+            raise ConfigError(f"REDIS_URL: {error}, got {shown!r}") from None
         return url
     host, port = env.get("REDIS_HOST", "").strip(), env.get("REDIS_PORT", "").strip()
     if not host and not port:

@@ -35,6 +35,11 @@ def test_everything_is_read() -> None:
         redis_retry_interval=1.5, redis_max_connections=4, workers=2, threads=4, trusted_proxy_hops=1)
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::1", "[::1]", "localhost", "storyart.internal"])
+def test_listen_addresses(host: str) -> None:
+    assert Config.from_env({"HOST": host}, None).host == host.strip("[]")
+
+
 def test_redis_host_and_port_make_a_url() -> None:
     assert Config.from_env({"REDIS_HOST": "cache", "REDIS_PORT": "6390"}, None).redis_url == "redis://cache:6390/0"
     assert Config.from_env({"REDIS_PORT": "6390"}, None).redis_url == "redis://127.0.0.1:6390/0"
@@ -57,7 +62,8 @@ def test_dotenv_fills_in_but_never_overrides_the_environment(tmp_path: Path) -> 
     ("SESSION_TTL_SECONDS", "-5"), ("MAX_CONTENT_LENGTH", "1e9"), ("LOG_LEVEL", "loud"),
     ("REDIS_URL", "http://x"), ("REDIS_URL", "redis://host:6379/db"), ("REDIS_PORT", "x"),
     ("CORS_ORIGINS", "localhost:3000"), ("MEMORY_MAX_SESSIONS", "0"), ("REDIS_CONNECT_TIMEOUT", "soon"),
-    ("TRUSTED_PROXY_HOPS", "-1"),
+    ("TRUSTED_PROXY_HOPS", "-1"), ("REDIS_URL", "redis://127.0.0.1:abc/0"), ("REDIS_URL", "redis://127.0.0.1:99999/0"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=abc"), ("HOST", "local host"), ("HOST", "-bad-"),
 ])
 def test_a_bad_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as raised:
