@@ -354,6 +354,7 @@ class SessionStorage:
         self.ttl_ms = ttl_seconds * 1000
         self.retry_interval = retry_interval
         self._redis_down = False
+        self._writes_refused = False  # Redis answers but refuses writes (READONLY, OOM): reads still use it
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
@@ -370,12 +371,16 @@ class SessionStorage:
         return self.redis is not None and not self._redis_down
 
     def _redis_failed(self, error: redis.RedisError) -> None:
-        """Skip Redis from now on until the background retry finds it again."""
+        """Skip Redis from now on until the background retry finds it again. An error Redis answered with
+        (a READONLY replica, OOM at maxmemory) only stops saves: what Redis holds stays readable."""
         with self._lock:
-            if not self._redis_down:
+            if not (self._redis_down or self._writes_refused):
                 log.error("Redis unavailable (%s: %s); serving from memory and retrying every %gs",
                           type(error).__name__, error, self.retry_interval)
-            self._redis_down = True
+            if isinstance(error, redis.ResponseError):
+                self._writes_refused = True
+            else:
+                self._redis_down = True
         self._start_worker()
 
     # -- operations
@@ -383,7 +388,7 @@ class SessionStorage:
     def save(self, draft: Draft) -> tuple[int, str]:
         """Store and return (timestamp, where). Raises `StorageFull` when it fits nowhere."""
         now = max(now_ms(), self.memory.last_assigned + 1)
-        if self._use_redis():
+        if self._use_redis() and not self._writes_refused:
             try:
                 timestamp = self.redis.save(draft, now, self.ttl_ms)
             except redis.RedisError as error:
@@ -483,7 +488,7 @@ class SessionStorage:
     def _recover_loop(self) -> None:
         """Every `retry_interval`: when Redis is down, ping it; when it answers, write memory back to it."""
         while not self._stopping.wait(self.retry_interval):
-            if not (self._redis_down or len(self.memory)):
+            if not (self._redis_down or self._writes_refused or len(self.memory)):
                 continue
             try:
                 self.redis.ping()
@@ -494,7 +499,10 @@ class SessionStorage:
             except redis.RedisError as error:
                 self._redis_failed(error)
             else:
-                if moved:
+                if self._writes_refused:
+                    log.warning("Redis accepts writes again; wrote back %d session(s)", moved)
+                    self._writes_refused = False
+                elif moved:
                     log.info("write-back: %d session(s) moved from memory to Redis", moved)
 
     def close(self) -> None:
