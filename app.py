@@ -6,10 +6,12 @@ shutdown on SIGINT and SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -23,7 +25,7 @@ from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import BaseConverter
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from config import Config, ConfigError
 from payload import PayloadError, parse_session
@@ -244,19 +246,44 @@ def _load_config() -> Config:
         raise SystemExit(2) from None
 
 
+class _ConnectionHandler(WSGIRequestHandler):
+    """Keeps `server.idle` = the connections that have not begun a request (a browser's preconnect, a client
+    that connected and said nothing), which a stopping server closes instead of waiting on them for ever."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.idle.add(self.connection)
+
+    def parse_request(self) -> bool:
+        self.server.idle.discard(self.connection)  # a request has begun: it will be finished
+        return super().parse_request()
+
+    def finish(self) -> None:
+        self.server.idle.discard(self.connection)
+        super().finish()
+
+
 def serve(app: Flask, config: Config) -> None:
     """Development server that stops gracefully: on SIGINT/SIGTERM it stops accepting, lets requests in
     flight finish (their threads are joined), then flushes memory-held sessions to Redis."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the app logs each request itself
-    server = make_server(config.host, config.port, app, threaded=True)
+    server = make_server(config.host, config.port, app, threaded=True, request_handler=_ConnectionHandler)
     server.daemon_threads = False  # so server_close() joins the requests in flight
-    stopping = threading.Event()
+    server.idle = set()
+    stopping, stopped = threading.Event(), threading.Event()
+
+    def close_idle_connections() -> None:
+        server.shutdown()
+        while not stopped.wait(0.1):  # until the requests in flight are joined
+            for connection in list(server.idle):
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)  # its handler reads EOF and ends
 
     def stop(signum: int, _frame: Any) -> None:
         if not stopping.is_set():
             stopping.set()
             log.info("%s received: finishing requests in flight", signal.Signals(signum).name)
-            threading.Thread(target=server.shutdown, daemon=True).start()
+            threading.Thread(target=close_idle_connections, daemon=True).start()
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -265,6 +292,7 @@ def serve(app: Flask, config: Config) -> None:
         server.serve_forever()
     finally:
         server.server_close()
+        stopped.set()
         app.extensions["storyart"].close()
         log.info("stopped")
 
