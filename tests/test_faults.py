@@ -37,7 +37,7 @@ def own_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 
     yield start
     for server in started:
-        server.kill()
+        server.kill_all()
 
 
 def saved(server: ServiceProcess, body: bytes) -> dict:
@@ -421,3 +421,50 @@ def test_log_lines_name_the_failure(service) -> None:
     lines = [line for line in server.log().splitlines() if UNAVAILABLE in line]
     assert len(lines) == 1 and re.search(r"ConnectionError: .*(refused|connect)", lines[0], re.I), lines
     assert "Traceback" not in server.log()
+
+
+# ------------------------------------------------------------------ workers assigning timestamps in memory
+
+
+def test_forked_memory_stores_never_give_two_saves_the_same_timestamp(tmp_path) -> None:
+    """gunicorn's workers each keep their own memory store while Redis is away, and each assigns timestamps
+    itself. Two workers saving in the same millisecond must still hand out two different timestamps: the
+    write-back cannot put both under one key, so one client would later read another client's session."""
+    import os
+
+    import storage
+    from payload import parse_session
+
+    memory = storage.MemoryStore(max_sessions=100_000, max_bytes=1 << 30, evict=False)
+    memory.clock = storage.SharedClock()  # what gunicorn.conf.py does in the master, before forking workers
+    draft = parse_session(session("same-ms"), now_ms())
+    now = now_ms()
+    children = []
+    for worker in range(3):
+        pid = os.fork()
+        if pid == 0:  # a worker: 500 saves, all "in the same millisecond"
+            try:
+                stamps = [memory.save(draft, now, 60_000) for _ in range(500)]
+                (tmp_path / f"stamps.{worker}").write_text(" ".join(map(str, stamps)))
+            finally:
+                os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
+    stamps = [int(s) for worker in range(3) for s in (tmp_path / f"stamps.{worker}").read_text().split()]
+    assert len(stamps) == 1500
+    assert len(set(stamps)) == 1500, f"{1500 - len(set(stamps))} timestamps were given twice"
+
+
+def test_gunicorn_workers_never_give_two_saves_the_same_timestamp_while_redis_is_away(service) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = service("gunicorn", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", WEB_CONCURRENCY="3",
+                     REDIS_RETRY_INTERVAL="3600")
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda i: saved(server, session(f"w{i}")), range(600)))
+    assert {a["storage"] for a in answers} == {"memory"}
+    pids = {health(server)["pid"] for _ in range(30)}
+    assert len(pids) > 1  # the saves really were spread over several workers
+    stamps = [a["timestamp"] for a in answers]
+    assert len(set(stamps)) == len(stamps), f"{len(stamps) - len(set(stamps))} timestamps were given twice"
