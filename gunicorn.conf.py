@@ -33,6 +33,14 @@ else:
     threads = _config.threads or 8
 worker_class = "gthread" if threads > 1 else "sync"
 
+if workers > 1:
+    # While Redis is away each worker keeps sessions in its own memory and assigns their timestamps itself:
+    # a clock made here, before the workers are forked, keeps two of them from acknowledging two sessions
+    # under one timestamp (the write-back could not keep both under it).
+    import storage
+
+    storage.MEMORY.clock = storage.SharedClock()
+
 timeout = 60  # a 50 MB body on a slow link still fits
 graceful_timeout = 30  # SIGTERM: requests in flight get this long to finish
 control_socket_disable = True  # one control socket per user would collide between instances

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +30,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from config import Config
+
+try:
+    import fcntl
+except ImportError:  # Windows: no gunicorn, so no forked workers to share a clock with
+    fcntl = None
 
 log = logging.getLogger("storyart.storage")
 
@@ -74,6 +81,33 @@ class StorageFull(Exception):
 # --------------------------------------------------------------------------------------------- memory
 
 
+class SharedClock:
+    """The last timestamp assigned by any of the processes forked after it was made (gunicorn's workers, each
+    with its own memory store while Redis is away), so no two of them give two sessions one timestamp.
+
+    It lives in an unlinked temporary file under a POSIX record lock, which the kernel releases if a worker
+    dies holding it; the thread lock covers threads of one process, which a record lock does not tell apart.
+    """
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile()  # noqa: SIM115 - open for the life of the process
+        self._lock = threading.Lock()
+        os.pwrite(self._file.fileno(), bytes(8), 0)
+
+    def next(self, wanted: int) -> int:
+        """`wanted`, or the next timestamp after every one this clock has given, whichever is greater."""
+        fd = self._file.fileno()
+        with self._lock:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            try:
+                timestamp = max(wanted, int.from_bytes(os.pread(fd, 8, 0), "little") + 1)
+                os.pwrite(fd, timestamp.to_bytes(8, "little"), 0)
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+        return timestamp
+
+
+
 @dataclass(slots=True)
 class _Entry:
     body: bytes
@@ -94,6 +128,7 @@ class MemoryStore:
         self._order: list[int] = []  # timestamps, ascending
         self._bytes = 0
         self._last_assigned = 0
+        self.clock: SharedClock | None = None  # set before forking workers that assign timestamps too
         self.configure(max_sessions, max_bytes, evict)
 
     def configure(self, max_sessions: int, max_bytes: int, evict: bool) -> None:
@@ -122,8 +157,10 @@ class MemoryStore:
             timestamp = draft.timestamp
             if timestamp is None:
                 timestamp = max(now, self._last_assigned + 1)
+                if self.clock is not None:
+                    timestamp = self.clock.next(timestamp)
                 while timestamp in self._entries:
-                    timestamp += 1
+                    timestamp = timestamp + 1 if self.clock is None else self.clock.next(timestamp + 1)
                 self._last_assigned = timestamp
             self._put(timestamp, draft.render(timestamp), now + ttl_ms, now)
             return timestamp
