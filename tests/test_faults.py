@@ -127,6 +127,33 @@ def test_a_dead_redis_costs_one_connect_timeout_then_is_skipped(breaker, service
     assert log_count(server, UNAVAILABLE) == 1
 
 
+def test_a_frozen_redis_costs_one_request_less_than_the_browsers_fetch_timeout(service, own_redis) -> None:
+    """A Redis that is gone but whose connections stay open (SIGSTOP here; after a crash, a child it forked
+    for an AOF rewrite or a snapshot holds them) answers nothing: the one request that finds out waits the
+    socket timeout, which with the defaults must stay under the browser's 5 s fetch timeout (SPEC §0)."""
+    redis_server = own_redis()
+    server = service("app", REDIS_URL=redis_server.url, REDIS_RETRY_INTERVAL="1")
+    assert saved(server, session("before"))["storage"] == "redis"
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        durations = []
+        for i in range(12):
+            elapsed, got = timed(save_request, server.port, session(f"frozen-{i}"))
+            assert got.status == 200 and got.json()["storage"] == "memory", got.body
+            durations.append(elapsed)
+            elapsed, got = timed(request, server.port, "GET", "/api/v1/session/latest")
+            assert got.status == 200 and got.json()["data"]["storyUuid"] == f"frozen-{i}"
+            durations.append(elapsed)
+            time.sleep(0.1)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    slow = [d for d in durations if d > 0.5]
+    assert len(slow) == 1, slow
+    assert slow[0] < 5 - 1.5, f"a frozen Redis held a request {slow[0]:.1f}s: the browser gives up after 5s"
+    wait_for(lambda: health(server)["memorySessions"] == 0, what="write-back after SIGCONT")
+    assert len(index_of(redis_server)) == 13
+
+
 def test_sessions_saved_during_an_outage_are_written_back(service, own_redis) -> None:
     redis_server = own_redis(*PERSISTENT)
     ttl_ms = 600_000
