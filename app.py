@@ -22,7 +22,7 @@ import orjson
 from flask import Flask, Response, g, request
 from flask.json.provider import JSONProvider
 from flask_cors import CORS
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import BaseConverter
 from werkzeug.serving import WSGIRequestHandler, make_server
@@ -174,7 +174,7 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
         if request.mimetype != "application/json":
             return error(415, MESSAGES[415])
         try:
-            draft = parse_session(request.get_data(cache=False), now_ms())
+            draft = parse_session(_request_body(app.config["MAX_CONTENT_LENGTH"]), now_ms())
         except PayloadError as exc:
             return error(400, str(exc))
         try:
@@ -226,6 +226,21 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
             "service": SERVICE_NAME,
             "pid": os.getpid(),
         })
+
+
+def _request_body(limit: int) -> bytes:
+    """The whole body: 413 when it is larger than `limit` (werkzeug stops reading a body without a
+    Content-Length, i.e. chunked, at the limit without saying it cut it), 400 when the server cannot read it
+    (a malformed chunk under gunicorn raises its own parser error here)."""
+    try:
+        body = request.get_data(cache=False)
+        if request.content_length is None and len(body) >= limit and request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
+    except HTTPException:
+        raise
+    except Exception as exc:  # only reading the request happens here: whatever fails is the request's fault
+        raise BadRequest(f"The request body could not be read ({type(exc).__name__}).") from None
+    return body
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:
