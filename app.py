@@ -277,6 +277,23 @@ class _ConnectionHandler(WSGIRequestHandler):
         self.server.idle.discard(self.connection)
         super().finish()
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server answers what it cannot parse (a request line over 64 KiB: 414, a header over 64 KiB
+        or more than 100 of them: 431, a garbled request line: 400) itself, with an HTML page; this service
+        answers JSON (SPEC §1), with a status line even to what looked like an HTTP/0.9 request."""
+        self.log_error("code %d, message %s", code, message)
+        reason = self.responses.get(code, ("Error",))[0]
+        body = orjson.dumps({"success": False, "error": f"{reason}: {message}." if message else f"{reason}."})
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
 
 def serve(app: Flask, config: Config) -> None:
     """Development server that stops gracefully: on SIGINT/SIGTERM it stops accepting, lets requests in
