@@ -173,6 +173,8 @@ def test_bodies_not_declared_as_json_are_415(client: FlaskClient, content_type: 
     ("GET", "/api/v1/session/save"), ("POST", "/api/v1/session/123"), ("POST", "/api/v1/session/list"),
     ("TRACE", "/health"), ("GET", "/api/v1/session"), ("GET", "/api/v2/session/latest"),
     ("GET", "/api/v1/session/latest/extra"), ("GET", "/" + "a" * 10_000), ("POST", "/api/v1/session/save/"),
+    ("GET", "/api//v1/session/latest"), ("POST", "/api/v1//session/save"), ("GET", "/api/v1/session//123"),
+    ("GET", "/api/v1/session/%2F123"),
 ])
 def test_wrong_methods_and_paths_are_json_4xx(client: FlaskClient, method: str, path: str) -> None:
     got = client.open(path, method=method, data=valid(), headers=JSON)
@@ -307,12 +309,13 @@ WIRE = {
 @pytest.mark.parametrize("name", WIRE)
 def test_wire_level_garbage_gets_a_json_4xx_and_the_server_keeps_serving(real_server, name: str) -> None:
     data, statuses = WIRE[name]
+    before = orjson.loads(exchange(real_server.port, get_line(b"/health"))[2])["memorySessions"]
     status, mimetype, body = exchange(real_server.port, data, half_close=name == "truncated body")
     allowed = (505,) if 505 in statuses else ()
     assert_json_error(status, mimetype, body, allowed)
     assert status in statuses, (name, status, body[:200])
     health_status, _, health_body = exchange(real_server.port, get_line(b"/health"))
-    assert health_status == 200 and orjson.loads(health_body)["memorySessions"] == 0, "something was stored"
+    assert health_status == 200 and orjson.loads(health_body)["memorySessions"] == before, "something was stored"
 
 
 @pytest.mark.slow
@@ -323,9 +326,6 @@ def test_chunked_bodies_up_to_the_limit_are_read_whole(real_server) -> None:
     ts = orjson.loads(body)["timestamp"]
     status, _, body = exchange(real_server.port, get_line(b"/api/v1/session/%d" % ts))
     assert status == 200 and orjson.loads(body)["data"]["scriptText"] == "y" * (LIMIT - len(valid(scriptText="")))
-    exchange(real_server.port, b"DELETE /api/v1/session/%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % ts)
-    storage_reset = exchange(real_server.port, get_line(b"/health"))
-    assert storage_reset[0] == 200
 
 
 # ------------------------------------------------------------------------------------------- properties
