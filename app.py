@@ -105,6 +105,7 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = ServiceFlask(__name__)
     app.url_map.converters["session_id"] = SessionIdConverter
+    app.url_map.merge_slashes = False  # a path with "//" is a JSON 404, not werkzeug's HTML 308 redirect
     if config.trusted_proxy_hops:
         hops = config.trusted_proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
