@@ -96,10 +96,11 @@ def chaos(redis_server: RedisServer, duration: float, outages: int, outage_secon
 
 
 def verify(port: int, acknowledged: list[Call], patience: float) -> list[Call]:
-    """The acknowledged saves that do not read back as themselves, after waiting `patience` seconds for
-    write-backs still on their way from the workers' memory to Redis."""
+    """The acknowledged saves that do not read back as themselves. A session still waiting in one worker's
+    memory for its write-back is only readable through that worker, so this keeps asking while the number
+    missing keeps falling, and gives up after `patience` seconds without progress."""
     pending = list(acknowledged)
-    deadline = time.monotonic() + patience
+    progressed = time.monotonic()
     while True:
         missing = []
         for call in pending:
@@ -107,7 +108,9 @@ def verify(port: int, acknowledged: list[Call], patience: float) -> list[Call]:
             tail = b',"soakTag":"%s","timestamp":%d},"storage":' % (call.tag.encode(), call.timestamp)
             if got.status != 200 or tail not in got.body[-200:]:
                 missing.append(call)
-        if not missing or time.monotonic() > deadline:
+        if len(missing) < len(pending):
+            progressed = time.monotonic()
+        if not missing or time.monotonic() - progressed > patience:
             return missing
         pending = missing
         time.sleep(0.5)
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
 
         calls = soak.calls
         acknowledged = [c for c in calls if c.kind == "save" and c.status == 200]
-        lost = verify(service.port, acknowledged, patience=args.retry_interval * 3 + 10)
+        lost = verify(service.port, acknowledged, patience=args.retry_interval * 5 + 10)
         stamps = Counter(c.timestamp for c in acknowledged)
         in_redis = redis_server.client().zcard(INDEX_KEY)
         during = [c for c in calls if any(c.started < end and c.started + c.elapsed > down
