@@ -107,7 +107,6 @@ class SharedClock:
         return timestamp
 
 
-
 @dataclass(slots=True)
 class _Entry:
     body: bytes
