@@ -6,11 +6,13 @@ shutdown on SIGINT and SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -26,10 +28,10 @@ import yaml
 from flask import Flask, Response, abort, g, request
 from flask.json.provider import JSONProvider
 from flask_cors import CORS
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import BaseConverter
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from config import Config, ConfigError
 from drain import DrainRefusedBody
@@ -147,6 +149,7 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = ServiceFlask(__name__)
     app.url_map.converters["session_id"] = SessionIdConverter
+    app.url_map.merge_slashes = False  # a path with "//" is a JSON 404, not werkzeug's HTML 308 redirect
     if config.trusted_proxy_hops:
         hops = config.trusted_proxy_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
@@ -232,7 +235,7 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
         if request.mimetype != "application/json":
             return error(415, MESSAGES[415])
         try:
-            draft = parse_session(request.get_data(cache=False), now_ms())
+            draft = parse_session(_request_body(app.config["MAX_CONTENT_LENGTH"]), now_ms())
         except PayloadError as exc:
             return error(400, str(exc))
         try:
@@ -295,7 +298,7 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
         if request.mimetype != "application/json":
             return error(415, MESSAGES[415])
         try:
-            parsed = parse_json(request.get_data(cache=False))
+            parsed = parse_json(_request_body(app.config["MAX_CONTENT_LENGTH"]))
         except PayloadError as exc:
             return error(400, str(exc))
         if not isinstance(parsed, dict | list) or parsed == []:
@@ -375,6 +378,21 @@ def _list_query() -> tuple[Query, bool]:
     return query, view == "summary"
 
 
+def _request_body(limit: int) -> bytes:
+    """The whole body: 413 when it is larger than `limit` (werkzeug stops reading a body without a
+    Content-Length, i.e. chunked, at the limit without saying it cut it), 400 when the server cannot read it
+    (a malformed chunk under gunicorn raises its own parser error here)."""
+    try:
+        body = request.get_data(cache=False)
+        if request.content_length is None and len(body) >= limit and request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
+    except HTTPException:
+        raise
+    except Exception as exc:  # only reading the request happens here: whatever fails is the request's fault
+        raise BadRequest(f"The request body could not be read ({type(exc).__name__}).") from None
+    return body
+
+
 def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
     raw = request.args.get(name)
     if raw is None:
@@ -400,19 +418,61 @@ def _load_config() -> Config:
         raise SystemExit(2) from None
 
 
+class _ConnectionHandler(WSGIRequestHandler):
+    """Keeps `server.idle` = the connections that have not begun a request (a browser's preconnect, a client
+    that connected and said nothing), which a stopping server closes instead of waiting on them for ever."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.idle.add(self.connection)
+
+    def parse_request(self) -> bool:
+        self.server.idle.discard(self.connection)  # a request has begun: it will be finished
+        return super().parse_request()
+
+    def finish(self) -> None:
+        self.server.idle.discard(self.connection)
+        super().finish()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server answers what it cannot parse (a request line over 64 KiB: 414, a header over 64 KiB
+        or more than 100 of them: 431, a garbled request line: 400) itself, with an HTML page; this service
+        answers JSON (SPEC §1), with a status line even to what looked like an HTTP/0.9 request."""
+        self.log_error("code %d, message %s", code, message)
+        reason = self.responses.get(code, ("Error",))[0]
+        body = orjson.dumps({"success": False, "error": f"{reason}: {message}." if message else f"{reason}."})
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
 def serve(app: Flask, config: Config) -> None:
     """Development server that stops gracefully: on SIGINT/SIGTERM it stops accepting, lets requests in
     flight finish (their threads are joined), then flushes memory-held sessions to Redis."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the app logs each request itself
-    server = make_server(config.host, config.port, app, threaded=True)
+    server = make_server(config.host, config.port, app, threaded=True, request_handler=_ConnectionHandler)
     server.daemon_threads = False  # so server_close() joins the requests in flight
-    stopping = threading.Event()
+    server.idle = set()
+    stopping, stopped = threading.Event(), threading.Event()
+
+    def close_idle_connections() -> None:
+        server.shutdown()
+        while not stopped.wait(0.1):  # until the requests in flight are joined
+            for connection in list(server.idle):
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)  # its handler reads EOF and ends
 
     def stop(signum: int, _frame: Any) -> None:
         if not stopping.is_set():
             stopping.set()
             log.info("%s received: finishing requests in flight", signal.Signals(signum).name)
-            threading.Thread(target=server.shutdown, daemon=True).start()
+            threading.Thread(target=close_idle_connections, daemon=True).start()
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -421,6 +481,7 @@ def serve(app: Flask, config: Config) -> None:
         server.serve_forever()
     finally:
         server.server_close()
+        stopped.set()
         app.extensions["storyart"].close()
         log.info("stopped")
 

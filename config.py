@@ -39,7 +39,7 @@ class Config:
     memory_max_sessions: int = 500
     memory_max_bytes: int = 512 * 1024 * 1024
     redis_connect_timeout: float = 1.0
-    redis_socket_timeout: float = 5.0
+    redis_socket_timeout: float = 2.0
     redis_retry_interval: float = 3.0
     redis_max_connections: int = 16
     workers: int = 0
@@ -74,7 +74,7 @@ class Config:
             memory_max_sessions=_int(env, "MEMORY_MAX_SESSIONS", 500, 1, 10_000_000),
             memory_max_bytes=_int(env, "MEMORY_MAX_BYTES", 512 * 1024 * 1024, 1024, 2**44),
             redis_connect_timeout=_float(env, "REDIS_CONNECT_TIMEOUT", 1.0, 0.01, 60),
-            redis_socket_timeout=_float(env, "REDIS_SOCKET_TIMEOUT", 5.0, 0.01, 300),
+            redis_socket_timeout=_float(env, "REDIS_SOCKET_TIMEOUT", 2.0, 0.01, 300),
             redis_retry_interval=_float(env, "REDIS_RETRY_INTERVAL", 3.0, 0.05, 3600),
             redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", 16, 1, 10_000),
             workers=_int(env, "WEB_CONCURRENCY", 0, 0, 64),

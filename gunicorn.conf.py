@@ -7,6 +7,9 @@ never 0.0.0.0 by accident.
 
 import sys
 
+import orjson
+from gunicorn import util
+
 from config import Config, ConfigError
 
 try:
@@ -33,12 +36,33 @@ else:
     threads = _config.threads or 8
 worker_class = "gthread" if threads > 1 else "sync"
 
+if workers > 1:
+    # While Redis is away each worker keeps sessions in its own memory and assigns their timestamps itself:
+    # a clock made here, before the workers are forked, keeps two of them from acknowledging two sessions
+    # under one timestamp (the write-back could not keep both under it).
+    import storage
+
+    storage.MEMORY.clock = storage.SharedClock()
+
 timeout = 60  # a 50 MB body on a slow link still fits
 graceful_timeout = 30  # SIGTERM: requests in flight get this long to finish
 control_socket_disable = True  # one control socket per user would collide between instances
 forwarded_allow_ips = "127.0.0.1,::1" if _config.trusted_proxy_hops else ""
 accesslog = None  # the app writes its own access log line (request id, status, bytes, ms)
 loglevel = _config.log_level.lower()
+
+
+def _write_json_error(sock, status_int, reason, mesg):
+    """gunicorn answers what it cannot parse (a request line over 4094 bytes: 414, too many or too large
+    headers: 431, a bad request line, header or chunk: 400) itself, before the app sees it, with an HTML
+    page. Every answer of this service is JSON (SPEC §1), so it writes the same error shape instead."""
+    body = orjson.dumps({"success": False, "error": f"{reason}: {mesg}." if mesg else f"{reason}."})
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+util.write_error = _write_json_error  # workers call util.write_error(...) at the time of the error
 
 
 def worker_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +33,11 @@ from redis.retry import Retry
 
 from config import Config
 from payload import Draft, head_of, summarize
+
+try:
+    import fcntl
+except ImportError:  # Windows: no gunicorn, so no forked workers to share a clock with
+    fcntl = None
 
 log = logging.getLogger("storyart.storage")
 
@@ -113,6 +120,32 @@ class Query:
 # --------------------------------------------------------------------------------------------- memory
 
 
+class SharedClock:
+    """The last timestamp assigned by any of the processes forked after it was made (gunicorn's workers, each
+    with its own memory store while Redis is away), so no two of them give two sessions one timestamp.
+
+    It lives in an unlinked temporary file under a POSIX record lock, which the kernel releases if a worker
+    dies holding it; the thread lock covers threads of one process, which a record lock does not tell apart.
+    """
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile()  # noqa: SIM115 - open for the life of the process
+        self._lock = threading.Lock()
+        os.pwrite(self._file.fileno(), bytes(8), 0)
+
+    def next(self, wanted: int) -> int:
+        """`wanted`, or the next timestamp after every one this clock has given, whichever is greater."""
+        fd = self._file.fileno()
+        with self._lock:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            try:
+                timestamp = max(wanted, int.from_bytes(os.pread(fd, 8, 0), "little") + 1)
+                os.pwrite(fd, timestamp.to_bytes(8, "little"), 0)
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+        return timestamp
+
+
 @dataclass(slots=True)
 class _Entry:
     body: bytes
@@ -135,6 +168,7 @@ class MemoryStore:
         self._order: list[int] = []  # timestamps, ascending
         self._bytes = 0
         self._last_assigned = 0
+        self.clock: SharedClock | None = None  # set before forking workers that assign timestamps too
         self.configure(max_sessions, max_bytes, evict)
 
     def configure(self, max_sessions: int, max_bytes: int, evict: bool) -> None:
@@ -163,8 +197,10 @@ class MemoryStore:
             timestamp = draft.timestamp
             if timestamp is None:
                 timestamp = max(now, self._last_assigned + 1)
+                if self.clock is not None:
+                    timestamp = self.clock.next(timestamp)
                 while timestamp in self._entries:
-                    timestamp += 1
+                    timestamp = timestamp + 1 if self.clock is None else self.clock.next(timestamp + 1)
                 self._last_assigned = timestamp
             entry = _Entry(draft.render(timestamp), draft.summary, now + ttl_ms, draft.timestamp is None)
             self._put(timestamp, entry, now)
@@ -487,6 +523,7 @@ class SessionStorage:
         self.ttl_ms = ttl_seconds * 1000
         self.retry_interval = retry_interval
         self._redis_down = False
+        self._writes_refused = False  # Redis answers but refuses writes (READONLY, OOM): reads still use it
         self._lock = threading.Lock()
         self._moving = threading.Lock()  # a write-back step and a delete never interleave
         self._stopping = threading.Event()
@@ -504,12 +541,16 @@ class SessionStorage:
         return self.redis is not None and not self._redis_down
 
     def _redis_failed(self, error: redis.RedisError) -> None:
-        """Skip Redis from now on until the background retry finds it again."""
+        """Skip Redis from now on until the background retry finds it again. An error Redis answered with
+        (a READONLY replica, OOM at maxmemory) only stops saves: what Redis holds stays readable."""
         with self._lock:
-            if not self._redis_down:
+            if not (self._redis_down or self._writes_refused):
                 log.error("Redis unavailable (%s: %s); serving from memory and retrying every %gs",
                           type(error).__name__, error, self.retry_interval)
-            self._redis_down = True
+            if isinstance(error, redis.ResponseError):
+                self._writes_refused = True
+            else:
+                self._redis_down = True
         self._start_worker()
 
     # -- operations
@@ -517,7 +558,7 @@ class SessionStorage:
     def save(self, draft: Draft) -> tuple[int, str]:
         """Store and return (timestamp, where). Raises `StorageFull` when it fits nowhere."""
         now = max(now_ms(), self.memory.last_assigned + 1)
-        if self._use_redis():
+        if self._use_redis() and not self._writes_refused:
             try:
                 timestamp = self.redis.save(draft, now, self.ttl_ms)
             except redis.RedisError as error:
@@ -633,7 +674,7 @@ class SessionStorage:
     def _recover_loop(self) -> None:
         """Every `retry_interval`: when Redis is down, ping it; when it answers, write memory back to it."""
         while not self._stopping.wait(self.retry_interval):
-            if not (self._redis_down or len(self.memory)):
+            if not (self._redis_down or self._writes_refused or len(self.memory)):
                 continue
             try:
                 self.redis.ping()
@@ -644,7 +685,10 @@ class SessionStorage:
             except redis.RedisError as error:
                 self._redis_failed(error)
             else:
-                if moved:
+                if self._writes_refused:
+                    log.warning("Redis accepts writes again; wrote back %d session(s)", moved)
+                    self._writes_refused = False
+                elif moved:
                     log.info("write-back: %d session(s) moved from memory to Redis", moved)
 
     def close(self) -> None:

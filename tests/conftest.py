@@ -34,7 +34,7 @@ def session_10kb() -> bytes:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
-    server.kill()
+    server.kill_all()
 
 
 @pytest.fixture

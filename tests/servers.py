@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import shutil
@@ -43,6 +44,7 @@ class RedisServer:
         self.workdir = workdir
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.groups: list[int] = []  # process groups started, for `kill_all`
 
     @property
     def url(self) -> str:
@@ -55,7 +57,9 @@ class RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(self.workdir), *extra]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.groups.append(self.proc.pid)
         wait_for(self._answers, what=f"redis-server on port {self.port}")
         return self
 
@@ -66,10 +70,18 @@ class RedisServer:
             return False
 
     def kill(self) -> None:
-        """SIGKILL: no goodbye to clients, like a crash."""
+        """SIGKILL: no goodbye to clients, like a crash. Only redis-server itself dies: a child it forked for
+        an AOF rewrite or a snapshot lives on, holding the clients' connections open, as after a real crash."""
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def kill_all(self) -> None:
+        """Kill redis-server and every process it forked, in every incarnation (for cleaning up)."""
+        self.kill()
+        for group in self.groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
 
     def restart(self, *extra: str) -> None:
         self.kill()

@@ -25,13 +25,13 @@ def test_everything_is_read() -> None:
         "REDIS_URL": "redis://10.0.0.5:6380/2", "HOST": "0.0.0.0", "REDIS_API_PORT": "9000", "APP_ENV": "Production",
         "SESSION_TTL_SECONDS": "60", "MAX_CONTENT_LENGTH": "2048", "CORS_ORIGINS": "https://a.example, http://b:1/",
         "LOG_LEVEL": "debug", "MEMORY_MAX_SESSIONS": "3", "MEMORY_MAX_BYTES": "4096", "REDIS_CONNECT_TIMEOUT": "0.5",
-        "REDIS_SOCKET_TIMEOUT": "2", "REDIS_RETRY_INTERVAL": "1.5", "REDIS_MAX_CONNECTIONS": "4",
+        "REDIS_SOCKET_TIMEOUT": "3", "REDIS_RETRY_INTERVAL": "1.5", "REDIS_MAX_CONNECTIONS": "4",
         "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "4", "TRUSTED_PROXY_HOPS": "1",
     }, dotenv_path=None)
     assert config == Config(
         redis_url="redis://10.0.0.5:6380/2", host="0.0.0.0", port=9000, app_env="production", session_ttl_seconds=60,
         max_content_length=2048, cors_origins=("https://a.example", "http://b:1"), log_level="DEBUG",
-        memory_max_sessions=3, memory_max_bytes=4096, redis_connect_timeout=0.5, redis_socket_timeout=2.0,
+        memory_max_sessions=3, memory_max_bytes=4096, redis_connect_timeout=0.5, redis_socket_timeout=3.0,
         redis_retry_interval=1.5, redis_max_connections=4, workers=2, threads=4, trusted_proxy_hops=1)
 
 

@@ -1,0 +1,226 @@
+"""Soak: concurrent 1 MB saves and latest reads against gunicorn while Redis is killed (-9) and restarted.
+
+    python bench/soak.py --duration 60          # the defaults: 8 clients, 2 outages of 3 s, 3 gunicorn workers
+
+It starts its own `redis-server` (AOF fsynced on every write, so what Redis acknowledged survives kill -9) and
+`gunicorn app:app` on free 127.0.0.1 ports, drives the clients for `--duration` seconds while a chaos thread
+kills and restarts Redis `--outages` times, then checks that every acknowledged timestamp reads back as the
+very session that was saved under it. It prints requests, errors by status, acknowledged, lost, duplicates and
+the slowest response during an outage; `--json` adds the same as one JSON line. Exit status 1 when anything
+acknowledged was lost or duplicated, or any request got a 5xx or no answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from chaos import PERSISTENT, tagged  # noqa: E402
+
+from servers import RedisServer, ServiceProcess, request, save_request  # noqa: E402
+
+INDEX_KEY = "storyart:sessions:index"
+
+
+@dataclass
+class Call:
+    kind: str  # "save" or "latest"
+    started: float  # time.monotonic()
+    elapsed: float
+    status: int  # 0: no answer (connection error, timeout)
+    timestamp: int | None = None
+    tag: str | None = None
+    storage: str | None = None
+
+
+@dataclass
+class Soak:
+    port: int
+    base: bytes
+    read_ratio: float
+    stop: threading.Event = field(default_factory=threading.Event)
+    calls: list[Call] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def client(self, number: int) -> None:
+        rng = random.Random(number)
+        sent = 0
+        while not self.stop.is_set():
+            if rng.random() < self.read_ratio:
+                kind, tag = "latest", None
+            else:
+                kind, tag = "save", f"c{number}-{sent}"
+                sent += 1
+            started = time.monotonic()
+            try:
+                if kind == "save":
+                    got = save_request(self.port, tagged(self.base, tag))
+                else:
+                    got = request(self.port, "GET", "/api/v1/session/latest")
+                status = got.status
+            except OSError:
+                got, status = None, 0
+            call = Call(kind, started, time.monotonic() - started, status, tag=tag)
+            if kind == "save" and status == 200:
+                answer = got.json()
+                call.timestamp, call.storage = answer["timestamp"], answer["storage"]
+            with self.lock:
+                self.calls.append(call)
+
+
+def chaos(redis_server: RedisServer, duration: float, outages: int, outage_seconds: float, t0: float,
+          stop: threading.Event, windows: list[tuple[float, float]]) -> None:
+    """Kill Redis (-9) `outages` times, evenly spread, and restart it on the same port and AOF."""
+    for k in range(outages):
+        at = t0 + duration * (k + 1) / (outages + 1) - outage_seconds / 2
+        if stop.wait(max(0.0, at - time.monotonic())):
+            return
+        down = time.monotonic()
+        redis_server.kill()
+        time.sleep(outage_seconds)
+        redis_server.start(*PERSISTENT)  # returns once it answers (after loading the AOF)
+        windows.append((down, time.monotonic()))
+
+
+def verify(port: int, acknowledged: list[Call], patience: float) -> list[Call]:
+    """The acknowledged saves that do not read back as themselves. A session still waiting in one worker's
+    memory for its write-back is only readable through that worker, so this keeps asking while the number
+    missing keeps falling, and gives up after `patience` seconds without progress."""
+    pending = list(acknowledged)
+    progressed = time.monotonic()
+    while True:
+        missing = []
+        for call in pending:
+            got = request(port, "GET", f"/api/v1/session/{call.timestamp}")
+            tail = b',"soakTag":"%s","timestamp":%d},"storage":' % (call.tag.encode(), call.timestamp)
+            if got.status != 200 or tail not in got.body[-200:]:
+                missing.append(call)
+        if len(missing) < len(pending):
+            progressed = time.monotonic()
+        if not missing or time.monotonic() - progressed > patience:
+            return missing
+        pending = missing
+        time.sleep(0.5)
+
+
+def run(args: argparse.Namespace) -> dict:
+    base = (ROOT / "tests" / "fixtures" / "session-1mb.json").read_bytes()
+    workdir = Path(tempfile.mkdtemp(prefix="storyart-soak-"))
+    redis_server = RedisServer(workdir / "redis").start(*PERSISTENT)
+    env = {"REDIS_URL": redis_server.url, "REDIS_RETRY_INTERVAL": str(args.retry_interval),
+           "WEB_CONCURRENCY": str(args.workers), "LOG_LEVEL": "INFO"}
+    service = ServiceProcess("gunicorn", env, workdir / "gunicorn.log")
+    windows: list[tuple[float, float]] = []
+    try:
+        service.start()
+        soak = Soak(service.port, base, args.read_ratio)
+        clients = [threading.Thread(target=soak.client, args=(n,)) for n in range(args.clients)]
+        t0 = time.monotonic()
+        breaker = threading.Thread(target=chaos, args=(redis_server, args.duration, args.outages,
+                                                       args.outage_seconds, t0, soak.stop, windows))
+        for thread in [*clients, breaker]:
+            thread.start()
+        soak.stop.wait(args.duration)
+        soak.stop.set()
+        for thread in [*clients, breaker]:
+            thread.join()
+        if redis_server.proc is None or redis_server.proc.poll() is not None:
+            redis_server.start(*PERSISTENT)
+
+        calls = soak.calls
+        acknowledged = [c for c in calls if c.kind == "save" and c.status == 200]
+        lost = verify(service.port, acknowledged, patience=args.retry_interval * 5 + 10)
+        stamps = Counter(c.timestamp for c in acknowledged)
+        in_redis = redis_server.client().zcard(INDEX_KEY)
+        during = [c for c in calls if any(c.started < end and c.started + c.elapsed > down
+                                          for down, end in windows)]
+        errors = Counter(str(c.status) if c.status else "no answer" for c in calls if c.status != 200)
+        result = {
+            "seconds": args.duration,
+            "clients": args.clients,
+            "workers": args.workers,
+            "outages": [round(end - down, 2) for down, end in windows],
+            "requests": len(calls),
+            "saves": sum(c.kind == "save" for c in calls),
+            "latest_reads": sum(c.kind == "latest" for c in calls),
+            "errors_by_status": dict(sorted(errors.items())),
+            "server_errors": sum(1 for c in calls if c.status >= 500 or c.status == 0),
+            "acknowledged": len(acknowledged),
+            "acknowledged_to_memory": sum(c.storage == "memory" for c in acknowledged),
+            "lost": len(lost),
+            "lost_examples": [f"{c.tag}@{c.timestamp}" for c in lost[:5]],
+            "timestamps_given_twice": sum(n - 1 for n in stamps.values() if n > 1),
+            "duplicates_in_redis": max(0, in_redis - len(acknowledged)),
+            "requests_during_outages": len(during),
+            "slowest_during_outage_s": round(max((c.elapsed for c in during), default=0.0), 3),
+            "over_1s_during_outages": sum(c.elapsed > 1 for c in during),
+            "slowest_s": round(max((c.elapsed for c in calls), default=0.0), 3),
+        }
+    finally:
+        service.stop()
+        redis_server.kill_all()
+    result["shutdown_log"] = [line for line in service.log().splitlines() if "shutdown:" in line]
+    if args.keep:
+        result["workdir"] = str(workdir)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)  # the AOF alone is about 1 GB a minute
+    return result
+
+
+def report(result: dict) -> str:
+    errors = ", ".join(f"{status}: {n}" for status, n in result["errors_by_status"].items()) or "none"
+    return "\n".join([
+        f"soak: {result['seconds']:g} s, {result['clients']} clients, gunicorn with {result['workers']} workers, "
+        f"Redis killed (-9) and restarted {len(result['outages'])} times (down {result['outages']} s)",
+        f"requests:     {result['requests']} ({result['saves']} saves of 1 MB, "
+        f"{result['latest_reads']} latest reads; {result['requests_during_outages']} during outages)",
+        f"errors:       {errors} (5xx or no answer: {result['server_errors']})",
+        f"acknowledged: {result['acknowledged']} ({result['acknowledged_to_memory']} of them to memory)",
+        f"lost:         {result['lost']} {result['lost_examples'] or ''}".rstrip(),
+        f"duplicates:   {result['duplicates_in_redis']} in Redis; "
+        f"timestamps given twice: {result['timestamps_given_twice']}",
+        f"slowest:      {result['slowest_during_outage_s']:.3f} s during an outage "
+        f"({result['over_1s_during_outages']} responses over 1 s), {result['slowest_s']:.3f} s overall",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    parser.add_argument("--outages", type=int, default=2, help="Redis kills and restarts (default 2)")
+    parser.add_argument("--outage-seconds", type=float, default=3.0, help="how long Redis stays dead (3)")
+    parser.add_argument("--read-ratio", type=float, default=0.5, help="share of latest reads (default 0.5)")
+    parser.add_argument("--workers", type=int, default=3, help="gunicorn workers (default 3)")
+    parser.add_argument("--retry-interval", type=float, default=1.0, help="REDIS_RETRY_INTERVAL (default 1)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (AOF, gunicorn log)")
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(report(result))
+    for line in result["shutdown_log"]:
+        print(f"gunicorn: {line}")
+    if "workdir" in result:
+        print(f"work directory: {result['workdir']}")
+    if args.json:
+        print(orjson.dumps(result).decode())
+    failed = result["lost"] or result["server_errors"] or result["duplicates_in_redis"] \
+        or result["timestamps_given_twice"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
