@@ -413,8 +413,9 @@ class RedisStore:
 
     SCAN_BATCH = 500  # summaries fetched per round trip when a list filters on them
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, probe: redis.Redis | None = None) -> None:
         self.client = client
+        self.probe = probe or client  # pings: answers within the connect timeout, or Redis counts as down
         self._save = client.register_script(_script(_SAVE))
         self._latest = client.register_script(_script(_LATEST))
         self._page = client.register_script(_script(_PAGE))
@@ -431,7 +432,9 @@ class RedisStore:
             socket_timeout=config.redis_socket_timeout,
             retry=Retry(NoBackoff(), 0),
         )
-        return cls(redis.Redis(connection_pool=pool))
+        probe = redis.Redis.from_url(config.redis_url, socket_connect_timeout=config.redis_connect_timeout,
+                                     socket_timeout=config.redis_connect_timeout, retry=Retry(NoBackoff(), 0))
+        return cls(redis.Redis(connection_pool=pool), probe)
 
     def save(self, draft: Draft, now: int, ttl_ms: int, write_back: str = "") -> int:
         """Store; `write_back` is "" for a client's save, else "identity" or "assigned" (see `_SAVE`)."""
@@ -503,11 +506,12 @@ class RedisStore:
         return bool(deleted[0])
 
     def ping(self) -> None:
-        self.client.ping()
+        self.probe.ping()
 
     def close(self) -> None:
-        self.client.close()
-        self.client.connection_pool.disconnect()
+        for client in {id(c): c for c in (self.client, self.probe)}.values():
+            client.close()
+            client.connection_pool.disconnect()
 
 
 # -------------------------------------------------------------------------------------------- failover

@@ -154,6 +154,21 @@ def test_a_frozen_redis_costs_one_request_less_than_the_browsers_fetch_timeout(s
     assert len(index_of(redis_server)) == 13
 
 
+def test_health_never_waits_on_a_frozen_redis_longer_than_the_connect_timeout(service, own_redis) -> None:
+    redis_server = own_redis()
+    server = service("app", REDIS_URL=redis_server.url, REDIS_CONNECT_TIMEOUT="0.5", REDIS_SOCKET_TIMEOUT="4")
+    assert health(server)["redis"] == "connected"
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        elapsed, got = timed(request, server.port, "GET", "/health")
+        assert got.json()["status"] == "degraded" and got.json()["redis"] == "disconnected"
+        assert elapsed < 0.5 + 1, elapsed
+        elapsed, got = timed(request, server.port, "GET", "/health/ready")
+        assert got.status == 503 and elapsed < 0.5
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+
+
 def test_sessions_saved_during_an_outage_are_written_back(service, own_redis) -> None:
     redis_server = own_redis(*PERSISTENT)
     ttl_ms = 600_000
