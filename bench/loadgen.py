@@ -8,17 +8,20 @@ silently averaged in.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from array import array
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -32,6 +35,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int = 0
+    cpu_ms: float = float("nan")  # CPU (user + system) per request of the target's own processes
 
     @property
     def rps(self) -> float:
@@ -257,7 +261,8 @@ def run_http(request: Request, clients: int, duration: float, generator: str) ->
 
 def run_redis_floor(url: str, op: str, key: str, value: bytes | None, clients: int, duration: float) -> Result:
     """The floor: raw redis-py GET (or SET) of the same bytes from `clients` threads of this process, one
-    pooled connection each; what a Python service could do at best with no HTTP around it."""
+    pooled connection each; what a Python service could do at best with no HTTP around it. Run it in a fresh
+    process (`floor_in_subprocess`) so nothing else lives in its heap or competes for its GIL."""
     pool = redis.BlockingConnectionPool.from_url(url, max_connections=clients, timeout=20)
     client = redis.Redis(connection_pool=pool)
     client.ping()
@@ -285,16 +290,57 @@ def run_redis_floor(url: str, op: str, key: str, value: bytes | None, clients: i
                 errors[index] += 1
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+    cpu_before = _cpu_seconds()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    cpu = _cpu_seconds() - cpu_before
     pool.disconnect()
     merged = array("d")
     for latencies in per_thread:
         merged.extend(latencies)
-    return summarize(merged, duration, sum(errors))
+    result = summarize(merged, duration, sum(errors))
+    return replace(result, cpu_ms=cpu * 1000 / max(1, result.requests))
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# glibc's allocator, told to keep buffers of up to 32 MB in the heap instead of mapping and unmapping (and
+# page-faulting) them on every 1 MB value: what gunicorn.conf.py does for the service's workers.
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024), "MALLOC_TRIM_THRESHOLD_": str(64 * 1024 * 1024)}
+
+
+def floor_in_subprocess(url: str, op: str, key: str, value: bytes | None, clients: int, duration: float,
+                        tuned_malloc: bool = False) -> Result:
+    """`run_redis_floor` in a fresh Python process (optionally with glibc's allocator tuned as the service's
+    workers are), so the floor is measured the same way every time, whatever this process holds."""
+    with tempfile.NamedTemporaryFile(prefix="storyart-floor-") as body:
+        body.write(value or b"")
+        body.flush()
+        env = {**os.environ, **(TUNED_MALLOC if tuned_malloc else {})}
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        args = [sys.executable, "-m", "bench.loadgen", url, op, key, body.name, str(clients), str(duration)]
+        done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=root, timeout=duration + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"the Redis floor failed: {done.stderr.strip()[-2000:]}")
+    return Result(**json.loads(done.stdout))
+
+
+def _floor_main(argv: list[str]) -> None:
+    url, op, key, body_path, clients, duration = argv
+    value = Path(body_path).read_bytes() if op == "set" else None
+    result = run_redis_floor(url, op, key, value, int(clients), float(duration))
+    print(json.dumps(asdict(result)))
 
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+if __name__ == "__main__":
+    _floor_main(sys.argv[1:])

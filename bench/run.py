@@ -34,7 +34,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,8 @@ from bench.loadgen import (  # noqa: E402
     Request,
     Result,
     cpu_count,
+    floor_in_subprocess,
     run_http,
-    run_redis_floor,
     wrk_path,
     wrk_version,
 )
@@ -67,8 +67,8 @@ SERVICE_VARIABLES = (
     "SESSION_TTL_SECONDS", "MEMORY_MAX_SESSIONS", "MEMORY_MAX_BYTES", "APP_ENV", "NODE_ENV", "LOG_LEVEL",
     "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_CMD_ARGS",
 )
-OURS, FLOOR = "storyart", "redis floor"
-DB_SERVICE, DB_PEER, DB_FLOOR, DB_SCALE_FEW, DB_SCALE_MANY = 0, 1, 15, 2, 3
+OURS, FLOOR, FLOOR_TUNED = "storyart", "redis floor", "floor, tuned malloc"
+DB_SERVICE, DB_PEER, DB_FLOOR, DB_SCALE_FEW, DB_SCALE_MANY, DB_VARIANTS = 0, 1, 15, 2, 3, 4
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -166,19 +166,19 @@ def service_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def start_service(stack: ExitStack, workdir: Path, name: str, redis_url: str | None,
-                  settings: dict[str, str]) -> tuple[str, Proc]:
+                  settings: dict[str, str], source: Path = ROOT) -> tuple[str, Proc]:
     """The service exactly as the README runs it in production: gunicorn reading gunicorn.conf.py."""
     port = free_port()
     env = service_env({"REDIS_API_PORT": str(port), **({"REDIS_URL": redis_url} if redis_url else {}), **settings})
     args = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"]
-    proc = Proc(name, args, workdir / f"{name}.log", cwd=ROOT, env=env)
+    proc = Proc(name, args, workdir / f"{name.replace('/', '_')}.log", cwd=source, env=env)
     stack.callback(proc.stop)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: proc.check() or answers(url), f"{name} on port {port}")
     return url, proc
 
 
-def start_peer(stack: ExitStack, workdir: Path, redis_url: str) -> tuple[str, str]:
+def start_peer(stack: ExitStack, workdir: Path, redis_url: str) -> tuple[str, str, int]:
     """The original design (../shared/peer-express), copied and `npm install`ed into a temporary folder."""
     if not (PEER_DIR / "peer.js").is_file():
         raise SystemExit(f"bench: --peer needs {PEER_DIR} (the shared peer-express folder beside this repository)")
@@ -203,7 +203,7 @@ def start_peer(stack: ExitStack, workdir: Path, redis_url: str) -> tuple[str, st
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: proc.check() or answers(url), f"peer-express on port {port}")
     version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
-    return url, f"peer-express (Express 4, node {version})"
+    return url, f"peer-express (Express 4, node {version})", proc.proc.pid
 
 
 def workers_of(proc: Proc) -> list[psutil.Process]:
@@ -272,8 +272,10 @@ WORKLOADS = (
 @dataclass
 class Target:
     name: str
-    url: str | None  # None: the Redis floor
+    url: str | None  # None: a Redis floor
     redis_db: int | None = None  # the database this target stores in, when the bench owns it (flushed)
+    pid: int | None = None  # its root process, when the bench started it: CPU per request is measured
+    tuned_malloc: bool = False  # for a floor: glibc's allocator tuned as the service's workers have it
 
 
 @dataclass
@@ -318,14 +320,31 @@ class Bench:
     def run_one(self, workload: Workload, target: Target, duration: float) -> Result:
         if target.url is None:
             if workload.floor_op == "get":
-                return run_redis_floor(self.redis_url(DB_SERVICE), "get", self.latest_key, None,
-                                       workload.clients, duration)
-            return run_redis_floor(self.redis_url(DB_FLOOR), "set", "bench:floor", self.fixtures[workload.fixture],
-                                   workload.clients, duration)
+                return floor_in_subprocess(self.redis_url(DB_SERVICE), "get", self.latest_key, None,
+                                           workload.clients, duration, target.tuned_malloc)
+            return floor_in_subprocess(self.redis_url(DB_FLOOR), "set", "bench:floor",
+                                       self.fixtures[workload.fixture], workload.clients, duration,
+                                       target.tuned_malloc)
         path = LATEST if workload.method == "GET" else SAVE
         body = self.fixtures[workload.fixture] if workload.method == "POST" else None
         request = Request(target.url + path, workload.method, body, BROWSER_HEADERS)
-        return run_http(request, workload.clients, duration, self.generator)
+        cpu_before = tree_cpu_seconds(target.pid)
+        result = run_http(request, workload.clients, duration, self.generator)
+        cpu = tree_cpu_seconds(target.pid) - cpu_before
+        return replace(result, cpu_ms=cpu * 1000 / max(1, result.requests))
+
+
+def tree_cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) of a process and all its children: a gunicorn master and its workers."""
+    if pid is None:
+        return float("nan")
+    total = 0.0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        with suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def check_latest(url: str, fixture: bytes) -> None:
@@ -459,7 +478,10 @@ def table(rows: list[list[str]], header: list[str], right: set[int]) -> str:
 def report(bench: Bench, compare: str | None, sampler: RssSampler | None, scaling: dict[str, Any] | None,
            context: list[str]) -> str:
     out = [*context, ""]
-    header = ["workload", "target", "req/s", "p50 ms", "p99 ms", "vs floor"]
+    tuned = any(t.name == FLOOR_TUNED for t in bench.targets)
+    header = ["workload", "target", "req/s", "p50 ms", "p99 ms", "cpu ms/req", "vs floor"]
+    if tuned:
+        header.append("vs tuned floor")
     if compare:
         header.append(f"vs {compare}")
     rows = []
@@ -471,13 +493,19 @@ def report(bench: Bench, compare: str | None, sampler: RssSampler | None, scalin
             failed = sum(r.errors for r in runs)
             row = [name if target is bench.targets[0] else "", target.name + (f" ({failed} failed)" if failed else ""),
                    fmt(median([r.rps for r in runs])), fmt(median([r.p50_ms for r in runs]), 2),
-                   fmt(median([r.p99_ms for r in runs]), 2),
-                   "" if target.name == FLOOR else f"{ratio_of(by_target, target.name, FLOOR):.2f}"]
+                   fmt(median([r.p99_ms for r in runs]), 2), fmt(median([r.cpu_ms for r in runs]), 2)]
+            others = [FLOOR, FLOOR_TUNED] if tuned else [FLOOR]
             if compare:
-                row.append("" if target.name == compare else f"{ratio_of(by_target, target.name, compare):.2f}x")
+                others.append(compare)
+            for other in others:
+                ratio = ratio_of(by_target, target.name, other)
+                row.append("" if target.name in (other, FLOOR, FLOOR_TUNED) or ratio != ratio else f"{ratio:.2f}")
             rows.append(row)
     out.append(table(rows, header, set(range(2, len(header)))))
-    out += ["", "req/s, p50, p99: medians over rounds; vs: median of the per-round ratios of req/s (same round)."]
+    out += ["", "req/s, p50, p99, cpu: medians over rounds. cpu ms/req: CPU time (user + system) of the target's own "
+            "processes per request (all gunicorn workers; node; the floor's client process), which the other "
+            "processes on the machine disturb far less than req/s. vs: median of the per-round ratios of req/s "
+            "(measured in the same round)."]
     out += ["", *verdicts(bench, compare)]
     if scaling:
         out += ["", f"Scaling: {scaling['few']} vs {scaling['many']} stored 10 KB sessions (Redis), "
@@ -551,11 +579,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default="", help="run only the workloads whose label contains this text")
     parser.add_argument("--scale", type=int, default=10_000, help="sessions stored for the scaling run (10 000)")
     parser.add_argument("--scale-clients", type=int, default=1, help="clients in the scaling run (default 1)")
+    parser.add_argument("--no-tuned-floor", action="store_true",
+                        help="skip the second floor (redis-py with glibc's allocator tuned like the workers)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the 10 vs 10 000 sessions run")
     parser.add_argument("--workers", type=int, help="WEB_CONCURRENCY for the service (default: documented 3)")
     parser.add_argument("--threads", type=int, help="GUNICORN_THREADS for the service (default: documented 1)")
     parser.add_argument("--set", action="append", default=[], metavar="VAR=VALUE",
                         help="another setting for the service (repeatable), e.g. --set LOG_LEVEL=WARNING")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME[@DIR]:VAR=VALUE,...",
+                        help="also measure another instance of the service, with other settings and/or from "
+                             "another checkout DIR (e.g. a git worktree of an older commit), alternating with the "
+                             "rest: an A/B test in one run (repeatable, up to 10)")
     parser.add_argument("--json", type=Path, help="write the results here too (default bench/results/<time>.json)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -568,6 +602,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.threads:
         env["GUNICORN_THREADS"] = str(args.threads)
     args.service_env = env
+    args.variants = []
+    for spec in args.variant[:10]:
+        name, _, settings = spec.partition(":")
+        name, _, source = name.partition("@")
+        pairs = dict(item.split("=", 1) for item in settings.split(",") if item)
+        args.variants.append((name, Path(source).resolve() if source else ROOT, pairs))
     return args
 
 
@@ -590,16 +630,23 @@ def main(argv: list[str] | None = None) -> int:
         url, service = start_service(stack, workdir, "storyart", redis_url, args.service_env)
         workers = workers_of(service)
         threads = int(args.service_env.get("GUNICORN_THREADS", "1"))
-        targets = [Target(OURS, url, DB_SERVICE)]
+        targets = [Target(OURS, url, DB_SERVICE, service.proc.pid)]
         compare = None
         if args.peer:
-            peer_url, peer_desc = start_peer(stack, workdir, f"redis://127.0.0.1:{redis_port}/{DB_PEER}")
+            peer_url, peer_desc, peer_pid = start_peer(stack, workdir, f"redis://127.0.0.1:{redis_port}/{DB_PEER}")
             compare = "peer-express"
-            targets.append(Target(compare, peer_url, DB_PEER))
+            targets.append(Target(compare, peer_url, DB_PEER, peer_pid))
         elif args.compare:
             compare = args.compare_name or args.compare
             targets.append(Target(compare, args.compare.rstrip("/")))
+        for number, (name, source, settings) in enumerate(args.variants):
+            db = DB_VARIANTS + number
+            variant_url, variant = start_service(stack, workdir, name, f"redis://127.0.0.1:{redis_port}/{db}",
+                                                 {**args.service_env, **settings}, source)
+            targets.append(Target(name, variant_url, db, variant.proc.pid))
         targets.append(Target(FLOOR, None))
+        if not args.no_tuned_floor:
+            targets.append(Target(FLOOR_TUNED, None, tuned_malloc=True))
         bench = Bench(args, redis_port, targets, generator, fixtures, service)
         gen_name = wrk_version() if generator == "wrk" else "the bench's multi-process socket generator"
         context = [
