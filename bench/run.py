@@ -206,6 +206,16 @@ def start_peer(stack: ExitStack, workdir: Path, redis_url: str) -> tuple[str, st
     return url, f"peer-express (Express 4, node {version})", proc.proc.pid
 
 
+def gunicorn_settings(redis_url: str, settings: dict[str, str]) -> tuple[int, int, str]:
+    """(workers, threads, worker class) as gunicorn.conf.py computes them for this environment."""
+    code = ("import runpy; ns = runpy.run_path('gunicorn.conf.py'); "
+            "print(ns['workers'], ns['threads'], ns['worker_class'])")
+    env = service_env({"REDIS_URL": redis_url, **settings})
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    workers, threads, worker_class = done.stdout.split()
+    return int(workers), int(threads), worker_class
+
+
 def workers_of(proc: Proc) -> list[psutil.Process]:
     return psutil.Process(proc.proc.pid).children()
 
@@ -216,7 +226,7 @@ class RssSampler:
     def __init__(self, proc: Proc, interval: float = 0.005) -> None:
         self.proc, self.interval = proc, interval
         self.peak_mb = 0.0
-        self.idle = 0.0
+        self.idle = self.warm = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -286,6 +296,7 @@ class Bench:
     generator: str
     fixtures: dict[str, bytes]
     service: Proc
+    gunicorn: tuple[int, int] = (0, 0)  # workers, threads per worker of the service as configured
     results: dict[str, dict[str, list[Result]]] = field(default_factory=dict)
     latest_key: str = ""
 
@@ -363,13 +374,15 @@ def label(workload: Workload) -> str:
 def run_rounds(bench: Bench, workloads: list[Workload]) -> RssSampler:
     args = bench.args
     sampler = RssSampler(bench.service)
-    log("warming up every target ...")
+    sampler.idle = sampler.idle_mb()  # before any session went through a worker
+    log("warming up every server ...")
     for workload in workloads[:2]:
         bench.prepare(workload)
         for target in bench.targets:
-            bench.run_one(workload, target, 1)
+            if target.url is not None:
+                bench.run_one(workload, target, min(1.0, args.duration))
         bench.cleanup(workload)
-    sampler.idle = sampler.idle_mb()
+    sampler.warm = sampler.idle_mb()
     for round_no in range(args.rounds):
         for workload in workloads:
             bench.prepare(workload)
@@ -521,11 +534,14 @@ def report(bench: Bench, compare: str | None, sampler: RssSampler | None, scalin
                                 "p50 ms", "ratio"], {1, 2, 3, 4, 5}))
     if sampler and sampler.peak_mb:
         body_mb = len(bench.fixtures["session-1mb.json"]) / 2**20
-        idle = sampler.idle
-        grown = sampler.peak_mb - idle
-        out += ["", f"Memory: peak RSS of a gunicorn worker under the save 1 MB load (8 clients; a sync worker has "
-                f"one request in flight): {sampler.peak_mb:.1f} MB, idle after warm-up {idle:.1f} MB, so "
-                f"{grown:.1f} MB above idle = {grown / body_mb:.1f} x the {body_mb:.2f} MB body in flight."]
+        workers, threads = bench.gunicorn
+        in_flight = min(threads, 8)
+        grown = sampler.peak_mb - sampler.idle
+        out += ["", f"Memory: peak RSS of one gunicorn worker under the save 1 MB load: {sampler.peak_mb:.1f} MB "
+                f"(sampled every 5 ms), idle before any session {sampler.idle:.1f} MB, after warm-up "
+                f"{sampler.warm:.1f} MB. Peak - idle = {grown:.1f} MB for at most {in_flight} request(s) in flight "
+                f"per worker ({workers} x {threads} thread(s)) = {grown / (in_flight * body_mb):.1f} x each "
+                f"{body_mb:.2f} MB body."]
     return "\n".join(out)
 
 
@@ -628,8 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         redis_port, redis_version = start_redis(stack, workdir)
         redis_url = f"redis://127.0.0.1:{redis_port}/{DB_SERVICE}"
         url, service = start_service(stack, workdir, "storyart", redis_url, args.service_env)
-        workers = workers_of(service)
-        threads = int(args.service_env.get("GUNICORN_THREADS", "1"))
+        workers, threads, worker_class = gunicorn_settings(redis_url, args.service_env)
         targets = [Target(OURS, url, DB_SERVICE, service.proc.pid)]
         compare = None
         if args.peer:
@@ -647,12 +662,12 @@ def main(argv: list[str] | None = None) -> int:
         targets.append(Target(FLOOR, None))
         if not args.no_tuned_floor:
             targets.append(Target(FLOOR_TUNED, None, tuned_malloc=True))
-        bench = Bench(args, redis_port, targets, generator, fixtures, service)
+        bench = Bench(args, redis_port, targets, generator, fixtures, service, (workers, threads))
         gen_name = wrk_version() if generator == "wrk" else "the bench's multi-process socket generator"
         context = [
             f"StoryArt session service benchmark, {time.strftime('%Y-%m-%d %H:%M')}: Python "
-            f"{platform.python_version()}, {redis_version} on loopback, gunicorn {len(workers)} "
-            f"{'sync' if threads == 1 else f'gthread x{threads}'} worker(s) (gunicorn.conf.py"
+            f"{platform.python_version()}, {redis_version} on loopback, gunicorn {workers} "
+            f"{worker_class}{f' x {threads} threads' if threads > 1 else ''} worker(s) (gunicorn.conf.py"
             f"{', ' + ' '.join(f'{k}={v}' for k, v in args.service_env.items()) if args.service_env else ''})"
             + (f", compared with {peer_desc}" if args.peer else f", compared with {compare}" if compare else ""),
             f"load: {gen_name}; {args.rounds} round(s) x {args.duration:g} s per run, targets alternating (order "
@@ -674,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         "scaling": None if scaling is None else {
             **scaling, "results": {n: {str(c): [asdict(r) for r in rs] for c, rs in by.items()}
                                    for n, by in scaling["results"].items()}},
-        "rss_mb": None if not sampler else {"idle": sampler.idle, "peak": sampler.peak_mb},
+        "rss_mb": None if not sampler else {"idle": sampler.idle, "warm": sampler.warm, "peak": sampler.peak_mb},
         "table": text,
     }, indent=1))
     log(f"results written to {out}")
