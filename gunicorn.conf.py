@@ -19,9 +19,11 @@ except ConfigError as _error:
 _host = f"[{_config.host}]" if ":" in _config.host else _config.host
 bind = [f"{_host}:{_config.port}"]
 
-# Measured on 2 cores (bench/): with Redis, 3 single-threaded workers serve 1 MB sessions best. Without
-# Redis every worker would hold its own in-memory store, so save-then-latest could hit different stores:
-# memory mode runs exactly one worker and uses threads for concurrency.
+# Measured on 2 cores (bench/run.py --variant): with Redis, 3 single-threaded sync workers serve 1 MB sessions
+# best (gthread's keep-alive saves 15-25% CPU per 10 KB request, but 1 MB saves cost 10-15% more CPU when
+# threads share a worker's GIL, and real sessions are ~1 MB). Without Redis every worker would hold its own
+# in-memory store, so save-then-latest could hit different stores: memory mode runs exactly one worker and
+# uses threads for concurrency.
 if _config.redis_configured:
     workers = _config.workers or 3
     threads = _config.threads or 1

@@ -571,6 +571,9 @@ def verdicts(bench: Bench, compare: str | None) -> list[str]:
                          f"{'met' if floor >= vs_floor else 'MISSED'})")
         else:
             parts.append(f"{floor:.0%} of the floor")
+        if FLOOR_TUNED in by_target:
+            tuned = ratio_of(by_target, OURS, FLOOR_TUNED)
+            parts.append(f"{tuned:.0%} of the tuned floor")
         lines.append(f"  {name:<24} " + "; ".join(parts))
     return lines
 
