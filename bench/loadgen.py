@@ -36,6 +36,7 @@ class Result:
     p99_ms: float
     errors: int = 0
     cpu_ms: float = float("nan")  # CPU (user + system) per request of the target's own processes
+    redis_ms: float = float("nan")  # CPU per request of the redis-server the bench started
 
     @property
     def rps(self) -> float:

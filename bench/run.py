@@ -140,7 +140,7 @@ class Proc:
         self._out.close()
 
 
-def start_redis(stack: ExitStack, workdir: Path) -> tuple[int, str]:
+def start_redis(stack: ExitStack, workdir: Path) -> tuple[int, str, int]:
     port = free_port()
     binary = redis_server_binary()
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -157,7 +157,7 @@ def start_redis(stack: ExitStack, workdir: Path) -> tuple[int, str]:
 
     wait_for(up, f"redis-server on port {port}")
     version = redis.Redis(port=port).info("server")["redis_version"]
-    return port, f"Redis {version}"
+    return port, f"Redis {version}", proc.proc.pid
 
 
 def service_env(extra: dict[str, str]) -> dict[str, str]:
@@ -297,6 +297,7 @@ class Bench:
     fixtures: dict[str, bytes]
     service: Proc
     gunicorn: tuple[int, int] = (0, 0)  # workers, threads per worker of the service as configured
+    redis_pid: int | None = None
     results: dict[str, dict[str, list[Result]]] = field(default_factory=dict)
     latest_key: str = ""
 
@@ -329,6 +330,12 @@ class Bench:
                 self.redis(target.redis_db).flushdb()
 
     def run_one(self, workload: Workload, target: Target, duration: float) -> Result:
+        redis_before = tree_cpu_seconds(self.redis_pid)
+        result = self._run_one(workload, target, duration)
+        redis_cpu = tree_cpu_seconds(self.redis_pid) - redis_before
+        return replace(result, redis_ms=redis_cpu * 1000 / max(1, result.requests))
+
+    def _run_one(self, workload: Workload, target: Target, duration: float) -> Result:
         if target.url is None:
             if workload.floor_op == "get":
                 return floor_in_subprocess(self.redis_url(DB_SERVICE), "get", self.latest_key, None,
@@ -492,7 +499,7 @@ def report(bench: Bench, compare: str | None, sampler: RssSampler | None, scalin
            context: list[str]) -> str:
     out = [*context, ""]
     tuned = any(t.name == FLOOR_TUNED for t in bench.targets)
-    header = ["workload", "target", "req/s", "p50 ms", "p99 ms", "cpu ms/req", "vs floor"]
+    header = ["workload", "target", "req/s", "p50 ms", "p99 ms", "cpu ms/req", "redis ms/req", "vs floor"]
     if tuned:
         header.append("vs tuned floor")
     if compare:
@@ -506,7 +513,8 @@ def report(bench: Bench, compare: str | None, sampler: RssSampler | None, scalin
             failed = sum(r.errors for r in runs)
             row = [name if target is bench.targets[0] else "", target.name + (f" ({failed} failed)" if failed else ""),
                    fmt(median([r.rps for r in runs])), fmt(median([r.p50_ms for r in runs]), 2),
-                   fmt(median([r.p99_ms for r in runs]), 2), fmt(median([r.cpu_ms for r in runs]), 2)]
+                   fmt(median([r.p99_ms for r in runs]), 2), fmt(median([r.cpu_ms for r in runs]), 2),
+                   fmt(median([r.redis_ms for r in runs]), 2)]
             others = [FLOOR, FLOOR_TUNED] if tuned else [FLOOR]
             if compare:
                 others.append(compare)
@@ -515,10 +523,11 @@ def report(bench: Bench, compare: str | None, sampler: RssSampler | None, scalin
                 row.append("" if target.name in (other, FLOOR, FLOOR_TUNED) or ratio != ratio else f"{ratio:.2f}")
             rows.append(row)
     out.append(table(rows, header, set(range(2, len(header)))))
-    out += ["", "req/s, p50, p99, cpu: medians over rounds. cpu ms/req: CPU time (user + system) of the target's own "
-            "processes per request (all gunicorn workers; node; the floor's client process), which the other "
-            "processes on the machine disturb far less than req/s. vs: median of the per-round ratios of req/s "
-            "(measured in the same round)."]
+    out += ["",
+            "req/s, p50, p99, cpu: medians over rounds. vs: median of the per-round ratios of req/s (same round).",
+            "cpu ms/req: CPU time (user + system) per request of the target's own processes (all gunicorn workers;",
+            "node; the floor's client process); redis ms/req: the same for redis-server. Other processes on the",
+            "machine disturb CPU per request far less than req/s."]
     out += ["", *verdicts(bench, compare)]
     if scaling:
         out += ["", f"Scaling: {scaling['few']} vs {scaling['many']} stored 10 KB sessions (Redis), "
@@ -644,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="storyart-bench-") as tmp:
         workdir = Path(tmp)
-        redis_port, redis_version = start_redis(stack, workdir)
+        redis_port, redis_version, redis_pid = start_redis(stack, workdir)
         redis_url = f"redis://127.0.0.1:{redis_port}/{DB_SERVICE}"
         url, service = start_service(stack, workdir, "storyart", redis_url, args.service_env)
         workers, threads, worker_class = gunicorn_settings(redis_url, args.service_env)
@@ -665,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         targets.append(Target(FLOOR, None))
         if not args.no_tuned_floor:
             targets.append(Target(FLOOR_TUNED, None, tuned_malloc=True))
-        bench = Bench(args, redis_port, targets, generator, fixtures, service, (workers, threads))
+        bench = Bench(args, redis_port, targets, generator, fixtures, service, (workers, threads), redis_pid)
         gen_name = wrk_version() if generator == "wrk" else "the bench's multi-process socket generator"
         context = [
             f"StoryArt session service benchmark, {time.strftime('%Y-%m-%d %H:%M')}: Python "
