@@ -178,16 +178,16 @@ def start_service(stack: ExitStack, workdir: Path, name: str, redis_url: str | N
     return url, proc
 
 
-def start_peer(stack: ExitStack, workdir: Path, redis_url: str) -> tuple[str, str, int]:
+def start_peer(stack: ExitStack, workdir: Path, redis_url: str, source: Path) -> tuple[str, str, int]:
     """The original design (../shared/peer-express), copied and `npm install`ed into a temporary folder."""
-    if not (PEER_DIR / "peer.js").is_file():
-        raise SystemExit(f"bench: --peer needs {PEER_DIR} (the shared peer-express folder beside this repository)")
+    if not (source / "peer.js").is_file():
+        raise SystemExit(f"bench: --peer needs {source}/peer.js (the shared peer-express folder; see --peer-dir)")
     node, npm = shutil.which("node"), shutil.which("npm")
     if not (node and npm):
         raise SystemExit("bench: --peer needs node and npm on PATH")
     peer_dir = workdir / "peer-express"
     peer_dir.mkdir()
-    for item in PEER_DIR.iterdir():
+    for item in source.iterdir():
         if item.is_file():
             shutil.copy2(item, peer_dir / item.name)
     log(f"installing peer-express dependencies (npm install in {peer_dir}) ...")
@@ -441,15 +441,15 @@ def run_scaling(bench: Bench, stack: ExitStack, workdir: Path) -> dict[str, Any]
         began = time.perf_counter()
         stamps = fill(client, count, fixture)
         log(f"scaling: stored {count} sessions of 10 KB in {time.perf_counter() - began:.1f}s")
-        url, _ = start_service(stack, workdir, f"storyart-{count}", bench.redis_url(db), bench.args.service_env)
-        setups[count] = (url, stamps[len(stamps) // 2])
+        url, proc = start_service(stack, workdir, f"storyart-{count}", bench.redis_url(db), bench.args.service_env)
+        setups[count] = (url, stamps[len(stamps) // 2], proc.proc.pid)
     endpoints = {
         "latest": lambda url, ts: url + LATEST,
         "get by timestamp": lambda url, ts: f"{url}/api/v1/session/{ts}",
         f"list page (limit {few})": lambda url, ts: f"{url}{LIST}?limit={few}&offset=0",
     }
     for name, make in endpoints.items():  # warm-up, and prove each answers
-        for count, (url, ts) in setups.items():
+        for count, (url, ts, _) in setups.items():
             status, _ = http("GET", make(url, ts))
             if status != 200:
                 raise RuntimeError(f"scaling: {name} with {count} sessions answered {status}")
@@ -459,9 +459,13 @@ def run_scaling(bench: Bench, stack: ExitStack, workdir: Path) -> dict[str, Any]
         for name, make in endpoints.items():
             counts = [few, many] if round_no % 2 == 0 else [many, few]
             for count in counts:
-                url, ts = setups[count]
+                url, ts, pid = setups[count]
+                cpu_before, redis_before = tree_cpu_seconds(pid), tree_cpu_seconds(bench.redis_pid)
                 result = run_http(Request(make(url, ts), "GET", None, BROWSER_HEADERS), args.scale_clients,
                                   duration, bench.generator)
+                done = max(1, result.requests)
+                result = replace(result, cpu_ms=(tree_cpu_seconds(pid) - cpu_before) * 1000 / done,
+                                 redis_ms=(tree_cpu_seconds(bench.redis_pid) - redis_before) * 1000 / done)
                 results.setdefault(name, {}).setdefault(count, []).append(result)
                 log(f"round {round_no + 1}/{args.rounds}  scaling {name:<22} {count:>6} sessions "
                     f"{result.rps:9.1f} req/s  p50 {result.p50_ms:8.2f} ms{'  FAILED' if result.errors else ''}")
@@ -535,12 +539,19 @@ def report(bench: Bench, compare: str | None, sampler: RssSampler | None, scalin
                 f"{scaling['few']} (<= 1.20 wanted)"]
         rows = []
         for name, by_count in scaling["results"].items():
-            few, many = by_count[scaling["few"]], by_count[scaling["many"]]
-            p50_few, p50_many = median([r.p50_ms for r in few]), median([r.p50_ms for r in many])
-            rows.append([name, fmt(median([r.rps for r in few])), fmt(p50_few, 2), fmt(median([r.rps for r in many])),
-                         fmt(p50_many, 2), f"{p50_many / p50_few:.2f}"])
-        out.append(table(rows, ["endpoint", f"{scaling['few']}: req/s", "p50 ms", f"{scaling['many']}: req/s",
-                                "p50 ms", "ratio"], {1, 2, 3, 4, 5}))
+            row, p50s, cpus = [name], [], []
+            for count in (scaling["few"], scaling["many"]):
+                runs = by_count[count]
+                p50s.append(median([r.p50_ms for r in runs]))
+                cpus.append(median([r.cpu_ms + r.redis_ms for r in runs]))
+                row += [fmt(median([r.rps for r in runs])), fmt(p50s[-1], 2), fmt(median([r.cpu_ms for r in runs]), 2),
+                        fmt(median([r.redis_ms for r in runs]), 2)]
+            rows.append([*row, f"{p50s[1] / p50s[0]:.2f}", f"{cpus[1] / cpus[0]:.2f}"])
+        few, many = scaling["few"], scaling["many"]
+        out.append(table(rows, ["endpoint", f"{few}: req/s", "p50 ms", "cpu ms", "redis ms", f"{many}: req/s",
+                                "p50 ms", "cpu ms", "redis ms", "p50 ratio", "cpu ratio"], set(range(1, 11))))
+        out.append("cpu ms, redis ms: CPU per request of the service's workers and of redis-server; cpu ratio: "
+                   "their sum with many / with few.")
     if sampler and sampler.peak_mb:
         body_mb = len(bench.fixtures["session-1mb.json"]) / 2**20
         workers, threads = bench.gunicorn
@@ -597,6 +608,8 @@ def log(message: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="bench/run.py")
     parser.add_argument("--peer", action="store_true", help="start ../shared/peer-express and compare with it")
+    parser.add_argument("--peer-dir", type=Path, default=PEER_DIR,
+                        help=f"where peer-express lives (default {PEER_DIR})")
     parser.add_argument("--compare", metavar="URL", help="also measure the server at URL (saves add sessions to it)")
     parser.add_argument("--compare-name", default=None, help="its name in the table (default: the URL)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run (default 5)")
@@ -660,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
         targets = [Target(OURS, url, DB_SERVICE, service.proc.pid)]
         compare = None
         if args.peer:
-            peer_url, peer_desc, peer_pid = start_peer(stack, workdir, f"redis://127.0.0.1:{redis_port}/{DB_PEER}")
+            peer_url, peer_desc, peer_pid = start_peer(stack, workdir, f"redis://127.0.0.1:{redis_port}/{DB_PEER}",
+                                                       args.peer_dir)
             compare = "peer-express"
             targets.append(Target(compare, peer_url, DB_PEER, peer_pid))
         elif args.compare:
