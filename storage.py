@@ -17,6 +17,7 @@ without parsing them.
 from __future__ import annotations
 
 import bisect
+import heapq
 import logging
 import threading
 import time
@@ -92,6 +93,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._entries: dict[int, _Entry] = {}
         self._order: list[int] = []  # timestamps, ascending
+        self._expiry: list[tuple[int, int]] = []  # heap of (expires_at, timestamp); replaced pairs are skipped
         self._bytes = 0
         self._last_assigned = 0
         self.configure(max_sessions, max_bytes, evict)
@@ -103,6 +105,7 @@ class MemoryStore:
         with self._lock:
             self._entries.clear()
             self._order.clear()
+            self._expiry.clear()
             self._bytes = 0
 
     def __len__(self) -> int:
@@ -144,6 +147,7 @@ class MemoryStore:
             bisect.insort(self._order, timestamp)
         self._entries[timestamp] = _Entry(body, expires_at)
         self._bytes += len(body)
+        heapq.heappush(self._expiry, (expires_at, timestamp))
 
     def _make_room(self, extra_bytes: int, extra_count: int) -> None:
         if extra_bytes > self.max_bytes:
@@ -162,9 +166,16 @@ class MemoryStore:
         log.warning("memory store full: evicted the %d oldest session(s)", evicted)
 
     def _purge_expired(self, now: int) -> None:
-        expired = [ts for ts, entry in self._entries.items() if entry.expires_at <= now]
-        for timestamp in expired:
-            self._drop(timestamp)
+        """Drop what has expired: only the due end of the expiry heap is looked at, never every session."""
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            expires_at, timestamp = heapq.heappop(heap)
+            entry = self._entries.get(timestamp)
+            if entry is not None and entry.expires_at == expires_at:
+                self._drop(timestamp)
+        if len(heap) > 2 * len(self._entries) + 64:  # pairs of replaced or removed sessions: rebuild, amortized
+            self._expiry = [(entry.expires_at, ts) for ts, entry in self._entries.items()]
+            heapq.heapify(self._expiry)
 
     def _drop(self, timestamp: int) -> _Entry | None:
         entry = self._entries.pop(timestamp, None)
@@ -193,7 +204,8 @@ class MemoryStore:
         now = now_ms()
         with self._lock:
             self._purge_expired(now)
-            chosen = self._order[::-1][offset : offset + limit]
+            stop = max(0, len(self._order) - offset)
+            chosen = self._order[max(0, stop - limit) : stop][::-1]  # newest first, without copying the rest
             return len(self._order), [Stored(ts, self._entries[ts].body, "memory") for ts in chosen]
 
     def delete(self, timestamp: int) -> bool:
