@@ -5,6 +5,7 @@ line before any worker starts, and the bind address is always HOST:REDIS_API_POR
 never 0.0.0.0 by accident.
 """
 
+import ctypes
 import sys
 
 import orjson
@@ -21,9 +22,11 @@ except ConfigError as _error:
 _host = f"[{_config.host}]" if ":" in _config.host else _config.host
 bind = [f"{_host}:{_config.port}"]
 
-# Measured on 2 cores (bench/): with Redis, 3 single-threaded workers serve 1 MB sessions best. Without
-# Redis every worker would hold its own in-memory store, so save-then-latest could hit different stores:
-# memory mode runs exactly one worker and uses threads for concurrency.
+# Measured on 2 cores (bench/run.py --variant): with Redis, 3 single-threaded sync workers serve 1 MB sessions
+# best (gthread's keep-alive saves 15-25% CPU per 10 KB request, but 1 MB saves cost 10-15% more CPU when
+# threads share a worker's GIL, and real sessions are ~1 MB). Without Redis every worker would hold its own
+# in-memory store, so save-then-latest could hit different stores: memory mode runs exactly one worker and
+# uses threads for concurrency.
 if _config.redis_configured:
     workers = _config.workers or 3
     threads = _config.threads or 1
@@ -63,6 +66,26 @@ def _write_json_error(sock, status_int, reason, mesg):
 
 
 util.write_error = _write_json_error  # workers call util.write_error(...) at the time of the error
+
+
+def _keep_session_buffers_in_the_heap():
+    """glibc gives an allocation above its (dynamic, 128 KB-32 MB) mmap threshold fresh pages from the kernel and
+    hands them back on free, so every 1 MB session read page-faulted ~150-900 fresh pages: about 1 ms of CPU per
+    request, more than the JSON work. Serve buffers up to 32 MB from the heap instead (orjson's parser reserves
+    ~8x the body, 24 MB for a 3 MB session, of which it touches what it uses), and give free heap back to the
+    kernel only beyond 64 MB. Set in the master before it forks, so every worker inherits it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+    mallopt(m_trim_threshold, 64 * 1024 * 1024)
+
+
+_keep_session_buffers_in_the_heap()
 
 
 def worker_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature

@@ -17,6 +17,7 @@ without parsing them.
 from __future__ import annotations
 
 import bisect
+import heapq
 import logging
 import os
 import tempfile
@@ -166,6 +167,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._entries: dict[int, _Entry] = {}
         self._order: list[int] = []  # timestamps, ascending
+        self._expiry: list[tuple[int, int]] = []  # heap of (expires_at, timestamp); replaced pairs are skipped
         self._bytes = 0
         self._last_assigned = 0
         self.clock: SharedClock | None = None  # set before forking workers that assign timestamps too
@@ -178,6 +180,7 @@ class MemoryStore:
         with self._lock:
             self._entries.clear()
             self._order.clear()
+            self._expiry.clear()
             self._bytes = 0
 
     def __len__(self) -> int:
@@ -217,6 +220,7 @@ class MemoryStore:
         bisect.insort(self._order, timestamp)
         self._entries[timestamp] = entry
         self._bytes += len(entry.body)
+        heapq.heappush(self._expiry, (entry.expires_at, timestamp))
 
     def _make_room(self, entry: _Entry, timestamp: int, freed: int, added: int) -> None:
         if len(entry.body) > self.max_bytes:
@@ -239,9 +243,16 @@ class MemoryStore:
         log.warning("memory store full: evicted the %d oldest session(s)", len(victims))
 
     def _purge_expired(self, now: int) -> None:
-        expired = [ts for ts, entry in self._entries.items() if entry.expires_at <= now]
-        for timestamp in expired:
-            self._drop(timestamp)
+        """Drop what has expired: only the due end of the expiry heap is looked at, never every session."""
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            expires_at, timestamp = heapq.heappop(heap)
+            entry = self._entries.get(timestamp)
+            if entry is not None and entry.expires_at == expires_at:
+                self._drop(timestamp)
+        if len(heap) > 2 * len(self._entries) + 64:  # pairs of replaced or removed sessions: rebuild, amortized
+            self._expiry = [(entry.expires_at, ts) for ts, entry in self._entries.items()]
+            heapq.heapify(self._expiry)
 
     def _drop(self, timestamp: int) -> _Entry | None:
         entry = self._entries.pop(timestamp, None)
@@ -274,12 +285,17 @@ class MemoryStore:
         """(how many match, up to `query.limit` of them newest first after `query.offset`)."""
         with self._lock:
             self._purge_expired(now_ms())
-            chosen = [ts for ts in reversed(self._order) if query.in_range(ts)]
+            low = bisect.bisect_left(self._order, query.low)
+            high = bisect.bisect_right(self._order, query.high)
             if query.filters_summaries:
-                chosen = [ts for ts in chosen if query.matches(orjson.loads(self._entries[ts].summary))]
-            page = chosen[query.offset : query.offset + query.limit]
+                chosen = [ts for ts in reversed(self._order[low:high])
+                          if query.matches(orjson.loads(self._entries[ts].summary))]
+                total, page = len(chosen), chosen[query.offset : query.offset + query.limit]
+            else:  # an index slice, newest first, without copying the rest
+                stop = max(low, high - query.offset)
+                total, page = high - low, self._order[max(low, stop - query.limit) : stop][::-1]
             rows = [(ts, self._entries[ts]) for ts in page]
-        return len(chosen), [Stored(ts, e.summary if summaries else e.body, "memory", e.summary) for ts, e in rows]
+        return total, [Stored(ts, e.summary if summaries else e.body, "memory", e.summary) for ts, e in rows]
 
     def delete(self, timestamp: int) -> bool:
         with self._lock:

@@ -222,6 +222,30 @@ def test_memory_store_honours_the_ttl() -> None:
     assert len(memory) == 2  # the expired one was purged, not just hidden
 
 
+def test_memory_store_expiry_follows_the_latest_save_of_a_timestamp() -> None:
+    memory = MemoryStore()
+    now = now_ms()
+    ts = memory.save(draft("first"), now, ttl_ms=100)
+    memory.save(draft("again", timestamp=ts), now, ttl_ms=60_000)  # re-sync: the TTL starts again
+    memory.save(draft("short"), now, ttl_ms=100)
+    time.sleep(0.2)
+    memory.save(draft("trigger"), now_ms(), 60_000)
+    assert memory.get(ts) is not None and len(memory) == 2
+    for _ in range(300):  # replacing the same session many times keeps its bookkeeping bounded
+        memory.save(draft("again", timestamp=ts), now_ms(), 60_000)
+    assert len(memory._expiry) <= 2 * len(memory) + 65
+
+
+def test_memory_store_pages_newest_first_at_any_offset() -> None:
+    memory = MemoryStore(max_sessions=1000, max_bytes=10**8)
+    now = now_ms()
+    stamps = [memory.save(draft(f"s{i}"), now, 60_000) for i in range(50)]
+    newest_first = stamps[::-1]
+    for offset, limit in ((0, 20), (15, 20), (45, 20), (49, 1), (50, 5), (500, 5)):
+        total, rows = memory.page(Query(offset=offset, limit=limit))
+        assert total == 50 and [r.timestamp for r in rows] == newest_first[offset : offset + limit]
+
+
 def test_memory_store_is_thread_safe() -> None:
     memory = MemoryStore(max_sessions=10_000, max_bytes=10**8)
     now = now_ms()
