@@ -190,24 +190,38 @@ class MemoryStore:
     def nbytes(self) -> int:
         return self._bytes
 
-    @property
-    def last_assigned(self) -> int:
-        return self._last_assigned
-
-    def save(self, draft: Draft, now: int, ttl_ms: int) -> int:
-        """Store `draft` and return its timestamp: the requested one, or a fresh one unique in this process."""
+    def save(self, draft: Draft, now: int, ttl_ms: int, reserved: int | None = None) -> int:
+        """Store `draft` and return its timestamp: the requested one, else `reserved` (see `reserve`), else a
+        fresh one unique in this process."""
         with self._lock:
             timestamp = draft.timestamp
             if timestamp is None:
-                timestamp = max(now, self._last_assigned + 1)
-                if self.clock is not None:
-                    timestamp = self.clock.next(timestamp)
+                timestamp = reserved if reserved is not None else self._next_timestamp(now)
                 while timestamp in self._entries:
-                    timestamp = timestamp + 1 if self.clock is None else self.clock.next(timestamp + 1)
-                self._last_assigned = timestamp
+                    timestamp = self._next_timestamp(timestamp + 1)
             entry = _Entry(draft.render(timestamp), draft.summary, now + ttl_ms, draft.timestamp is None)
             self._put(timestamp, entry, now)
             return timestamp
+
+    def _next_timestamp(self, wanted: int) -> int:
+        timestamp = max(wanted, self._last_assigned + 1)
+        if self.clock is not None:
+            timestamp = self.clock.next(timestamp)
+        self._last_assigned = timestamp
+        return timestamp
+
+    def reserve(self, now: int) -> int:
+        """A timestamp greater than any this process (and, with a shared clock, its sibling workers) has
+        given, whichever store it went to: Redis starts its own choice there, so a session written back
+        later from memory never meets a session Redis numbered the same."""
+        with self._lock:
+            return self._next_timestamp(now)
+
+    def observe(self, timestamp: int) -> None:
+        """Redis gave `timestamp`: never give it (or anything before it) again from memory."""
+        with self._lock:
+            if timestamp > self._last_assigned:
+                self._next_timestamp(timestamp)
 
     def _put(self, timestamp: int, entry: _Entry, now: int) -> None:
         """Insert or replace; room is made (or refused) before anything changes, so a failed replace keeps
@@ -577,17 +591,23 @@ class SessionStorage:
 
     def save(self, draft: Draft) -> tuple[int, str]:
         """Store and return (timestamp, where). Raises `StorageFull` when it fits nowhere."""
-        now = max(now_ms(), self.memory.last_assigned + 1)
+        now, reserved = now_ms(), None
         if self._use_redis() and not self._writes_refused:
+            start = self.memory.reserve(now) if draft.timestamp is None else now
             try:
-                timestamp = self.redis.save(draft, now, self.ttl_ms)
+                timestamp = self.redis.save(draft, start, self.ttl_ms)
             except redis.RedisError as error:
                 self._redis_failed(error)
+                # Redis may still apply a save it timed out on, under the timestamp reserved for it: memory
+                # keeps the same one, so the write-back finds the same bytes and nothing is stored twice.
+                reserved = start if draft.timestamp is None else None
             else:
+                if timestamp != start:
+                    self.memory.observe(timestamp)
                 if draft.timestamp is not None and len(self.memory):
                     self.memory.delete(draft.timestamp)  # an older memory copy must not be written back later
                 return timestamp, "redis"
-        timestamp = self.memory.save(draft, now, self.ttl_ms)
+        timestamp = self.memory.save(draft, now, self.ttl_ms, reserved)
         if self.redis is not None:
             self._start_worker()
         return timestamp, "memory"

@@ -371,3 +371,24 @@ def test_a_delete_during_write_back_is_not_undone(redis_server, redis_db) -> Non
     assert sessions.get(doomed) is None and not redis_db.exists(f"storyart:session:{doomed}")
     assert sessions.get(kept).storage == "redis"
     sessions.close()
+
+
+def test_a_timestamp_redis_assigned_is_never_assigned_again_from_memory(redis_server, redis_db) -> None:
+    """Saves to Redis, then Redis goes away within the same millisecond: memory must not reuse the number
+    (write-back would then find another session under it; found by the soak)."""
+    import storage as storage_module
+
+    config = dataclasses.replace(Config(), redis_url=redis_server.url, redis_retry_interval=60)
+    memory = MemoryStore(evict=False)
+    sessions = storage_module.SessionStorage(memory, RedisStore.from_config(config), 600, 60)
+    frozen = now_ms() + 60_000  # every save below happens "in the same millisecond"
+    storage_module.now_ms, real_now = (lambda: frozen), storage_module.now_ms
+    try:
+        in_redis = [sessions.save(draft(f"r{i}"))[0] for i in range(3)]
+        redis_server.kill()
+        in_memory = [sessions.save(draft(f"m{i}"))[0] for i in range(3)]
+    finally:
+        storage_module.now_ms = real_now
+        redis_server.start()
+    assert len(set(in_redis + in_memory)) == 6 and min(in_memory) > max(in_redis)
+    sessions.close()
