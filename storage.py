@@ -217,12 +217,6 @@ class MemoryStore:
         with self._lock:
             return self._next_timestamp(now)
 
-    def observe(self, timestamp: int) -> None:
-        """Redis gave `timestamp`: never give it (or anything before it) again from memory."""
-        with self._lock:
-            if timestamp > self._last_assigned:
-                self._next_timestamp(timestamp)
-
     def _put(self, timestamp: int, entry: _Entry, now: int) -> None:
         """Insert or replace; room is made (or refused) before anything changes, so a failed replace keeps
         the old copy."""
@@ -356,11 +350,12 @@ end
 """
 
 # Save (and write back) one session atomically. KEYS: index, expiry, clock. ARGV: head, requested timestamp
-# or "", now in ms, TTL in ms, write-back mode, summary JSON. Returns the timestamp, or 0 when a write-back
-# was superseded. A save replaces whatever holds its timestamp. A write-back meeting a *different* session
-# there: if its timestamp was the client's ("identity"), the copy acknowledged later wins (the later
-# expiry); if the service assigned it ("assigned": two processes chose the same millisecond), both are kept
-# and the written-back one takes a fresh timestamp.
+# or "", now in ms, TTL in ms, write-back mode, summary JSON, "exact" (assign exactly `now`, a timestamp the
+# caller reserved, or return 0 if a session holds it). Returns the timestamp, or 0 when a write-back was
+# superseded or an exact timestamp is taken. A save replaces whatever holds its timestamp. A write-back
+# meeting a *different* session there: if its timestamp was the client's ("identity"), the copy acknowledged
+# later wins (the later expiry); if the service assigned it ("assigned": two processes chose the same
+# millisecond), both are kept and the written-back one takes a fresh timestamp.
 _SAVE = _PRUNE + """
 local function fmt(n) return string.format('%d', n) end
 local head, now, ttl = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -375,7 +370,11 @@ if ts and ARGV[5] ~= '' then
     end
   end
 end
-if not ts then
+if not ts and ARGV[7] == 'exact' then
+  if redis.call('EXISTS', '{SESSION}' .. fmt(now)) == 1 then return 0 end
+  ts = now
+  if ts > tonumber(redis.call('GET', KEYS[3]) or '0') then redis.call('SET', KEYS[3], fmt(ts)) end
+elseif not ts then
   ts = math.max(now, tonumber(redis.call('GET', KEYS[3]) or '0') + 1)
   while redis.call('EXISTS', '{SESSION}' .. fmt(ts)) == 1 do ts = ts + 1 end
   redis.call('SET', KEYS[3], fmt(ts))
@@ -466,10 +465,11 @@ class RedisStore:
                                      socket_timeout=config.redis_connect_timeout, retry=Retry(NoBackoff(), 0))
         return cls(redis.Redis(connection_pool=pool), probe)
 
-    def save(self, draft: Draft, now: int, ttl_ms: int, write_back: str = "") -> int:
-        """Store; `write_back` is "" for a client's save, else "identity" or "assigned" (see `_SAVE`)."""
+    def save(self, draft: Draft, now: int, ttl_ms: int, write_back: str = "", exact: bool = False) -> int:
+        """Store; `write_back` is "" for a client's save, else "identity" or "assigned"; `exact`: `now` is a
+        reserved timestamp to use as is (0 back if taken). See `_SAVE`."""
         requested = "" if draft.timestamp is None else str(draft.timestamp)
-        args = (draft.head, requested, now, ttl_ms, write_back, draft.summary)
+        args = (draft.head, requested, now, ttl_ms, write_back, draft.summary, "exact" if exact else "")
         return int(self._save(keys=(INDEX_KEY, EXPIRY_KEY, CLOCK_KEY), args=args))
 
     def get(self, timestamp: int) -> Stored | None:
@@ -593,17 +593,19 @@ class SessionStorage:
         """Store and return (timestamp, where). Raises `StorageFull` when it fits nowhere."""
         now, reserved = now_ms(), None
         if self._use_redis() and not self._writes_refused:
-            start = self.memory.reserve(now) if draft.timestamp is None else now
+            assign = draft.timestamp is None
+            start = self.memory.reserve(now) if assign else now
             try:
-                timestamp = self.redis.save(draft, start, self.ttl_ms)
+                timestamp = self.redis.save(draft, start, self.ttl_ms, exact=assign)
+                while timestamp == 0:  # another host numbered a session with it: reserve the next one
+                    start = self.memory.reserve(start + 1)
+                    timestamp = self.redis.save(draft, start, self.ttl_ms, exact=True)
             except redis.RedisError as error:
                 self._redis_failed(error)
                 # Redis may still apply a save it timed out on, under the timestamp reserved for it: memory
                 # keeps the same one, so the write-back finds the same bytes and nothing is stored twice.
                 reserved = start if draft.timestamp is None else None
             else:
-                if timestamp != start:
-                    self.memory.observe(timestamp)
                 if draft.timestamp is not None and len(self.memory):
                     self.memory.delete(draft.timestamp)  # an older memory copy must not be written back later
                 return timestamp, "redis"

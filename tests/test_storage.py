@@ -392,3 +392,26 @@ def test_a_timestamp_redis_assigned_is_never_assigned_again_from_memory(redis_se
         redis_server.start()
     assert len(set(in_redis + in_memory)) == 6 and min(in_memory) > max(in_redis)
     sessions.close()
+
+
+def test_two_hosts_in_the_same_millisecond_get_distinct_reserved_timestamps(redis_server, redis_db) -> None:
+    """Each host reserves in its own clock; Redis refuses a reserved number already taken and the host
+    reserves the next, so every number Redis hands out was reserved first (none can be reused from memory)."""
+    import storage as storage_module
+
+    config = dataclasses.replace(Config(), redis_url=redis_server.url, redis_retry_interval=60)
+    hosts = [storage_module.SessionStorage(MemoryStore(), RedisStore.from_config(config), 600, 60) for _ in range(2)]
+    frozen = now_ms() + 60_000
+    storage_module.now_ms, real_now = (lambda: frozen), storage_module.now_ms
+    try:
+        stamps = [host.save(draft(f"h{i}-{n}"))[0] for n in range(3) for i, host in enumerate(hosts)]
+    finally:
+        storage_module.now_ms = real_now
+    assert len(set(stamps)) == 6 and redis_db.zcard(INDEX_KEY) == 6
+    assert store_refuses_a_taken_exact_timestamp(hosts[0].redis, stamps[0])
+    for host in hosts:
+        host.close()
+
+
+def store_refuses_a_taken_exact_timestamp(store: RedisStore, taken: int) -> bool:
+    return store.save(draft("late"), taken, 60_000, exact=True) == 0
