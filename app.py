@@ -33,10 +33,11 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import BaseConverter
 from werkzeug.serving import WSGIRequestHandler, make_server
 
+from allocator import now_ms
 from config import Config, ConfigError
 from drain import DrainRefusedBody
 from payload import PayloadError, draft_from, parse_json, parse_session
-from storage import Query, SessionStorage, StorageUnavailable, Stored, build_storage, now_ms, session_key
+from storage import Query, RedisState, SessionStorage, StorageUnavailable, Stored, build_storage, session_key
 
 log = logging.getLogger("storyart")
 access_log = logging.getLogger("storyart.access")
@@ -98,7 +99,7 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> R
     return json_response({"success": False, "error": message}, status, headers)
 
 
-def session_response(found: Stored) -> Response:
+def session_response(found: Stored, partial: bool = False) -> Response:
     """Splice the stored bytes into the envelope: no parse, no re-serialization of a 1 MB session.
 
     The ETag names the timestamp, the store and the content hash recorded at save time, so polling with
@@ -107,7 +108,8 @@ def session_response(found: Stored) -> Response:
     if request.if_none_match.contains_weak(etag):
         response = Response(status=304)
     else:
-        body = b'{"success":true,"data":%s,"storage":"%s"}' % (found.body, found.storage.encode())
+        body = b'{"success":true,"data":%s,"storage":"%s"%s}' % (
+            found.body, found.storage.encode(), b',"partial":true' if partial else b"")
         response = Response(body, mimetype="application/json")
     response.set_etag(etag)
     response.headers["Cache-Control"] = "no-cache"
@@ -172,8 +174,8 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
     _register_routes(app, storage)
     if config.api_token is None and config.app_env == "production":
         log.warning("APP_ENV=production and no API_TOKEN: the session API is open to anyone who can reach it")
-    log.info("StoryArt session service ready: Redis %s, storage %s", storage.redis_state,
-             "redis" if storage.redis is not None else "memory")
+    log.info("StoryArt session service ready: Redis %s, local store %s%s", storage.redis_state.value,
+             storage.local.kind, f" ({storage.local.location})" if storage.local.location else "")
     return app
 
 
@@ -254,8 +256,11 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
 
     @app.get("/api/v1/session/latest")
     def latest() -> Response:
-        found = storage.latest()
-        return session_response(found) if found else error(404, "No session found")
+        try:
+            found, partial = storage.latest()
+        except StorageUnavailable as exc:
+            return unavailable(exc, storage)
+        return session_response(found, partial) if found else error(404, "No session found")
 
     @app.get("/api/v1/session/list")
     def list_sessions() -> Response:
@@ -263,20 +268,27 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
             query, summaries = _list_query()
         except ValueError as exc:
             return error(400, str(exc))
-        total, rows = storage.page(query, summaries)
+        total, rows, partial = storage.page(query, summaries)
         items = (summary_item(row) for row in rows) if summaries else (list_item(row) for row in rows)
-        body = b'{"success":true,"count":%d,"total":%d,"sessions":[%s]}' % (len(rows), total, b",".join(items))
+        body = b'{"success":true,"count":%d,"total":%d,"sessions":[%s]%s}' % (
+            len(rows), total, b",".join(items), b',"partial":true' if partial else b"")
         return Response(body, mimetype="application/json")
 
     @app.get("/api/v1/session/<session_id:raw>")
     def get_session(raw: str) -> Response:
-        found = storage.get(_timestamp(raw))
+        try:
+            found = storage.get(_timestamp(raw))
+        except StorageUnavailable as exc:
+            return unavailable(exc, storage)
         return session_response(found) if found else error(404, "Session not found")
 
     @app.get("/api/v1/session/<session_id:raw>/export")
     def export_session(raw: str) -> Response:
         timestamp = _timestamp(raw)
-        found = storage.get(timestamp)
+        try:
+            found = storage.get(timestamp)
+        except StorageUnavailable as exc:
+            return unavailable(exc, storage)
         if not found:
             return error(404, "Session not found")
         disposition = f'attachment; filename="storyart-session-{timestamp}.json"'
@@ -313,13 +325,21 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
 
     @app.get("/health")
     def health() -> Response:
+        """`storage` is where a save goes now; `localStore` is the fallback (and, without Redis, the home)."""
         redis_state = storage.check()
+        try:
+            held, held_bytes = storage.local.count()
+        except StorageUnavailable:
+            held = held_bytes = None
+        degraded = redis_state in (RedisState.DOWN, RedisState.READ_ONLY)
         return json_response({
             "success": True,
-            "status": "degraded" if redis_state == "disconnected" else "healthy",
-            "redis": redis_state,
-            "storage": "redis" if redis_state == "connected" else "memory",
-            "memorySessions": len(storage.memory),
+            "status": "degraded" if degraded else "healthy",
+            "redis": redis_state.value,
+            "storage": storage.saves_go_to,
+            "memorySessions": held,
+            "localStore": {"kind": storage.local.kind, "path": storage.local.location, "sessions": held,
+                           "bytes": held_bytes},
             "service": SERVICE_NAME,
             "pid": os.getpid(),
         })
@@ -328,10 +348,10 @@ def _register_routes(app: Flask, storage: SessionStorage) -> None:
     def ready() -> Response:
         """For load balancers: not ready while a configured Redis is unreachable (`/health` stays 200)."""
         redis_state = storage.check()
-        if redis_state == "disconnected":
+        if redis_state is RedisState.DOWN:
             return json_response({"success": False, "error": "Redis is configured but unreachable.",
-                                  "ready": False, "redis": redis_state}, 503)
-        return json_response({"success": True, "ready": True, "redis": redis_state})
+                                  "ready": False, "redis": redis_state.value}, 503)
+        return json_response({"success": True, "ready": True, "redis": redis_state.value})
 
     @app.get("/api/v1/openapi.json")
     def openapi() -> Response:
@@ -411,10 +431,10 @@ def _text_arg(name: str, longest: int = 200) -> str | None:
     return raw or None
 
 
-def _load_config() -> Config:
-    """The config, or exit with one line naming the bad variable (SPEC §4)."""
+def _create_or_exit() -> Flask:
+    """The app from the environment, or exit with one line naming the bad variable or unusable file."""
     try:
-        return Config.from_env()
+        return create_app(Config.from_env())
     except ConfigError as exc:
         print(f"storyart: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -488,7 +508,7 @@ def serve(app: Flask, config: Config) -> None:
         log.info("stopped")
 
 
-app = create_app(_load_config())
+app = _create_or_exit()
 
 if __name__ == "__main__":
     serve(app, app.config["STORYART"])

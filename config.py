@@ -18,6 +18,8 @@ from dotenv import dotenv_values
 from redis.connection import parse_url
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOCAL_STORES = ("SQLITE", "MEMORY")
+LOCAL_STORE_SYNCS = ("FULL", "NORMAL")  # SQLite's `synchronous`: see the README's "Local store"
 
 
 class ConfigError(ValueError):
@@ -36,8 +38,11 @@ class Config:
     max_content_length: int = 50 * 1024 * 1024
     cors_origins: tuple[str, ...] = ()
     log_level: str = "INFO"
-    memory_max_sessions: int = 500
-    memory_max_bytes: int = 512 * 1024 * 1024
+    local_store: str = "sqlite"
+    local_store_path: Path = Path("instance/sessions.sqlite3")
+    local_store_sync: str = "FULL"
+    local_max_sessions: int = 500
+    local_max_bytes: int = 512 * 1024 * 1024
     redis_connect_timeout: float = 1.0
     redis_socket_timeout: float = 2.0
     redis_retry_interval: float = 3.0
@@ -71,8 +76,13 @@ class Config:
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 50 * 1024 * 1024, 1024, 2**40),
             cors_origins=_origins(env),
             log_level=_choice(env, "LOG_LEVEL", "INFO", LOG_LEVELS),
-            memory_max_sessions=_int(env, "MEMORY_MAX_SESSIONS", 500, 1, 10_000_000),
-            memory_max_bytes=_int(env, "MEMORY_MAX_BYTES", 512 * 1024 * 1024, 1024, 2**44),
+            local_store=_choice(env, "LOCAL_STORE", "SQLITE", LOCAL_STORES).lower(),
+            local_store_path=_path(env, "LOCAL_STORE_PATH", "instance/sessions.sqlite3"),
+            local_store_sync=_choice(env, "LOCAL_STORE_SYNC", "FULL", LOCAL_STORE_SYNCS),
+            local_max_sessions=_int(env, _renamed(env, "LOCAL_STORE_MAX_SESSIONS", "MEMORY_MAX_SESSIONS"), 500, 1,
+                                    10_000_000),
+            local_max_bytes=_int(env, _renamed(env, "LOCAL_STORE_MAX_BYTES", "MEMORY_MAX_BYTES"), 512 * 1024 * 1024,
+                                 1024, 2**44),
             redis_connect_timeout=_float(env, "REDIS_CONNECT_TIMEOUT", 1.0, 0.01, 60),
             redis_socket_timeout=_float(env, "REDIS_SOCKET_TIMEOUT", 2.0, 0.01, 300),
             redis_retry_interval=_float(env, "REDIS_RETRY_INTERVAL", 3.0, 0.05, 3600),
@@ -90,6 +100,20 @@ def _text(env: Mapping[str, str], name: str, default: str) -> str:
 
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
+def _renamed(env: Mapping[str, str], name: str, old_name: str) -> str:
+    """The variable to read: `name`, or its former name when only that one is set."""
+    return old_name if not env.get(name, "").strip() and env.get(old_name, "").strip() else name
+
+
+def _path(env: Mapping[str, str], name: str, default: str) -> Path:
+    """A file path, relative to the working directory unless absolute (whether it is usable is checked when
+    the store opens it)."""
+    raw = _text(env, name, default)
+    if "\0" in raw:
+        raise ConfigError(f"{name}: not a usable path, got {raw!r}")
+    return Path(raw).expanduser()
 
 
 def _host(env: Mapping[str, str]) -> str:

@@ -24,28 +24,32 @@ bind = [f"{_host}:{_config.port}"]
 
 # Measured on 2 cores (bench/run.py --variant): with Redis, 3 single-threaded sync workers serve 1 MB sessions
 # best (gthread's keep-alive saves 15-25% CPU per 10 KB request, but 1 MB saves cost 10-15% more CPU when
-# threads share a worker's GIL, and real sessions are ~1 MB). Without Redis every worker would hold its own
-# in-memory store, so save-then-latest could hit different stores: memory mode runs exactly one worker and
-# uses threads for concurrency.
-if _config.redis_configured:
+# threads share a worker's GIL, and real sessions are ~1 MB). The SQLite local store is shared by every
+# worker, so the same holds without Redis. Only the volatile memory store without Redis runs one worker (with
+# threads): a second worker would hold sessions the first cannot see.
+if _config.redis_configured or _config.local_store == "sqlite":
     workers = _config.workers or 3
     threads = _config.threads or 1
 else:
     if _config.workers > 1:
-        print("storyart: configuration error: WEB_CONCURRENCY: more than one worker needs REDIS_URL "
-              "(each worker would keep its own in-memory store)", file=sys.stderr)
+        print("storyart: configuration error: WEB_CONCURRENCY: LOCAL_STORE=memory without REDIS_URL runs one "
+              "worker (each worker would keep its own sessions)", file=sys.stderr)
         sys.exit(2)
     workers = 1
     threads = _config.threads or 8
 worker_class = "gthread" if threads > 1 else "sync"
 
-if workers > 1:
-    # While Redis is away each worker keeps sessions in its own memory and assigns their timestamps itself:
-    # a clock made here, before the workers are forked, keeps two of them from acknowledging two sessions
-    # under one timestamp (the write-back could not keep both under it).
-    import storage
+if _config.local_store == "sqlite":
+    # Create (or check) the store file in the master, so an unusable path stops start-up with one line before
+    # any worker boots, and the workers find the schema in place.
+    from storage import Limits
+    from store_sqlite import SqliteStore
 
-    storage.MEMORY.clock = storage.SharedClock()
+    try:
+        SqliteStore.open(_config.local_store_path, Limits()).close()
+    except ConfigError as _error:
+        print(f"storyart: configuration error: {_error}", file=sys.stderr)
+        sys.exit(2)
 
 timeout = 60  # a 50 MB body on a slow link still fits
 graceful_timeout = 30  # SIGTERM: requests in flight get this long to finish
@@ -89,7 +93,7 @@ _keep_session_buffers_in_the_heap()
 
 
 def worker_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
-    """After a worker's last request: flush sessions held in memory to Redis, and say how many could not."""
+    """After a worker's last request: try one last write-back of pending sessions, and say what is left."""
     app_module = sys.modules.get("app")
     if app_module is not None:
         app_module.app.extensions["storyart"].close()

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,10 +11,12 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+# The module-level `app` that importing app.py builds keeps its local store out of the working tree.
+os.environ.setdefault("LOCAL_STORE_PATH", str(Path(tempfile.mkdtemp(prefix="storyart-tests-")) / "import.sqlite3"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import storage  # noqa: E402
+import store_memory  # noqa: E402
 from app import create_app  # noqa: E402
 from config import Config  # noqa: E402
 from servers import RedisServer, ServiceProcess  # noqa: E402
@@ -49,32 +53,34 @@ def redis_db(redis_server: RedisServer):
 
 
 @pytest.fixture
-def make_app() -> Iterator[Callable[..., Flask]]:
-    """Build apps on a fresh module-level memory store; their storage is closed after the test."""
+def make_app(tmp_path: Path) -> Iterator[Callable[..., Flask]]:
+    """Build apps on a fresh SQLite file of this test (or the emptied module-level memory store with
+    `local_store="memory"`); their storage is closed after the test. Apps of one test share the file, as
+    the workers of one host do."""
     apps: list[Flask] = []
+    store_memory.MEMORY.clear()
 
     def build(**settings: object) -> Flask:
-        storage.MEMORY.clear()
-        config = dataclasses.replace(Config(), **settings)
-        app = create_app(config)
+        settings.setdefault("local_store_path", tmp_path / "sessions.sqlite3")
+        app = create_app(dataclasses.replace(Config(), **settings))
         apps.append(app)
         return app
 
     yield build
     for app in apps:
         app.extensions["storyart"].close()
-    storage.MEMORY.clear()
+    store_memory.MEMORY.clear()
 
 
-@pytest.fixture(params=["redis", "memory"])
+@pytest.fixture(params=["redis", "sqlite", "memory"])
 def client(request: pytest.FixtureRequest, make_app: Callable[..., Flask]) -> FlaskClient:
-    """A test client on each storage mode: the contract is the same on both."""
+    """A test client on each storage mode: the contract is the same on all."""
     if request.param == "redis":
         server = request.getfixturevalue("redis_server")
         request.getfixturevalue("redis_db")
         app = make_app(redis_url=server.url)
     else:
-        app = make_app()
+        app = make_app(local_store=request.param)
     return app.test_client()
 
 

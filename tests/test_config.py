@@ -31,7 +31,7 @@ def test_everything_is_read() -> None:
     assert config == Config(
         redis_url="redis://10.0.0.5:6380/2", host="0.0.0.0", port=9000, app_env="production", session_ttl_seconds=60,
         max_content_length=2048, cors_origins=("https://a.example", "http://b:1"), log_level="DEBUG",
-        memory_max_sessions=3, memory_max_bytes=4096, redis_connect_timeout=0.5, redis_socket_timeout=3.0,
+        local_max_sessions=3, local_max_bytes=4096, redis_connect_timeout=0.5, redis_socket_timeout=3.0,
         redis_retry_interval=1.5, redis_max_connections=4, workers=2, threads=4, trusted_proxy_hops=1)
 
 
@@ -81,8 +81,9 @@ def test_start_up_with_a_bad_value_stops_with_one_line(command: list[str], tmp_p
     assert lines == ["storyart: configuration error: REDIS_API_PORT: expected a number, got 'not-a-port'"]
 
 
-def test_gunicorn_refuses_several_workers_without_redis() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")} | {"WEB_CONCURRENCY": "3"}
+def test_gunicorn_refuses_several_workers_on_the_memory_store_without_redis() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")} | {"WEB_CONCURRENCY": "3",
+                                                                                  "LOCAL_STORE": "memory"}
     done = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "WEB_CONCURRENCY" in done.stderr
@@ -94,7 +95,25 @@ def test_env_example_lists_every_variable_with_its_default() -> None:
     source = (ROOT / "config.py").read_text()
     import re
 
-    read = set(re.findall(r'"([A-Z][A-Z_]+)"', source)) - {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+    read = set(re.findall(r'"([A-Z][A-Z_]+)"', source)) - {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL",
+                                                                  "SQLITE", "MEMORY", "FULL", "NORMAL"}
     assert read <= names, read - names
     defaults = Config.from_env({}, dotenv_path=None)
     assert f"REDIS_API_PORT={defaults.port}" in text and f"SESSION_TTL_SECONDS={defaults.session_ttl_seconds}" in text
+
+
+@pytest.mark.parametrize("kind", ["app", "gunicorn"])
+@pytest.mark.parametrize("problem", ["directory", "folder is a file", "not a folder"])
+def test_an_unusable_local_store_path_stops_start_up_with_one_line(tmp_path, kind: str, problem: str) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    path = {"directory": tmp_path, "folder is a file": blocker / "sessions.sqlite3",
+            "not a folder": blocker / "deeper" / "sessions.sqlite3"}[problem]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")} | {"LOCAL_STORE_PATH": str(path),
+                                                                                  "REDIS_API_PORT": "1"}
+    args = ["app.py"] if kind == "app" else ["-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"]
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("storyart: configuration error: LOCAL_STORE_PATH: "), lines
+    assert str(path.parent if problem != "directory" else path) in lines[0] or str(blocker) in lines[0]

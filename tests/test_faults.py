@@ -17,8 +17,9 @@ import psutil
 import pytest
 from chaos import PERSISTENT, Blackhole, SlowUpload, session, tagged, timed
 
+from allocator import now_ms
 from servers import RedisServer, ServiceProcess, free_port, request, save_request, wait_for
-from storage import INDEX_KEY, now_ms
+from store_redis import INDEX_KEY
 
 pytestmark = pytest.mark.slow
 
@@ -217,7 +218,8 @@ def test_a_session_that_expired_during_the_outage_is_not_revived(make_app, own_r
     assert gone["storage"] == "memory"
     time.sleep(1.2)
     redis_server.start()
-    wait_for(lambda: storage.redis_state == "connected" and len(storage.memory) == 0, what="recovery")
+    wait_for(lambda: storage.redis_state.value == "connected" and storage.local.count()[0] == 0,
+             what="recovery")
     assert index_of(redis_server) == {}
     assert not redis_server.client().exists(gone["sessionKey"])
     assert client.get(f"/api/v1/session/{gone['timestamp']}").status_code == 404
@@ -236,8 +238,8 @@ def test_reads_see_both_stores_and_the_newest_wins(make_app, redis_server, redis
     from payload import parse_session
 
     for offset in (1, 3, 4, 5):
-        storage.memory.save(parse_session(session(f"memory-{offset}", timestamp=base + offset), now_ms()),
-                            now_ms(), 60_000)
+        storage.local.save(parse_session(session(f"memory-{offset}", timestamp=base + offset), now_ms()),
+                           now=now_ms(), ttl_ms=60_000, proposal=now_ms())
     listed = client.get("/api/v1/session/list").get_json()
     assert [s["timestamp"] - base for s in listed["sessions"]] == [5, 4, 3, 2, 1, 0]
     assert listed["total"] == 6
@@ -468,25 +470,27 @@ def test_log_lines_name_the_failure(service) -> None:
 # ------------------------------------------------------------------ workers assigning timestamps in memory
 
 
-def test_forked_memory_stores_never_give_two_saves_the_same_timestamp(tmp_path) -> None:
-    """gunicorn's workers each keep their own memory store while Redis is away, and each assigns timestamps
-    itself. Two workers saving in the same millisecond must still hand out two different timestamps: the
-    write-back cannot put both under one key, so one client would later read another client's session."""
+def test_forked_processes_on_one_local_store_never_give_two_saves_the_same_timestamp(tmp_path) -> None:
+    """gunicorn's workers share the SQLite store while Redis is away, and each assigns timestamps in it. Three
+    processes saving "in the same millisecond" must still hand out different timestamps: the write-back could
+    not put two sessions under one key, so one client would later read another client's session."""
     import os
 
-    import storage
     from payload import parse_session
+    from storage import Limits, WhenFull
+    from store_sqlite import SqliteStore
 
-    memory = storage.MemoryStore(max_sessions=100_000, max_bytes=1 << 30, evict=False)
-    memory.clock = storage.SharedClock()  # what gunicorn.conf.py does in the master, before forking workers
+    path = tmp_path / "shared.sqlite3"
+    SqliteStore.open(path, Limits()).close()
     draft = parse_session(session("same-ms"), now_ms())
     now = now_ms()
     children = []
     for worker in range(3):
         pid = os.fork()
-        if pid == 0:  # a worker: 500 saves, all "in the same millisecond"
+        if pid == 0:  # a worker: 300 saves, all "in the same millisecond"
             try:
-                stamps = [memory.save(draft, now, 60_000) for _ in range(500)]
+                store = SqliteStore.open(path, Limits(100_000, 1 << 30, WhenFull.REFUSE))
+                stamps = [store.save(draft, now=now, ttl_ms=60_000, proposal=now) for _ in range(300)]
                 (tmp_path / f"stamps.{worker}").write_text(" ".join(map(str, stamps)))
             finally:
                 os._exit(0)
@@ -494,8 +498,8 @@ def test_forked_memory_stores_never_give_two_saves_the_same_timestamp(tmp_path) 
     for pid in children:
         os.waitpid(pid, 0)
     stamps = [int(s) for worker in range(3) for s in (tmp_path / f"stamps.{worker}").read_text().split()]
-    assert len(stamps) == 1500
-    assert len(set(stamps)) == 1500, f"{1500 - len(set(stamps))} timestamps were given twice"
+    assert len(stamps) == 900
+    assert len(set(stamps)) == 900, f"{900 - len(set(stamps))} timestamps were given twice"
 
 
 def test_gunicorn_workers_never_give_two_saves_the_same_timestamp_while_redis_is_away(service) -> None:

@@ -11,7 +11,8 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from storage import INDEX_KEY, META_PREFIX, now_ms
+from allocator import now_ms
+from store_redis import INDEX_KEY, META_PREFIX
 
 JSON = {"Content-Type": "application/json"}
 TOKEN = "s3cret-token-0123456789"

@@ -17,11 +17,11 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import storage
+from allocator import now_ms
 from app import create_app
 from config import Config
 from servers import ServiceProcess
-from storage import INDEX_KEY, now_ms
+from store_redis import INDEX_KEY
 
 JSON = {"Content-Type": "application/json"}
 VALID = {"scriptText": "INT. LAB - NIGHT", "episodeContext": "{}", "storyUuid": "u-1",
@@ -54,9 +54,9 @@ def assert_json_error(status: int, mimetype: str, body: bytes, allowed: tuple[in
 
 
 def stored(client: FlaskClient) -> int:
-    """Sessions stored anywhere, read behind the API's back: memory and the public Redis index."""
+    """Sessions stored anywhere, read behind the API's back: the local store and the public Redis index."""
     sessions = client.application.extensions["storyart"]
-    count = len(sessions.memory)
+    count = sessions.local.count()[0]
     if sessions.redis is not None:
         count += sessions.redis.client.zcard(INDEX_KEY)
     return count
@@ -332,18 +332,17 @@ def test_chunked_bodies_up_to_the_limit_are_read_whole(real_server) -> None:
 
 
 @pytest.fixture(scope="module", params=["memory", "redis"])
-def hostile_app(request: pytest.FixtureRequest) -> Iterator[Flask]:
+def hostile_app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flask]:
+    path = tmp_path_factory.mktemp("hostile") / "sessions.sqlite3"
     if request.param == "redis":
         server = request.getfixturevalue("redis_server")
         server.client().flushall()
-        config = Config(redis_url=server.url)
+        config = Config(redis_url=server.url, local_store_path=path)
     else:
-        config = Config()
-    storage.MEMORY.clear()
+        config = Config(local_store_path=path)
     app = create_app(config)
     yield app
     app.extensions["storyart"].close()
-    storage.MEMORY.clear()
 
 
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -374,7 +373,9 @@ def save_and_check(app: Flask, body: bytes, headers: dict | None = None) -> None
     if got.status_code == 200:
         assert (headers is None or headers.get("Content-Type", "").startswith("application/json")) \
             and is_session(parsed), body[:200]
-        app.extensions["storyart"].memory.clear()
+        local = app.extensions["storyart"].local
+        while (record := local.oldest()) is not None:
+            local.delete(record.timestamp)
         if app.extensions["storyart"].redis is not None:
             app.extensions["storyart"].redis.client.flushdb()
         return

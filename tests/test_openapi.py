@@ -115,9 +115,9 @@ def conforms(document: schemathesis.BaseSchema, path: str, method: str, response
         assert response.data == b""
 
 
-def test_save_get_list_export_delete_import_conform(make_app, document, redis_server, redis_db) -> None:
-    for settings in ({}, {"redis_url": redis_server.url}):
-        client = make_app(**settings).test_client()  # a fresh module-level memory store each time
+def test_save_get_list_export_delete_import_conform(make_app, document, redis_server, redis_db, tmp_path) -> None:
+    for settings in ({"local_store_path": tmp_path / "alone.sqlite3"}, {"redis_url": redis_server.url}):
+        client = make_app(**settings).test_client()  # a fresh local store each time
         saved = client.post("/api/v1/session/save", data=orjson.dumps(session()), headers=JSON)
         conforms(document, "/api/v1/session/save", "POST", saved)
         ts = saved.get_json()["timestamp"]
@@ -192,7 +192,7 @@ def test_401_with_a_token_conforms_and_health_needs_none(make_app, document) -> 
 
 def test_503_with_retry_after_and_not_ready_conform(make_app, document) -> None:
     """Redis configured but dead (nothing listens on port 1) and a session larger than memory may hold."""
-    app = make_app(redis_url="redis://127.0.0.1:1/0", memory_max_bytes=1024, redis_connect_timeout=0.5)
+    app = make_app(redis_url="redis://127.0.0.1:1/0", local_max_bytes=1024, redis_connect_timeout=0.5)
     client = app.test_client()
     full = client.post("/api/v1/session/save", data=orjson.dumps(session(scriptText="x" * 4096)), headers=JSON)
     assert full.status_code == 503 and int(full.headers["Retry-After"]) >= 1

@@ -1,5 +1,5 @@
-"""Storage (SPEC §2-§3): the public Redis layout read back with plain redis-py, TTLs, pruning, unique
-timestamps under concurrency, and the bounded in-memory store."""
+"""Storage: the public Redis layout read back with plain redis-py and its pruning; then one contract suite run
+against every backend (Redis, SQLite, memory), the local stores' caps, and the failover's own rules."""
 
 from __future__ import annotations
 
@@ -8,15 +8,33 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 import pytest
 import redis
 
+import storage as storage_module
+from allocator import now_ms
 from config import Config
 from payload import Draft, parse_session
-from storage import INDEX_KEY, MemoryStore, Query, RedisStore, StorageFull, build_storage, now_ms
+from storage import (
+    Limits,
+    LocalStore,
+    Origin,
+    Outcome,
+    Query,
+    Record,
+    SessionStorage,
+    SessionStore,
+    StorageFull,
+    WhenFull,
+    build_storage,
+)
+from store_memory import MemoryStore
+from store_redis import INDEX_KEY, RedisStore
+from store_sqlite import SqliteStore
 
 DAY_MS = 86_400_000
 
@@ -28,12 +46,45 @@ def draft(text: str = "x", timestamp: int | None = None, **extra: object) -> Dra
     return parse_session(orjson.dumps(body), now_ms())
 
 
+def put(store: SessionStore, d: Draft, ttl_ms: int = 60_000, now: int | None = None) -> int:
+    now = now_ms() if now is None else now
+    return store.save(d, now=now, ttl_ms=ttl_ms, proposal=now)
+
+
 @pytest.fixture
-def store(redis_server, redis_db) -> RedisStore:
+def redis_store(redis_server, redis_db) -> RedisStore:
     config = dataclasses.replace(Config(), redis_url=redis_server.url)
-    redis_store = RedisStore.from_config(config)
-    yield redis_store
-    redis_store.close()
+    store = RedisStore.from_config(config)
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=["redis", "sqlite", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path) -> SessionStore:
+    """Every backend, for the contract below: what one does, all do."""
+    if request.param == "redis":
+        yield request.getfixturevalue("redis_store")
+        return
+    limits = Limits(100_000, 1 << 30)
+    local = SqliteStore.open(tmp_path / "s.sqlite3", limits) if request.param == "sqlite" else MemoryStore(limits)
+    yield local
+    local.close()
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def local_kind(request: pytest.FixtureRequest, tmp_path) -> Callable[[Limits], LocalStore]:
+    """Make a local store of each kind with the given limits."""
+    made: list[LocalStore] = []
+
+    def make(limits: Limits) -> LocalStore:
+        store = SqliteStore.open(tmp_path / f"l{len(made)}.sqlite3", limits) if request.param == "sqlite" \
+            else MemoryStore(limits)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
 
 
 # ------------------------------------------------------------------------------------- the Redis layout
@@ -78,215 +129,391 @@ def test_session_database_comes_from_the_url(make_app, redis_server, redis_db) -
     assert redis_server.client(db=3).exists(key) and not redis_db.exists(key)
 
 
-def test_expired_sessions_leave_the_index(store: RedisStore, redis_db: redis.Redis) -> None:
-    old = store.save(draft("old"), now_ms(), ttl_ms=200)
-    keeper = store.save(draft("keeper"), now_ms(), ttl_ms=60_000)
+def test_expired_sessions_leave_the_index(redis_store: RedisStore, redis_db: redis.Redis) -> None:
+    old = put(redis_store, draft("old"), 200)
+    keeper = put(redis_store, draft("keeper"), 60_000)
     time.sleep(0.4)
     assert redis_db.zcard(INDEX_KEY) == 2  # the key expired; its index member is still there
-    store.save(draft("new"), now_ms(), ttl_ms=60_000)  # every save prunes what has expired
+    put(redis_store, draft("new"), 60_000)  # every save prunes what has expired
     members = {m.decode() for m in redis_db.zrange(INDEX_KEY, 0, -1)}
     assert f"storyart:session:{old}" not in members and f"storyart:session:{keeper}" in members
     assert redis_db.zcard("storyart:sessions:expiry") == 2
 
 
-def test_reads_prune_index_members_whose_key_another_tool_deleted(store: RedisStore, redis_db) -> None:
-    first = store.save(draft("first"), now_ms(), 60_000)
-    second = store.save(draft("second"), now_ms(), 60_000)
+def test_reads_prune_index_members_whose_key_another_tool_deleted(redis_store: RedisStore, redis_db) -> None:
+    first = put(redis_store, draft("first"), 60_000)
+    second = put(redis_store, draft("second"), 60_000)
     redis_db.delete(f"storyart:session:{second}")
-    assert store.latest().timestamp == first
+    assert redis_store.latest().timestamp == first
     redis_db.delete(f"storyart:session:{first}")
-    assert store.page(Query()) == (0, [])
+    assert redis_store.page(Query()) == (0, [])
     assert redis_db.zcard(INDEX_KEY) == 0
 
 
-def test_index_stays_bounded_under_churn(store: RedisStore, redis_db) -> None:
+def test_index_stays_bounded_under_churn(redis_store: RedisStore, redis_db) -> None:
     for i in range(300):
-        store.save(draft(f"s{i}"), now_ms(), ttl_ms=50)
+        put(redis_store, draft(f"s{i}"), 50)
         if i % 100 == 99:
             time.sleep(0.1)
     time.sleep(0.1)
-    store.save(draft("last"), now_ms(), 60_000)
+    put(redis_store, draft("last"), 60_000)
     assert redis_db.zcard(INDEX_KEY) <= 101
 
 
-def test_sessions_written_by_the_original_service_are_read(store: RedisStore, redis_db) -> None:
+def test_sessions_written_by_the_original_service_are_read(redis_store: RedisStore, redis_db) -> None:
     """The Node service wrote SETEX + ZADD and no expiry entry; we read and list them all the same."""
     ts = now_ms() - 1000
     body = orjson.dumps({"scriptText": "legacy", "timestamp": ts})
     redis_db.set(f"storyart:session:{ts}", body, ex=600)
     redis_db.zadd(INDEX_KEY, {f"storyart:session:{ts}": ts})
-    assert store.latest().body == body
-    assert store.get(ts).body == body
-    assert store.page(Query())[0] == 1
+    assert redis_store.latest().body == body
+    assert redis_store.get(ts).body == body
+    assert redis_store.page(Query())[0] == 1
 
 
-# --------------------------------------------------------------------------------- unique timestamps
+
+# ------------------------------------------------------------------ the contract: every backend, same answers
 
 
-def test_same_millisecond_saves_from_200_threads_get_200_timestamps(store: RedisStore, redis_db) -> None:
-    now = now_ms()
-    with ThreadPoolExecutor(16) as pool:
-        stamps = list(pool.map(lambda i: store.save(draft(f"s{i}"), now, 60_000), range(200)))
-    assert len(set(stamps)) == 200
-    for i, ts in enumerate(stamps):
-        assert orjson.loads(store.get(ts).body) == {"scriptText": f"s{i}", "episodeContext": "", "storyUuid": "s",
-                                               "analyzedEpisode": {}, "timestamp": ts}
+def body_of(stored) -> dict:
+    return orjson.loads(stored.body)
 
 
-def test_two_hosts_with_skewed_clocks_never_collide(store: RedisStore, redis_server) -> None:
-    """A second store (another host) whose clock lags still gets fresh timestamps."""
-    config = dataclasses.replace(Config(), redis_url=redis_server.url)
-    other = RedisStore.from_config(config)
-    now = now_ms()
-    mine = [store.save(draft("a"), now, 60_000) for _ in range(5)]
-    theirs = [other.save(draft("b"), now - 10, 60_000) for _ in range(5)]
-    other.close()
-    assert len(set(mine + theirs)) == 10 and min(theirs) > max(mine)
+def test_interface_is_uniform() -> None:
+    """Every backend implements every operation of the interface with the interface's own signature, and the
+    two local stores add the same failover operations: a caller never needs to know which one it holds."""
+    import inspect
+
+    def public(cls: type) -> dict[str, list[tuple[str, object, object]]]:
+        return {name: [(p.name, p.kind, p.default) for p in inspect.signature(getattr(cls, name)).parameters.values()]
+                for name in dir(cls)
+                if not name.startswith("_") and callable(getattr(cls, name)) and name not in ("open", "from_config")}
+
+    for backend in (RedisStore, SqliteStore, MemoryStore):
+        assert not getattr(backend, "__abstractmethods__", None), backend
+        for name, signature in public(SessionStore).items():
+            assert public(backend)[name] == signature, (backend.__name__, name)
+    for backend in (SqliteStore, MemoryStore):
+        for name, signature in public(LocalStore).items():
+            assert public(backend)[name] == signature, (backend.__name__, name)
 
 
-def test_assigned_timestamps_skip_ones_taken_by_a_client(store: RedisStore) -> None:
-    now = now_ms()
-    store.save(draft("client", timestamp=now), now, 60_000)
-    assigned = store.save(draft("server"), now, 60_000)
-    assert assigned != now
-    assert orjson.loads(store.get(now).body)["scriptText"] == "client"
+class TestContract:
+    """cachelib-style: one suite, run against Redis, SQLite and memory through the `store` fixture."""
+
+    def test_a_session_reads_back_byte_for_byte(self, store: SessionStore, session_1mb: bytes) -> None:
+        d = parse_session(session_1mb, now_ms())
+        ts = put(store, d)
+        assert store.get(ts).body == session_1mb[:-1] + b',"timestamp":%d}' % ts
+        assert store.latest().timestamp == ts and store.exists(ts)
+        assert orjson.loads(store.get(ts).summary)["sizeBytes"] == len(store.get(ts).body)
+
+    def test_a_client_timestamp_is_kept_and_a_resave_replaces(self, store: SessionStore) -> None:
+        ts = now_ms() - 5000
+        assert put(store, draft("first", timestamp=ts)) == ts
+        assert put(store, draft("second", timestamp=ts)) == ts
+        assert body_of(store.get(ts))["scriptText"] == "second" and store.page(Query())[0] == 1
+
+    def test_200_threads_in_one_millisecond_get_200_timestamps(self, store: SessionStore) -> None:
+        now = now_ms()
+        with ThreadPoolExecutor(16) as pool:
+            stamps = list(pool.map(lambda i: store.save(draft(f"s{i}"), now=now, ttl_ms=60_000, proposal=now),
+                                   range(200)))
+        assert len(set(stamps)) == 200
+        assert all(body_of(store.get(ts)) == {"scriptText": f"s{i}", "episodeContext": "", "storyUuid": "s",
+                                              "analyzedEpisode": {}, "timestamp": ts}
+                   for i, ts in enumerate(stamps))
+
+    def test_assigned_timestamps_skip_taken_ones_and_follow_the_proposal(self, store: SessionStore) -> None:
+        now = now_ms()
+        for offset in range(3):
+            put(store, draft("client", timestamp=now + offset))
+        assigned = store.save(draft("service"), now=now, ttl_ms=60_000, proposal=now)
+        assert assigned == now + 3  # one call, however many are taken
+        later = store.save(draft("later"), now=now, ttl_ms=60_000, proposal=now + 100)
+        assert later == now + 100
+        assert store.save(draft("again"), now=now, ttl_ms=60_000, proposal=now) == now + 101  # never backwards
+
+    def test_latest_is_the_newest_timestamp(self, store: SessionStore) -> None:
+        now = now_ms()
+        put(store, draft("new", timestamp=now - 10))
+        put(store, draft("old", timestamp=now - 20))
+        assert body_of(store.latest())["scriptText"] == "new"
+
+    def test_pages_newest_first_at_any_offset(self, store: SessionStore) -> None:
+        base = now_ms() - 100_000
+        stamps = [put(store, draft(f"s{i}", timestamp=base + i)) for i in range(30)]
+        newest_first = stamps[::-1]
+        for offset, limit in ((0, 20), (15, 20), (29, 1), (30, 5), (500, 5)):
+            total, rows = store.page(Query(offset=offset, limit=limit))
+            assert total == 30 and [r.timestamp for r in rows] == newest_first[offset : offset + limit]
+        total, rows = store.page(Query(since=base + 10, until=base + 12))
+        assert total == 3 and [r.timestamp for r in rows] == [base + 12, base + 11, base + 10]
+        assert [r.timestamp for r in store.page(Query(before=base + 5, limit=2))[1]] == [base + 4, base + 3]
+        assert store.timestamps(Query(offset=2, limit=3)) == (30, newest_first[:5])
+
+    def test_filters_and_summaries(self, store: SessionStore) -> None:
+        base = now_ms() - 100_000
+        for i in range(6):
+            put(store, draft(f"s{i}", timestamp=base + i, storyUuid=f"story-{i % 2}",
+                             analyzedEpisode={"episodeNumber": i % 3, "title": f"Pilot {i}", "scenes": []}))
+        total, rows = store.page(Query(story_uuid="story-1"), summaries=True)
+        assert total == 3 and [orjson.loads(r.body)["title"] for r in rows] == ["Pilot 5", "Pilot 3", "Pilot 1"]
+        assert store.page(Query(episode="2", text="pilot"))[0] == 2
+        assert [r.timestamp for r in store.page(Query(text="PILOT 4"))[1]] == [base + 4]
+
+    def test_rows_come_back_in_the_order_asked_without_the_missing(self, store: SessionStore) -> None:
+        base = now_ms() - 100_000
+        for i in range(3):
+            put(store, draft(f"s{i}", timestamp=base + i))
+        rows = store.rows([base + 2, base + 7, base], summaries=False)
+        assert [r.timestamp for r in rows] == [base + 2, base]
+        assert orjson.loads(store.rows([base + 1], summaries=True)[0].body)["sizeBytes"] > 0
+
+    def test_delete(self, store: SessionStore) -> None:
+        ts = put(store, draft("doomed"))
+        assert store.delete(ts) and not store.delete(ts)
+        assert store.get(ts) is None and store.latest() is None and store.page(Query()) == (0, [])
+
+    def test_the_ttl_is_honoured(self, store: SessionStore) -> None:
+        gone = put(store, draft("short"), ttl_ms=100)
+        kept = put(store, draft("long"))
+        time.sleep(0.25)
+        assert store.get(gone) is None and not store.exists(gone)
+        assert store.latest().timestamp == kept and store.page(Query())[0] == 1
+
+    def test_latest_and_list_look_past_many_expired_sessions(self, store: SessionStore) -> None:
+        now = now_ms()
+        live = [put(store, draft(f"live {i}", timestamp=now - 100_000 + i)) for i in range(5)]
+        for i in range(120):  # newer timestamps, all expiring at once
+            put(store, draft(f"short {i}"), ttl_ms=150)
+        time.sleep(0.3)
+        assert store.latest().timestamp == live[-1]
+        total, rows = store.page(Query(limit=20))
+        assert total == 5 and [r.timestamp for r in rows] == live[::-1]
 
 
-def test_write_back_of_a_clashing_assigned_timestamp_keeps_both(store: RedisStore) -> None:
-    now = now_ms()
-    store.save(draft("in redis", timestamp=now), now, 60_000)
-    moved = store.save(draft("from memory", timestamp=now), now, 60_000, write_back="assigned")
-    assert moved > now
-    assert orjson.loads(store.get(now).body)["scriptText"] == "in redis"
-    assert orjson.loads(store.get(moved).body)["scriptText"] == "from memory"
-    assert orjson.loads(store.get(moved).body)["timestamp"] == moved
-    same = store.save(draft("in redis", timestamp=now), now, 60_000, write_back="assigned")
-    assert same == now  # identical content: nothing to move
+# ------------------------------------------------------------------------------------- the local stores
 
 
-def test_write_back_of_a_client_timestamp_lets_the_later_save_win(store: RedisStore) -> None:
-    now = now_ms()
-    store.save(draft("saved again after the outage", timestamp=now), now, 60_000)
-    superseded = store.save(draft("older copy from memory", timestamp=now), now, 30_000, write_back="identity")
-    assert superseded == 0
-    assert orjson.loads(store.get(now).body)["scriptText"] == "saved again after the outage"
-    newer = store.save(draft("newer copy from memory", timestamp=now), now, 90_000, write_back="identity")
-    assert newer == now
-    assert orjson.loads(store.get(now).body)["scriptText"] == "newer copy from memory"
-    assert store.page(Query())[0] == 1
-
-
-# ------------------------------------------------------------------------------------------ memory store
-
-
-def test_memory_store_evicts_the_oldest_by_count(caplog) -> None:
-    memory = MemoryStore(max_sessions=3, max_bytes=10**6)
-    stamps = [memory.save(draft(f"s{i}"), now_ms(), 60_000) for i in range(5)]
-    assert len(memory) == 3
-    assert [row.timestamp for row in memory.page(Query(limit=10))[1]] == stamps[:1:-1]
+def test_a_full_local_store_evicts_the_oldest_when_it_is_the_only_store(local_kind, caplog) -> None:
+    local = local_kind(Limits(3, 10**6, WhenFull.EVICT_OLDEST))
+    stamps = [put(local, draft(f"s{i}")) for i in range(5)]
+    assert local.count()[0] == 3
+    assert [row.timestamp for row in local.page(Query(limit=10))[1]] == stamps[:1:-1]
     assert "evicted the 1 oldest" in caplog.text
 
 
-def test_memory_store_evicts_the_oldest_by_bytes_not_the_last_saved() -> None:
-    memory = MemoryStore(max_sessions=100, max_bytes=2000)
-    newest = memory.save(draft("n" * 500), now_ms() + 10_000, 60_000)
-    older = [memory.save(draft(f"{i}" * 500, timestamp=newest - 100 + i), now_ms(), 60_000) for i in range(3)]
-    assert memory.nbytes <= 2000
-    assert memory.get(newest) is not None and memory.get(older[0]) is None
-    assert memory.latest().timestamp == newest
+def test_a_full_local_store_evicts_by_bytes_never_the_one_being_saved(local_kind) -> None:
+    local = local_kind(Limits(100, 2000, WhenFull.EVICT_OLDEST))
+    newest = put(local, draft("n" * 500), now=now_ms() + 10_000)
+    older = [put(local, draft(f"{i}" * 500, timestamp=newest - 100 + i)) for i in range(3)]
+    assert local.count()[1] <= 2000
+    assert local.get(newest) is not None and local.get(older[0]) is None
+    assert local.latest().timestamp == newest
 
 
-def test_memory_store_without_eviction_refuses_instead_of_dropping() -> None:
-    memory = MemoryStore(max_sessions=2, max_bytes=10**6, evict=False)
-    kept = [memory.save(draft(f"s{i}"), now_ms(), 60_000) for i in range(2)]
+def test_a_local_store_of_pending_sessions_refuses_instead_of_dropping(local_kind) -> None:
+    local = local_kind(Limits(2, 10**6, WhenFull.REFUSE))
+    kept = [put(local, draft(f"s{i}")) for i in range(2)]
     with pytest.raises(StorageFull):
-        memory.save(draft("third"), now_ms(), 60_000)
-    assert all(memory.get(ts) for ts in kept)
+        put(local, draft("third"))
+    assert all(local.get(ts) for ts in kept) and local.count()[0] == 2
+    ts = kept[0]
+    with pytest.raises(StorageFull):  # a bigger replacement that does not fit keeps the old copy
+        local.save(draft("A" * 2_000_000, timestamp=ts), now=now_ms(), ttl_ms=60_000, proposal=0)
+    assert body_of(local.get(ts))["scriptText"] == "s0"
 
 
-def test_memory_store_refuses_a_session_larger_than_its_byte_cap() -> None:
-    memory = MemoryStore(max_sessions=10, max_bytes=1024)
+def test_a_session_larger_than_the_byte_cap_is_refused(local_kind) -> None:
+    local = local_kind(Limits(10, 1024))
     with pytest.raises(StorageFull):
-        memory.save(draft("x" * 2000), now_ms(), 60_000)
-    assert len(memory) == 0
+        put(local, draft("x" * 2000))
+    assert local.count() == (0, 0)
 
 
-def test_memory_store_honours_the_ttl() -> None:
-    memory = MemoryStore()
-    gone = memory.save(draft("short"), now_ms(), ttl_ms=100)
-    kept = memory.save(draft("long"), now_ms(), ttl_ms=60_000)
+def test_replacing_a_session_when_full_keeps_the_books_straight(local_kind) -> None:
+    local = local_kind(Limits(10, 2000))
+    first = put(local, draft("a" * 500, timestamp=now_ms() - 10))
+    second = put(local, draft("b" * 500))
+    put(local, draft("A" * 1500, timestamp=first))
+    assert local.get(second) is None and local.get(first).body.count(b"A" * 1500) == 1
+    assert local.count() == (1, len(local.get(first).body))
+    assert local.delete(first) and local.count() == (0, 0)
+
+
+def test_expired_sessions_are_purged_not_just_hidden(local_kind) -> None:
+    local = local_kind(Limits())
+    put(local, draft("short"), ttl_ms=100)
+    put(local, draft("long"))
     time.sleep(0.2)
-    assert memory.get(gone) is None
-    assert memory.page(Query(limit=10))[0] == 1 and memory.latest().timestamp == kept
-    memory.save(draft("another"), now_ms(), 60_000)
-    assert len(memory) == 2  # the expired one was purged, not just hidden
+    put(local, draft("another"))
+    assert local.count()[0] == 2
 
 
-def test_memory_store_expiry_follows_the_latest_save_of_a_timestamp() -> None:
-    memory = MemoryStore()
+def test_oldest_and_exclusive_are_what_a_write_back_walks(local_kind) -> None:
+    local = local_kind(Limits())
     now = now_ms()
-    ts = memory.save(draft("first"), now, ttl_ms=100)
-    memory.save(draft("again", timestamp=ts), now, ttl_ms=60_000)  # re-sync: the TTL starts again
-    memory.save(draft("short"), now, ttl_ms=100)
-    time.sleep(0.2)
-    memory.save(draft("trigger"), now_ms(), 60_000)
-    assert memory.get(ts) is not None and len(memory) == 2
-    for _ in range(300):  # replacing the same session many times keeps its bookkeeping bounded
-        memory.save(draft("again", timestamp=ts), now_ms(), 60_000)
-    assert len(memory._expiry) <= 2 * len(memory) + 65
+    put(local, draft("client", timestamp=now - 50))
+    assigned = put(local, draft("service"))
+    oldest = local.oldest()
+    assert isinstance(oldest, Record) and oldest.timestamp == now - 50 and oldest.origin is Origin.CLIENT
+    assert oldest.draft.render(oldest.timestamp) == oldest.body
+    with local.exclusive():
+        assert local.delete(oldest.timestamp)
+    assert local.oldest().origin is Origin.SERVICE and local.oldest().timestamp == assigned
 
 
-def test_memory_store_pages_newest_first_at_any_offset() -> None:
-    memory = MemoryStore(max_sessions=1000, max_bytes=10**8)
-    now = now_ms()
-    stamps = [memory.save(draft(f"s{i}"), now, 60_000) for i in range(50)]
-    newest_first = stamps[::-1]
-    for offset, limit in ((0, 20), (15, 20), (45, 20), (49, 1), (50, 5), (500, 5)):
-        total, rows = memory.page(Query(offset=offset, limit=limit))
-        assert total == 50 and [r.timestamp for r in rows] == newest_first[offset : offset + limit]
+def test_build_storage_uses_the_configured_local_store(tmp_path) -> None:
+    import store_memory
 
-
-def test_memory_store_is_thread_safe() -> None:
-    memory = MemoryStore(max_sessions=10_000, max_bytes=10**8)
-    now = now_ms()
-    with ThreadPoolExecutor(16) as pool:
-        stamps = list(pool.map(lambda i: memory.save(draft(f"s{i}"), now, 60_000), range(2000)))
-    assert len(set(stamps)) == 2000 and len(memory) == 2000
-    assert memory.nbytes == sum(len(memory.get(ts).body) for ts in stamps)
-
-
-def test_memory_only_mode_reports_and_bounds(make_app, caplog) -> None:
-    caplog.set_level(logging.WARNING)
-    app = make_app(memory_max_sessions=2)
-    client = app.test_client()
-    for i in range(4):
-        saved = client.post("/api/v1/session/save", headers={"Content-Type": "application/json"},
-                            data=orjson.dumps({"scriptText": f"s{i}", "episodeContext": "", "storyUuid": "s",
-                                               "analyzedEpisode": {}})).get_json()
-        assert saved["storage"] == "memory"
-    listed = client.get("/api/v1/session/list").get_json()
-    assert listed["total"] == 2 and [s["scriptText"] for s in listed["sessions"]] == ["s3", "s2"]
-    assert "evicted" in caplog.text
-
-
-def test_a_session_that_fits_nowhere_is_503_with_retry_after(make_app) -> None:
-    from servers import free_port
-
-    app = make_app(redis_url=f"redis://127.0.0.1:{free_port()}/0", memory_max_bytes=1024)
-    got = app.test_client().post("/api/v1/session/save", headers={"Content-Type": "application/json"},
-                                 data=orjson.dumps({"scriptText": "x" * 5000, "episodeContext": "",
-                                                    "storyUuid": "s", "analyzedEpisode": {}}))
-    assert got.status_code == 503 and got.headers["Retry-After"].isdigit()
-    assert got.get_json()["success"] is False and "retry" in got.get_json()["error"]
-
-
-def test_build_storage_configures_the_module_level_store() -> None:
-    import storage
-
-    config = dataclasses.replace(Config(), memory_max_sessions=7, memory_max_bytes=4096)
+    config = dataclasses.replace(Config(), local_store="memory", local_max_sessions=7, local_max_bytes=4096)
     built = build_storage(config)
-    assert built.memory is storage.MEMORY
-    assert (storage.MEMORY.max_sessions, storage.MEMORY.max_bytes, storage.MEMORY.evict) == (7, 4096, True)
+    assert built.local is store_memory.MEMORY and built.local.limits == Limits(7, 4096, WhenFull.EVICT_OLDEST)
+    path = tmp_path / "deep" / "er" / "s.sqlite3"
+    built = build_storage(dataclasses.replace(Config(), local_store_path=path, redis_url="redis://127.0.0.1:1/0"))
+    assert isinstance(built.local, SqliteStore) and path.is_file()
+    assert built.local.limits.when_full is WhenFull.REFUSE
+    built.close()
+
+
+# ----------------------------------------------------------------------------------------- the failover
+
+
+def failover(redis_server, local: LocalStore, retry: float = 60) -> SessionStorage:
+    config = dataclasses.replace(Config(), redis_url=redis_server.url, redis_retry_interval=retry)
+    return SessionStorage(local, RedisStore.from_config(config), 600, retry)
+
+
+@pytest.fixture
+def pending_store(tmp_path) -> SqliteStore:
+    store = SqliteStore.open(tmp_path / "pending.sqlite3", Limits(1000, 1 << 30, WhenFull.REFUSE))
+    yield store
+    store.close()
+
+
+def test_write_back_moves_each_session_once_with_its_timestamp(redis_server, redis_db, pending_store) -> None:
+    sessions = failover(redis_server, pending_store)
+    redis_server.kill()
+    stamps = [sessions.save(draft(f"p{i}"))[0] for i in range(5)]
+    redis_server.start()
+    other = failover(redis_server, SqliteStore.open(pending_store.path, pending_store.limits))  # another worker
+    assert sessions.recover() + other.recover() == 5
+    assert sorted(int(m.rsplit(b":", 1)[1]) for m in redis_db.zrange(INDEX_KEY, 0, -1)) == sorted(stamps)
+    assert pending_store.count() == (0, 0)
+    assert all(sessions.get(ts).storage == "redis" for ts in stamps)
+    other.close()
+    sessions.close()
+
+
+def test_a_delete_during_write_back_is_not_undone(redis_server, redis_db, pending_store) -> None:
+    """A DELETE that arrives while a write-back is moving the same session waits for the move, then deletes
+    the session from Redis too: it never comes back."""
+    sessions = failover(redis_server, pending_store)
+    redis_server.kill()
+    doomed, kept = (sessions.save(draft(name))[0] for name in ("doomed", "kept"))
+    redis_server.start()
+    deleting = threading.Thread(target=sessions.delete, args=(doomed,))
+    real_write_back = sessions.redis.write_back
+
+    def slow_write_back(record, now):
+        moved = real_write_back(record, now=now)
+        if record.timestamp == doomed:
+            deleting.start()  # the delete arrives right now, while this move holds the local store
+            time.sleep(0.3)
+        return moved
+
+    sessions.redis.write_back = slow_write_back
+    assert sessions.recover() == 2
+    deleting.join()
+    assert sessions.get(doomed) is None and not redis_db.exists(f"storyart:session:{doomed}")
+    assert sessions.get(kept).storage == "redis"
+    sessions.close()
+
+
+def test_a_pending_copy_wins_over_an_older_redis_copy(redis_server, redis_db, pending_store) -> None:
+    sessions = failover(redis_server, pending_store)
+    ts = now_ms() - 1000
+    assert sessions.save(draft("v1 in redis", timestamp=ts))[1] == "redis"
+    redis_db.config_set("maxmemory", "1")  # Redis refuses writes (OOM), reads still work
+    redis_db.config_set("maxmemory-policy", "noeviction")
+    try:
+        assert sessions.save(draft("v2 pending", timestamp=ts))[1] == "memory"
+        assert body_of(sessions.get(ts))["scriptText"] == "v2 pending"
+        assert body_of(sessions.latest()[0])["scriptText"] == "v2 pending"
+        assert [body_of(r)["scriptText"] for r in sessions.page(Query()).rows] == ["v2 pending"]
+    finally:
+        redis_db.config_set("maxmemory", "0")
+    assert sessions.recover() == 1
+    assert body_of(sessions.get(ts))["scriptText"] == "v2 pending" and sessions.get(ts).storage == "redis"
+    sessions.close()
+
+
+def test_a_timestamp_redis_assigned_is_never_assigned_again_locally(redis_server, redis_db, pending_store,
+                                                                    monkeypatch) -> None:
+    """Saves to Redis, then Redis goes away within the same millisecond: the local store must not reuse the
+    number (the write-back would then find another session under it)."""
+    sessions = failover(redis_server, pending_store)
+    frozen = now_ms() + 60_000  # every save below happens "in the same millisecond"
+    monkeypatch.setattr(storage_module, "now_ms", lambda: frozen)
+    in_redis = [sessions.save(draft(f"r{i}"))[0] for i in range(3)]
+    redis_server.kill()
+    in_local = [sessions.save(draft(f"m{i}"))[0] for i in range(3)]
+    redis_server.start()
+    assert len(set(in_redis + in_local)) == 6 and min(in_local) > max(in_redis)
+    sessions.close()
+
+
+def test_two_hosts_in_the_same_millisecond_get_distinct_timestamps(redis_server, redis_db, tmp_path,
+                                                                   monkeypatch) -> None:
+    hosts = [failover(redis_server, SqliteStore.open(tmp_path / f"h{i}.sqlite3", Limits())) for i in range(2)]
+    frozen = now_ms() + 60_000
+    monkeypatch.setattr(storage_module, "now_ms", lambda: frozen)
+    stamps = [host.save(draft(f"h{i}-{n}"))[0] for n in range(3) for i, host in enumerate(hosts)]
+    assert len(set(stamps)) == 6 and redis_db.zcard(INDEX_KEY) == 6
+    for host in hosts:
+        host.close()
+
+
+def test_write_back_outcomes(redis_store: RedisStore) -> None:
+    """Redis holds another session under a pending one's timestamp: a client timestamp's later copy wins,
+    a service-assigned clash keeps both, and the same bytes again change nothing."""
+    now = now_ms()
+    put(redis_store, draft("in redis", timestamp=now))
+
+    def pending(text: str, origin: Origin, ttl_ms: int) -> Record:
+        d = draft(text, timestamp=now)
+        return Record(now, d.render(now), d.summary, now_ms() + ttl_ms, origin)
+
+    assert redis_store.write_back(pending("older", Origin.CLIENT, 30_000), now=now_ms()) == (Outcome.SUPERSEDED, now)
+    assert body_of(redis_store.get(now))["scriptText"] == "in redis"
+    moved = redis_store.write_back(pending("clash", Origin.SERVICE, 30_000), now=now_ms())
+    assert moved.outcome is Outcome.RENUMBERED and moved.timestamp > now
+    assert body_of(redis_store.get(moved.timestamp)) == {**body_of(redis_store.get(now)), "scriptText": "clash",
+                                                          "timestamp": moved.timestamp}
+    assert redis_store.write_back(pending("in redis", Origin.SERVICE, 30_000), now=now_ms()) == (Outcome.STORED, now)
+    assert redis_store.write_back(pending("newer", Origin.CLIENT, 90_000), now=now_ms()) == (Outcome.STORED, now)
+    assert body_of(redis_store.get(now))["scriptText"] == "newer"
+
+
+def test_reads_during_an_outage_say_they_may_be_incomplete(redis_server, redis_db, pending_store) -> None:
+    sessions = failover(redis_server, pending_store)
+    in_redis = sessions.save(draft("in redis"))[0]
+    redis_server.kill()
+    try:
+        with pytest.raises(storage_module.StorageUnavailable):
+            sessions.get(in_redis)
+        with pytest.raises(storage_module.StorageUnavailable):
+            sessions.latest()
+        assert sessions.page(Query()) == (0, [], True)
+        pending = sessions.save(draft("pending"))[0]
+        assert sessions.get(pending).storage == "memory"
+        found, partial = sessions.latest()
+        assert found.timestamp == pending and partial
+        assert sessions.page(Query()) .partial
+    finally:
+        redis_server.start()
+    sessions.close()
 
 
 def test_concurrent_saves_through_the_app_are_distinct(make_app, redis_server, redis_db) -> None:
@@ -305,113 +532,25 @@ def test_concurrent_saves_through_the_app_are_distinct(make_app, redis_server, r
     assert len(set(stamps)) == 200 and redis_db.zcard(INDEX_KEY) == 200
 
 
-def test_memory_store_replacing_a_session_when_full_keeps_its_books_straight() -> None:
-    """Re-saving a client timestamp with a bigger body when memory is full evicts others, never itself."""
-    memory = MemoryStore(max_sessions=10, max_bytes=2000)
-    first = memory.save(draft("a" * 500, timestamp=now_ms() - 10), now_ms(), 60_000)
-    second = memory.save(draft("b" * 500), now_ms(), 60_000)
-    memory.save(draft("A" * 1500, timestamp=first), now_ms(), 60_000)
-    assert memory.get(second) is None and memory.get(first).body.count(b"A" * 1500) == 1
-    assert memory.nbytes == len(memory.get(first).body) and memory.page(Query())[0] == 1
-    assert memory.latest().timestamp == first
-    assert memory.delete(first) and len(memory) == 0 and memory.nbytes == 0
+def test_without_redis_the_oldest_are_evicted_and_that_is_logged(make_app, caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    client = make_app(local_max_sessions=2).test_client()
+    for i in range(4):
+        saved = client.post("/api/v1/session/save", headers={"Content-Type": "application/json"},
+                            data=orjson.dumps({"scriptText": f"s{i}", "episodeContext": "", "storyUuid": "s",
+                                               "analyzedEpisode": {}})).get_json()
+        assert saved["storage"] == "memory"
+    listed = client.get("/api/v1/session/list").get_json()
+    assert listed["total"] == 2 and [s["scriptText"] for s in listed["sessions"]] == ["s3", "s2"]
+    assert "evicted" in caplog.text
 
 
-def test_memory_store_refused_replacement_keeps_the_old_copy() -> None:
-    memory = MemoryStore(max_sessions=10, max_bytes=2000, evict=False)
-    ts = memory.save(draft("a" * 500, timestamp=now_ms() - 10), now_ms(), 60_000)
-    memory.save(draft("b" * 500), now_ms(), 60_000)
-    with pytest.raises(StorageFull):
-        memory.save(draft("A" * 1500, timestamp=ts), now_ms(), 60_000)
-    assert memory.get(ts).body.count(b"a" * 500) == 1 and len(memory) == 2
+def test_a_session_that_fits_nowhere_is_503_with_retry_after(make_app) -> None:
+    from servers import free_port
 
-
-def test_latest_and_list_look_past_any_number_of_expired_sessions(store: RedisStore, redis_db) -> None:
-    now = now_ms()
-    live = [store.save(draft(f"live {i}", timestamp=now - 100_000 + i), now, 60_000) for i in range(5)]
-    for i in range(260):  # newer timestamps, all expiring at once
-        store.save(draft(f"short {i}"), now_ms(), ttl_ms=150)
-    time.sleep(0.3)
-    assert store.latest().timestamp == live[-1]
-    total, rows = store.page(Query(limit=20))
-    assert total == 5 and [r.timestamp for r in rows] == live[::-1]
-    assert redis_db.zcard(INDEX_KEY) == 5
-
-
-def test_list_pages_are_full_even_past_members_another_tool_deleted(store: RedisStore, redis_db) -> None:
-    stamps = [store.save(draft(f"s{i}"), now_ms(), 60_000) for i in range(30)]
-    for ts in stamps[-25:-5]:  # 20 keys deleted behind the service's back, index entries left
-        redis_db.delete(f"storyart:session:{ts}")
-    total, rows = store.page(Query(limit=10))
-    assert total == 10 and [r.timestamp for r in rows] == stamps[-1:-6:-1] + stamps[-26:-31:-1]
-
-
-def test_a_delete_during_write_back_is_not_undone(redis_server, redis_db) -> None:
-    """The race from review: write-back took its snapshot, then a DELETE removed the session everywhere;
-    the write-back must not put it back into Redis."""
-    import storage as storage_module
-
-    config = dataclasses.replace(Config(), redis_url=redis_server.url, redis_retry_interval=60)
-    memory = MemoryStore(evict=False)
-    sessions = storage_module.SessionStorage(memory, RedisStore.from_config(config), 600, 60)
-    redis_server.kill()
-    doomed, kept = (sessions.save(draft(name))[0] for name in ("doomed", "kept"))
-    redis_server.start()
-    sessions._redis_down = False  # what the retry thread does once Redis answers again
-    snapshot = memory.snapshot
-
-    def snapshot_then_delete():
-        taken = snapshot()
-        assert sessions.delete(doomed)
-        return taken
-
-    memory.snapshot = snapshot_then_delete
-    assert sessions.write_back() == 1
-    memory.snapshot = snapshot
-    assert sessions.get(doomed) is None and not redis_db.exists(f"storyart:session:{doomed}")
-    assert sessions.get(kept).storage == "redis"
-    sessions.close()
-
-
-def test_a_timestamp_redis_assigned_is_never_assigned_again_from_memory(redis_server, redis_db) -> None:
-    """Saves to Redis, then Redis goes away within the same millisecond: memory must not reuse the number
-    (write-back would then find another session under it; found by the soak)."""
-    import storage as storage_module
-
-    config = dataclasses.replace(Config(), redis_url=redis_server.url, redis_retry_interval=60)
-    memory = MemoryStore(evict=False)
-    sessions = storage_module.SessionStorage(memory, RedisStore.from_config(config), 600, 60)
-    frozen = now_ms() + 60_000  # every save below happens "in the same millisecond"
-    storage_module.now_ms, real_now = (lambda: frozen), storage_module.now_ms
-    try:
-        in_redis = [sessions.save(draft(f"r{i}"))[0] for i in range(3)]
-        redis_server.kill()
-        in_memory = [sessions.save(draft(f"m{i}"))[0] for i in range(3)]
-    finally:
-        storage_module.now_ms = real_now
-        redis_server.start()
-    assert len(set(in_redis + in_memory)) == 6 and min(in_memory) > max(in_redis)
-    sessions.close()
-
-
-def test_two_hosts_in_the_same_millisecond_get_distinct_reserved_timestamps(redis_server, redis_db) -> None:
-    """Each host reserves in its own clock; Redis refuses a reserved number already taken and the host
-    reserves the next, so every number Redis hands out was reserved first (none can be reused from memory)."""
-    import storage as storage_module
-
-    config = dataclasses.replace(Config(), redis_url=redis_server.url, redis_retry_interval=60)
-    hosts = [storage_module.SessionStorage(MemoryStore(), RedisStore.from_config(config), 600, 60) for _ in range(2)]
-    frozen = now_ms() + 60_000
-    storage_module.now_ms, real_now = (lambda: frozen), storage_module.now_ms
-    try:
-        stamps = [host.save(draft(f"h{i}-{n}"))[0] for n in range(3) for i, host in enumerate(hosts)]
-    finally:
-        storage_module.now_ms = real_now
-    assert len(set(stamps)) == 6 and redis_db.zcard(INDEX_KEY) == 6
-    assert store_refuses_a_taken_exact_timestamp(hosts[0].redis, stamps[0])
-    for host in hosts:
-        host.close()
-
-
-def store_refuses_a_taken_exact_timestamp(store: RedisStore, taken: int) -> bool:
-    return store.save(draft("late"), taken, 60_000, exact=True) == 0
+    app = make_app(redis_url=f"redis://127.0.0.1:{free_port()}/0", local_max_bytes=1024)
+    got = app.test_client().post("/api/v1/session/save", headers={"Content-Type": "application/json"},
+                                 data=orjson.dumps({"scriptText": "x" * 5000, "episodeContext": "",
+                                                    "storyUuid": "s", "analyzedEpisode": {}}))
+    assert got.status_code == 503 and got.headers["Retry-After"].isdigit()
+    assert got.get_json()["success"] is False and "retry" in got.get_json()["error"]

@@ -1,0 +1,184 @@
+"""The volatile local store (`LOCAL_STORE=memory`): a module-level dict in this process.
+
+Nothing touches the disk and nothing is shared: another gunicorn worker does not see these sessions, and they
+end with the process. It is the choice for a throwaway run or a test; the durable default is `store_sqlite.py`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import heapq
+import logging
+import threading
+from collections.abc import Iterator
+
+import orjson
+
+from allocator import choose, now_ms
+from payload import Draft
+from storage import Limits, LocalStore, Origin, Query, Record, StorageFull, Stored, WhenFull
+
+log = logging.getLogger("storyart.storage")
+
+
+class MemoryStore(LocalStore):
+    """Sessions in this process: the newest found in O(1), pages cut from a sorted index without copying it,
+    expired sessions purged from an expiry heap, bounded by count and bytes."""
+
+    kind = "memory"
+    location = None
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self._lock = threading.RLock()  # also `exclusive()`: a write-back step and a delete never interleave
+        self._records: dict[int, Record] = {}
+        self._order: list[int] = []  # timestamps, ascending
+        self._expiry: list[tuple[int, int]] = []  # heap of (expires_at, timestamp); replaced pairs are skipped
+        self._bytes = 0
+        self._last_assigned = 0
+        self.configure(limits or Limits())
+
+    def configure(self, limits: Limits) -> None:
+        self.limits = limits
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records.clear()
+            self._order.clear()
+            self._expiry.clear()
+            self._bytes = 0
+
+    def count(self) -> tuple[int, int]:
+        return len(self._records), self._bytes
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._lock:
+            yield
+
+    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int) -> int:
+        with self._lock:
+            timestamp, origin = draft.timestamp, Origin.CLIENT
+            if timestamp is None:
+                timestamp = choose(proposal, self._last_assigned, self._records.__contains__)
+                self._last_assigned, origin = timestamp, Origin.SERVICE
+            self._put(Record(timestamp, draft.render(timestamp), draft.summary, now + ttl_ms, origin), now)
+            return timestamp
+
+    def _put(self, record: Record, now: int) -> None:
+        """Insert or replace; room is made (or refused) before anything changes, so a failed replace keeps the
+        old copy."""
+        self._purge_expired(now)
+        old = self._records.get(record.timestamp)
+        self._make_room(record, len(old.body) if old else 0, 0 if old else 1)
+        if old:
+            self._drop(record.timestamp)
+        bisect.insort(self._order, record.timestamp)
+        self._records[record.timestamp] = record
+        self._bytes += len(record.body)
+        heapq.heappush(self._expiry, (record.expires_at, record.timestamp))
+
+    def _make_room(self, record: Record, freed: int, added: int) -> None:
+        limits = self.limits
+        if len(record.body) > limits.max_bytes:
+            raise StorageFull("the session is larger than LOCAL_STORE_MAX_BYTES")
+        over_count = len(self._records) + added - limits.max_sessions
+        over_bytes = self._bytes - freed + len(record.body) - limits.max_bytes
+        if over_count <= 0 and over_bytes <= 0:
+            return
+        if limits.when_full is WhenFull.REFUSE:
+            raise StorageFull("the local store is full of sessions waiting for Redis")
+        victims = []
+        for oldest in self._order:  # never the one being replaced
+            if over_count <= 0 and over_bytes <= 0:
+                break
+            if oldest != record.timestamp:
+                victims.append(oldest)
+                over_count, over_bytes = over_count - 1, over_bytes - len(self._records[oldest].body)
+        for victim in victims:
+            self._drop(victim)
+        log.warning("local store full: evicted the %d oldest session(s)", len(victims))
+
+    def _purge_expired(self, now: int) -> None:
+        """Drop what has expired: only the due end of the expiry heap is looked at, never every session."""
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            expires_at, timestamp = heapq.heappop(heap)
+            record = self._records.get(timestamp)
+            if record is not None and record.expires_at == expires_at:
+                self._drop(timestamp)
+        if len(heap) > 2 * len(self._records) + 64:  # pairs of replaced or removed sessions: rebuild, amortized
+            self._expiry = [(record.expires_at, ts) for ts, record in self._records.items()]
+            heapq.heapify(self._expiry)
+
+    def _drop(self, timestamp: int) -> Record | None:
+        record = self._records.pop(timestamp, None)
+        if record is not None:
+            self._order.pop(bisect.bisect_left(self._order, timestamp))
+            self._bytes -= len(record.body)
+        return record
+
+    def _live(self, timestamp: int) -> Record | None:
+        record = self._records.get(timestamp)
+        return record if record is not None and record.expires_at > now_ms() else None
+
+    @staticmethod
+    def _stored(record: Record, summaries: bool = False) -> Stored:
+        return Stored(record.timestamp, record.summary if summaries else record.body, "memory", record.summary)
+
+    def get(self, timestamp: int) -> Stored | None:
+        record = self._live(timestamp)
+        return self._stored(record) if record else None
+
+    def exists(self, timestamp: int) -> bool:
+        return self._live(timestamp) is not None
+
+    def latest(self) -> Stored | None:
+        now = now_ms()
+        with self._lock:
+            for timestamp in reversed(self._order):
+                record = self._records[timestamp]
+                if record.expires_at > now:
+                    return self._stored(record)
+        return None
+
+    def _matching(self, query: Query) -> tuple[int, list[int]]:
+        """(how many match, their timestamps newest first, cut to the page); the caller holds the lock."""
+        self._purge_expired(now_ms())
+        low = bisect.bisect_left(self._order, query.low)
+        high = bisect.bisect_right(self._order, query.high)
+        if query.filters_summaries:
+            chosen = [ts for ts in reversed(self._order[low:high])
+                      if query.matches(orjson.loads(self._records[ts].summary))]
+            return len(chosen), chosen[query.offset : query.offset + query.limit]
+        stop = max(low, high - query.offset)  # an index slice, newest first, without copying the rest
+        return high - low, self._order[max(low, stop - query.limit) : stop][::-1]
+
+    def page(self, query: Query, summaries: bool = False) -> tuple[int, list[Stored]]:
+        with self._lock:
+            total, stamps = self._matching(query)
+            return total, [self._stored(self._records[ts], summaries) for ts in stamps]
+
+    def timestamps(self, query: Query) -> tuple[int, list[int]]:
+        with self._lock:
+            return self._matching(query.widened())
+
+    def rows(self, timestamps: list[int], summaries: bool = False) -> list[Stored]:
+        found = (self._live(ts) for ts in timestamps)
+        return [self._stored(record, summaries) for record in found if record is not None]
+
+    def delete(self, timestamp: int) -> bool:
+        with self._lock:
+            return self._drop(timestamp) is not None
+
+    def oldest(self) -> Record | None:
+        with self._lock:
+            return self._records[self._order[0]] if self._order else None
+
+    def close(self) -> None:
+        """The module-level store outlives an app built on it (tests build many): nothing to release."""
+
+
+MEMORY = MemoryStore()
+"""This process's in-memory store: module-level, as the design card has it; `storage.build_storage` sets its
+limits."""

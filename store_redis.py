@@ -1,0 +1,282 @@
+"""The Redis backend: the public layout other StoryArt tools read (and rewrite) directly, and the service's own.
+
+Public, byte-compatible with the original service (see `docs/contract.md`):
+
+* `storyart:session:<ms>`: a string, the session JSON (UTF-8) including its `timestamp`, with the session TTL;
+* `storyart:sessions:index`: a sorted set, member the session key, score the timestamp.
+
+The service's own, outside the public pattern `storyart:session:*`:
+
+* `storyart:meta:<ms>`: the session's summary JSON, same TTL (list views and ETags read it, not the body);
+* `storyart:sessions:expiry`: a sorted set of session keys by expiry time, so expired members leave the index;
+* `storyart:sessions:clock`: the last timestamp the service assigned (`allocator.py`).
+
+A request that needs several commands runs them in one Lua script: one round trip, and atomic across every
+thread, worker and host that shares the Redis.
+"""
+
+from __future__ import annotations
+
+import orjson
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from allocator import REDIS_ASSIGN, now_ms
+from config import Config
+from payload import Draft, head_of, summarize
+from storage import KEY_PREFIX, Moved, Origin, Outcome, Query, Record, SessionStore, Stored, session_key
+
+META_PREFIX = "storyart:meta:"
+INDEX_KEY = "storyart:sessions:index"
+EXPIRY_KEY = "storyart:sessions:expiry"
+CLOCK_KEY = "storyart:sessions:clock"
+
+# Index members whose session expired leave the index (and the expiry set); run by every save, latest and
+# list page. The work is the number of sessions that expired since the last run.
+_PRUNE = """
+local function prune(index, expiry, now)
+  local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', now)
+  for _, k in ipairs(due) do
+    local left = redis.call('PTTL', k)
+    if left == -2 then
+      redis.call('ZREM', index, k)
+      redis.call('ZREM', expiry, k)
+    elseif left == -1 then
+      redis.call('ZREM', expiry, k)
+    else
+      redis.call('ZADD', expiry, string.format('%d', now + left), k)
+    end
+  end
+end
+"""
+
+# Save one session atomically; returns {outcome, timestamp}. KEYS: index, expiry, clock.
+# ARGV: head, summary, now (ms), TTL (ms), the client's timestamp or "", the allocator's proposal, and for a
+# write-back the session's origin ("client" or "service"; "" for a save).
+# A save replaces whatever holds its timestamp. A write-back that meets a *different* session there: for a
+# client timestamp, the copy acknowledged later wins (the later expiry; 'superseded' when Redis's copy
+# outlives the pending one, which only a save through another host can cause); for a service-assigned one
+# (two processes chose the same millisecond) both are kept and the written-back one takes the next free
+# timestamp ('renumbered').
+_SAVE = _PRUNE + """
+local function fmt(n) return string.format('%d', n) end
+local head, summary, now, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local ts, proposal, origin = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local clock = KEYS[3]
+local outcome = 'stored'
+if origin ~= '' then
+  local current = redis.call('GET', '{SESSION}' .. fmt(ts))
+  if current and current ~= head .. fmt(ts) .. '}' then
+    if origin == 'service' then
+      proposal, ts, outcome = ts, nil, 'renumbered'
+    elseif redis.call('PTTL', '{SESSION}' .. fmt(ts)) > ttl then
+      return {'superseded', fmt(ts)}
+    end
+  end
+end
+if not ts then
+""" + REDIS_ASSIGN + """
+end
+local id = fmt(ts)
+local key = '{SESSION}' .. id
+redis.call('SET', key, head .. id .. '}', 'PX', fmt(ttl))
+redis.call('SET', '{META}' .. id, summary, 'PX', fmt(ttl))
+redis.call('ZADD', KEYS[1], id, key)
+redis.call('ZADD', KEYS[2], fmt(now + ttl), key)
+prune(KEYS[1], KEYS[2], now)
+return {outcome, id}
+"""
+
+# The newest session: {score, body, summary or false}, or false. ARGV: now. Members whose key is gone without
+# an expiry entry (written by another tool, then deleted) are pruned on the way.
+_LATEST = _PRUNE + """
+prune(KEYS[1], KEYS[2], tonumber(ARGV[1]))
+while true do
+  local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if #top == 0 then return false end
+  local body = redis.call('GET', top[1])
+  if body then return {top[2], body, redis.call('GET', '{META}' .. top[2])} end
+  redis.call('ZREM', KEYS[1], top[1])
+  redis.call('ZREM', KEYS[2], top[1])
+end
+"""
+
+# One page newest first within a score range: {total, score1, value1, score2, value2, ...}. ARGV: offset,
+# limit, min, max, now, "meta" for summaries (false where a session has none), "" for bodies, "none" for
+# timestamps only. Dead members in the window are removed first, so a page is never short while matches remain.
+_PAGE = _PRUNE + """
+prune(KEYS[1], KEYS[2], tonumber(ARGV[5]))
+local rows, dead
+repeat
+  rows = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[4], ARGV[3], 'WITHSCORES', 'LIMIT', ARGV[1], ARGV[2])
+  dead = 0
+  for i = 1, #rows, 2 do
+    if redis.call('EXISTS', rows[i]) == 0 then
+      redis.call('ZREM', KEYS[1], rows[i])
+      redis.call('ZREM', KEYS[2], rows[i])
+      dead = dead + 1
+    end
+  end
+until dead == 0
+local out = {redis.call('ZCOUNT', KEYS[1], ARGV[3], ARGV[4])}
+for i = 1, #rows, 2 do
+  out[#out + 1] = rows[i + 1]
+  if ARGV[6] == 'meta' then
+    out[#out + 1] = redis.call('GET', '{META}' .. rows[i + 1])
+  elseif ARGV[6] == 'none' then
+    out[#out + 1] = false
+  else
+    out[#out + 1] = redis.call('GET', rows[i])
+  end
+end
+return out
+"""
+
+
+def _script(source: str) -> str:
+    return source.replace("{SESSION}", KEY_PREFIX).replace("{META}", META_PREFIX)
+
+
+class RedisStore(SessionStore):
+    """The operations of `SessionStore` on the layout above."""
+
+    storage = "redis"
+    SCAN_BATCH = 500  # summaries fetched per round trip when a list filters on them
+
+    def __init__(self, client: redis.Redis, probe: redis.Redis | None = None) -> None:
+        self.client = client
+        self.probe = probe or client  # pings: answers within the connect timeout, or Redis counts as down
+        self._save = client.register_script(_script(_SAVE))
+        self._latest = client.register_script(_script(_LATEST))
+        self._page = client.register_script(_script(_PAGE))
+
+    @classmethod
+    def from_config(cls, config: Config) -> RedisStore:
+        """One pool per process, sized for its threads; no redis-py retries, so a dead Redis costs one
+        connect timeout and the caller decides what happens next (the local store)."""
+        pool = redis.BlockingConnectionPool.from_url(
+            config.redis_url,
+            max_connections=config.redis_max_connections,
+            timeout=config.redis_socket_timeout,
+            socket_connect_timeout=config.redis_connect_timeout,
+            socket_timeout=config.redis_socket_timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        probe = redis.Redis.from_url(config.redis_url, socket_connect_timeout=config.redis_connect_timeout,
+                                     socket_timeout=config.redis_connect_timeout, retry=Retry(NoBackoff(), 0))
+        return cls(redis.Redis(connection_pool=pool), probe)
+
+    # -- writes
+
+    def _run_save(self, head: bytes, summary: bytes, now: int, ttl_ms: int, timestamp: int | None,
+                  proposal: int, origin: Origin | None) -> Moved:
+        args = (head, summary, now, ttl_ms, "" if timestamp is None else timestamp, proposal,
+                origin.value if origin else "")
+        outcome, stored_as = self._save(keys=(INDEX_KEY, EXPIRY_KEY, CLOCK_KEY), args=args)
+        return Moved(Outcome(outcome.decode()), int(stored_as))
+
+    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int) -> int:
+        return self._run_save(draft.head, draft.summary, now, ttl_ms, draft.timestamp, proposal, None).timestamp
+
+    def write_back(self, record: Record, *, now: int) -> Moved:
+        """Recreate a pending session from the local store with its timestamp and remaining TTL. Writing the
+        same bytes twice changes nothing, so a write-back cut short and repeated stores one copy."""
+        draft = record.draft
+        return self._run_save(draft.head, draft.summary, now, record.expires_at - now, record.timestamp,
+                              record.timestamp, record.origin)
+
+    def delete(self, timestamp: int) -> bool:
+        key = session_key(timestamp)
+        with self.client.pipeline() as pipe:
+            deleted = pipe.delete(key, f"{META_PREFIX}{timestamp}").zrem(INDEX_KEY, key).zrem(EXPIRY_KEY, key).execute()
+        return bool(deleted[0])
+
+    # -- reads
+
+    def get(self, timestamp: int) -> Stored | None:
+        body, summary = self.client.mget(session_key(timestamp), f"{META_PREFIX}{timestamp}")
+        return Stored(timestamp, body, "redis", summary) if body is not None else None
+
+    def exists(self, timestamp: int) -> bool:
+        return bool(self.client.exists(session_key(timestamp)))
+
+    def latest(self) -> Stored | None:
+        found = self._latest(keys=(INDEX_KEY, EXPIRY_KEY), args=(now_ms(),))
+        return Stored(int(found[0]), found[1], "redis", found[2] or None) if found else None
+
+    def _run_page(self, query: Query, what: str) -> tuple[int, list[tuple[int, bytes | None]]]:
+        out = self._page(keys=(INDEX_KEY, EXPIRY_KEY),
+                         args=(query.offset, query.limit, query.low, query.high, now_ms(), what))
+        return int(out[0]), [(int(out[i]), out[i + 1]) for i in range(1, len(out), 2)]
+
+    def page(self, query: Query, summaries: bool = False) -> tuple[int, list[Stored]]:
+        if query.filters_summaries:
+            total, matched = self._filtered(query)
+            page = matched[query.offset : query.offset + query.limit]
+            return total, self.rows([ts for ts, _ in page], summaries)
+        total, rows = self._run_page(query, "meta" if summaries else "")
+        if summaries:
+            rows = [(ts, value or self._backfill(ts)) for ts, value in rows]
+            return total, [Stored(ts, value, "redis", value) for ts, value in rows if value]
+        return total, [Stored(ts, value, "redis") for ts, value in rows]
+
+    def timestamps(self, query: Query) -> tuple[int, list[int]]:
+        wide = query.widened()
+        if query.filters_summaries:
+            total, matched = self._filtered(query)
+            return total, [ts for ts, _ in matched[: wide.limit]]
+        total, rows = self._run_page(wide, "none")
+        return total, [ts for ts, _ in rows]
+
+    def rows(self, timestamps: list[int], summaries: bool = False) -> list[Stored]:
+        if not timestamps:
+            return []
+        bodies = self.client.mget([session_key(ts) for ts in timestamps])
+        metas = self.client.mget([f"{META_PREFIX}{ts}" for ts in timestamps])
+        found = []
+        for ts, body, meta in zip(timestamps, bodies, metas, strict=True):
+            if body is None:
+                continue
+            meta = meta or self._backfill(ts)
+            found.append(Stored(ts, meta if summaries else body, "redis", meta or None))
+        return [row for row in found if row.body]
+
+    def _filtered(self, query: Query) -> tuple[int, list[tuple[int, bytes]]]:
+        """Every (timestamp, summary) in the range matching the filters, newest first, reading summaries in
+        batches; O(sessions in range)."""
+        matched: list[tuple[int, bytes]] = []
+        start = 0
+        while True:
+            batch = self.client.zrevrangebyscore(INDEX_KEY, query.high, query.low, start=start,
+                                                 num=self.SCAN_BATCH, withscores=True)
+            if not batch:
+                break
+            stamps = [int(score) for _, score in batch]
+            values = self.client.mget([f"{META_PREFIX}{ts}" for ts in stamps])
+            for ts, value in zip(stamps, values, strict=True):
+                value = value or self._backfill(ts)
+                if value and query.matches(orjson.loads(value)):
+                    matched.append((ts, value))
+            start += self.SCAN_BATCH
+        return len(matched), matched
+
+    def _backfill(self, timestamp: int) -> bytes:
+        """The summary of a session saved without one (by another tool or an older version), stored for next
+        time with the session's remaining TTL; empty when the session is gone."""
+        key = session_key(timestamp)
+        with self.client.pipeline(transaction=False) as pipe:
+            body, left = pipe.get(key).pttl(key).execute()
+        if body is None:
+            return b""
+        summary = summarize(orjson.loads(body), len(body), head_of(body, timestamp))
+        self.client.set(f"{META_PREFIX}{timestamp}", summary, px=left if left > 0 else None)
+        return summary
+
+    def ping(self) -> None:
+        self.probe.ping()
+
+    def close(self) -> None:
+        for client in {id(c): c for c in (self.client, self.probe)}.values():
+            client.close()
+            client.connection_pool.disconnect()

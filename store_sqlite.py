@@ -1,0 +1,312 @@
+"""The durable local store, the default: one SQLite file (`LOCAL_STORE_PATH`) in WAL mode.
+
+Every process on the host opens the same file: gunicorn's workers, `python app.py`, the next run of the service.
+A save returns only after its transaction has committed, so a session the service acknowledged survives a
+`kill -9` of any of them; with `synchronous=FULL` (the default) each commit is also flushed to the disk, so it
+survives a power loss too (see the README's "Local store").
+
+Each thread keeps its own connection. Writes take the file's write lock (`BEGIN IMMEDIATE`), which makes the
+timestamp rule and the caps atomic across processes, and `exclusive()` hands that lock to the failover for a
+write-back step or a delete. A live count of sessions and bytes is kept by triggers, so the caps cost nothing
+to check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from allocator import choose, now_ms
+from config import ConfigError
+from payload import Draft
+from storage import Limits, LocalStore, Origin, Query, Record, StorageFull, StorageUnavailable, Stored, WhenFull
+
+log = logging.getLogger("storyart.storage")
+
+BUSY_TIMEOUT_S = 3.0  # how long a write waits for another process's transaction before the save gets a 503
+RECLAIM_PAGES = 256  # free pages (1 MiB) worth handing back to the file system after deletes
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS sessions (
+        timestamp INTEGER PRIMARY KEY,
+        body BLOB NOT NULL,       -- the session JSON exactly as the API returns it
+        summary BLOB NOT NULL,    -- its summary JSON (list views, ETags)
+        expires_at INTEGER NOT NULL,  -- wall clock, ms
+        origin TEXT NOT NULL      -- who chose the timestamp: 'client' or 'service'
+    )""",
+    "CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at)",
+    """CREATE TABLE IF NOT EXISTS state (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        last_assigned INTEGER NOT NULL,  -- the allocator's last value here (see allocator.py)
+        sessions INTEGER NOT NULL,
+        bytes INTEGER NOT NULL
+    )""",
+    "INSERT OR IGNORE INTO state VALUES (0, 0, 0, 0)",
+    """CREATE TRIGGER IF NOT EXISTS sessions_added AFTER INSERT ON sessions BEGIN
+        UPDATE state SET sessions = sessions + 1, bytes = bytes + length(NEW.body);
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS sessions_removed AFTER DELETE ON sessions BEGIN
+        UPDATE state SET sessions = sessions - 1, bytes = bytes - length(OLD.body);
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS sessions_replaced AFTER UPDATE OF body ON sessions BEGIN
+        UPDATE state SET bytes = bytes - length(OLD.body) + length(NEW.body);
+    END""",
+)
+
+UPSERT = """INSERT INTO sessions (timestamp, body, summary, expires_at, origin) VALUES (?, ?, ?, ?, ?)
+    ON CONFLICT (timestamp) DO UPDATE SET body = excluded.body, summary = excluded.summary,
+    expires_at = excluded.expires_at, origin = excluded.origin"""
+
+
+class SqliteStore(LocalStore):
+    kind = "sqlite"
+
+    def __init__(self, path: Path, limits: Limits, synchronous: str = "FULL") -> None:
+        self.path = path
+        self.location = str(path)
+        self.limits = limits
+        self.synchronous = synchronous
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: str | Path, limits: Limits, synchronous: str = "FULL") -> SqliteStore:
+        """Open (or create) the store, or raise `ConfigError` naming the path. A file that is not a usable
+        SQLite database is never discarded: it is moved aside, the move is logged, and a new store starts."""
+        path = Path(path).absolute()
+        _check_usable(path)
+        store = cls(path, limits, synchronous)
+        try:
+            store._create()
+        except sqlite3.OperationalError as error:
+            raise ConfigError(f"LOCAL_STORE_PATH: cannot open {path}: {error}") from None
+        except sqlite3.DatabaseError as error:
+            store.close()
+            aside = _move_aside(path)
+            log.error("local store %s is not a usable SQLite database (%s): moved it to %s and started a new one",
+                      path, error, aside)
+            store = cls(path, limits, synchronous)
+            store._create()
+        return store
+
+    # -- connections and transactions
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None or self._local.pid != os.getpid():  # a connection never crosses a fork
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            db.execute(f"PRAGMA synchronous = {self.synchronous}")
+            db.execute("PRAGMA journal_size_limit = 16777216")  # the WAL file shrinks back after a burst
+            self._local.db, self._local.pid = db, os.getpid()
+            with self._all_lock:
+                self._all.append(db)
+        return db
+
+    def _create(self) -> None:
+        db = self._db()
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect on a new file only: before any table
+        db.execute("PRAGMA journal_mode = WAL")
+        with self._write() as db:
+            for statement in SCHEMA:
+                db.execute(statement)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding the file's write lock; nested uses join the open one. Any database
+        error becomes `StorageUnavailable` and nothing is changed."""
+        db = self._db()
+        if db.in_transaction:
+            yield db
+            return
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            raise _unavailable(error) from error
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException as error:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            if isinstance(error, sqlite3.Error):
+                raise _unavailable(error) from error
+            raise
+
+    def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
+        try:
+            return self._db().execute(sql, params).fetchall()
+        except sqlite3.Error as error:
+            raise _unavailable(error) from error
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._write():
+            yield
+
+    # -- writes
+
+    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int) -> int:
+        with self._write() as db:
+            self._purge_expired(db, now)
+            timestamp, origin = draft.timestamp, Origin.CLIENT
+            if timestamp is None:
+                last = db.execute("SELECT last_assigned FROM state").fetchone()[0]
+                timestamp = choose(proposal, last, lambda ts: bool(
+                    db.execute("SELECT 1 FROM sessions WHERE timestamp = ?", (ts,)).fetchone()))
+                db.execute("UPDATE state SET last_assigned = ?", (timestamp,))
+                origin = Origin.SERVICE
+            body = draft.render(timestamp)
+            self._make_room(db, timestamp, len(body))
+            db.execute(UPSERT, (timestamp, body, draft.summary, now + ttl_ms, origin.value))
+        return timestamp
+
+    def _make_room(self, db: sqlite3.Connection, timestamp: int, size: int) -> None:
+        limits = self.limits
+        if size > limits.max_bytes:
+            raise StorageFull("the session is larger than LOCAL_STORE_MAX_BYTES")
+        count, nbytes = db.execute("SELECT sessions, bytes FROM state").fetchone()
+        old = db.execute("SELECT length(body) FROM sessions WHERE timestamp = ?", (timestamp,)).fetchone()
+        over_count = count + (0 if old else 1) - limits.max_sessions
+        over_bytes = nbytes - (old[0] if old else 0) + size - limits.max_bytes
+        if over_count <= 0 and over_bytes <= 0:
+            return
+        if limits.when_full is WhenFull.REFUSE:
+            raise StorageFull("the local store is full of sessions waiting for Redis")
+        victims = []
+        for victim, length in db.execute("SELECT timestamp, length(body) FROM sessions WHERE timestamp != ? "
+                                         "ORDER BY timestamp", (timestamp,)):
+            if over_count <= 0 and over_bytes <= 0:
+                break
+            victims.append((victim,))
+            over_count, over_bytes = over_count - 1, over_bytes - length
+        db.executemany("DELETE FROM sessions WHERE timestamp = ?", victims)
+        log.warning("local store full: evicted the %d oldest session(s)", len(victims))
+        self._reclaim(db)
+
+    def _purge_expired(self, db: sqlite3.Connection, now: int) -> None:
+        if db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount:
+            self._reclaim(db)
+
+    @staticmethod
+    def _reclaim(db: sqlite3.Connection) -> None:
+        """Hand free pages back to the file system once there are enough, so churn does not grow the file."""
+        if db.execute("PRAGMA freelist_count").fetchone()[0] >= RECLAIM_PAGES:
+            db.execute("PRAGMA incremental_vacuum").fetchall()
+
+    def delete(self, timestamp: int) -> bool:
+        with self._write() as db:
+            deleted = db.execute("DELETE FROM sessions WHERE timestamp = ?", (timestamp,)).rowcount > 0
+            if deleted:
+                self._reclaim(db)
+            return deleted
+
+    # -- reads
+
+    def get(self, timestamp: int) -> Stored | None:
+        rows = self._read("SELECT body, summary FROM sessions WHERE timestamp = ? AND expires_at > ?",
+                          (timestamp, now_ms()))
+        return Stored(timestamp, rows[0][0], "memory", rows[0][1]) if rows else None
+
+    def exists(self, timestamp: int) -> bool:
+        return bool(self._read("SELECT 1 FROM sessions WHERE timestamp = ? AND expires_at > ?",
+                               (timestamp, now_ms())))
+
+    def latest(self) -> Stored | None:
+        rows = self._read("SELECT timestamp, body, summary FROM sessions WHERE expires_at > ? "
+                          "ORDER BY timestamp DESC LIMIT 1", (now_ms(),))
+        return Stored(rows[0][0], rows[0][1], "memory", rows[0][2]) if rows else None
+
+    def _matching(self, query: Query) -> tuple[int, list[int]]:
+        """(how many match, the page's timestamps newest first)."""
+        live = (query.low, query.high, now_ms())
+        where = "timestamp BETWEEN ? AND ? AND expires_at > ?"
+        if query.filters_summaries:
+            chosen = [ts for ts, summary in self._read(
+                f"SELECT timestamp, summary FROM sessions WHERE {where} ORDER BY timestamp DESC", live)
+                if query.matches(orjson.loads(summary))]
+            return len(chosen), chosen[query.offset : query.offset + query.limit]
+        total = self._read(f"SELECT count(*) FROM sessions WHERE {where}", live)[0][0]
+        stamps = self._read(f"SELECT timestamp FROM sessions WHERE {where} ORDER BY timestamp DESC LIMIT ? OFFSET ?",
+                            (*live, query.limit, query.offset))
+        return total, [ts for (ts,) in stamps]
+
+    def page(self, query: Query, summaries: bool = False) -> tuple[int, list[Stored]]:
+        total, stamps = self._matching(query)
+        return total, self.rows(stamps, summaries)
+
+    def timestamps(self, query: Query) -> tuple[int, list[int]]:
+        return self._matching(query.widened())
+
+    def rows(self, timestamps: list[int], summaries: bool = False) -> list[Stored]:
+        found: dict[int, Stored] = {}
+        column = "summary" if summaries else "body"
+        for start in range(0, len(timestamps), 500):
+            batch = timestamps[start : start + 500]
+            marks = ",".join("?" * len(batch))
+            for ts, value, summary in self._read(f"SELECT timestamp, {column}, summary FROM sessions "
+                                                 f"WHERE timestamp IN ({marks}) AND expires_at > ?",
+                                                 (*batch, now_ms())):
+                found[ts] = Stored(ts, value, "memory", summary)
+        return [found[ts] for ts in timestamps if ts in found]
+
+    def oldest(self) -> Record | None:
+        rows = self._read("SELECT timestamp, body, summary, expires_at, origin FROM sessions "
+                          "ORDER BY timestamp LIMIT 1")
+        if not rows:
+            return None
+        timestamp, body, summary, expires_at, origin = rows[0]
+        return Record(timestamp, body, summary, expires_at, Origin(origin))
+
+    def count(self) -> tuple[int, int]:
+        sessions, nbytes = self._read("SELECT sessions, bytes FROM state")[0]
+        return sessions, nbytes
+
+    def close(self) -> None:
+        with self._all_lock:
+            connections, self._all = self._all, []
+        for db in connections:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+        self._local = threading.local()
+
+
+def _unavailable(error: sqlite3.Error) -> StorageUnavailable:
+    message = str(error)
+    if "locked" in message or "busy" in message:
+        return StorageUnavailable("the local store is busy (another process holds it too long)")
+    return StorageUnavailable(f"the local store cannot commit ({message})")
+
+
+def _check_usable(path: Path) -> None:
+    """`ConfigError` naming the path when the store cannot live there."""
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"LOCAL_STORE_PATH: cannot create the folder {folder}: {error.strerror}") from None
+    if path.is_dir():
+        raise ConfigError(f"LOCAL_STORE_PATH: {path} is a directory; name a file in it instead")
+    if not folder.is_dir():
+        raise ConfigError(f"LOCAL_STORE_PATH: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.R_OK | os.W_OK)):
+        raise ConfigError(f"LOCAL_STORE_PATH: {path} is not writable by this user")
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename the file (and its WAL and shared-memory files) to `<name>.corrupt-<UTC time>`."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            source.rename(f"{aside}{suffix}")
+    return aside
