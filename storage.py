@@ -375,7 +375,7 @@ class SessionStorage:
         if self.redis is None:
             with self.local.exclusive():
                 return self.local.delete(timestamp)
-        if self._state is RedisState.DOWN:
+        if self._state is RedisState.DOWN and self.check(when_down=True) is RedisState.DOWN:  # rare: ask now
             raise StorageUnavailable("Redis is unreachable, so the session cannot be deleted everywhere")
         with self.local.exclusive():
             try:
@@ -386,13 +386,19 @@ class SessionStorage:
                     from error
             return self.local.delete(timestamp) or in_redis
 
-    def check(self) -> RedisState:
-        """Health probe: ping Redis unless it is already known to be down (no wait on a dead Redis)."""
-        if self.redis is not None and self._state is not RedisState.DOWN:
+    def check(self, *, when_down: bool = False) -> RedisState:
+        """Health probe: ping Redis, unless it is known to be down (no wait on a dead Redis) and `when_down` is
+        not asked for; a Redis that answers again counts as connected at once (the background thread writes
+        the pending sessions back)."""
+        if self.redis is not None and (when_down or self._state is not RedisState.DOWN):
             try:
                 self.redis.ping()
             except redis.RedisError as error:
                 self._redis_failed(error)
+            else:
+                with self._lock:
+                    if self._state is RedisState.DOWN:
+                        self._state = RedisState.CONNECTED
         return self._state
 
     # -- recovery

@@ -97,3 +97,18 @@ def service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start redis-servers of this test's own (`own_redis(*flags, port=...)`); all are killed afterwards."""
+    started: list[RedisServer] = []
+
+    def start(*flags: str, port: int | None = None) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(started)}", port).start(*flags)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill_all()

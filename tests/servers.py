@@ -152,9 +152,30 @@ class ServiceProcess:
         else:
             args = [sys.executable, "app.py"]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, preexec_fn=self.preexec)
         wait_for(self._healthy, what=f"{self.kind} on port {self.port}")
         return self
+
+    preexec = None  # a callable run in the child before exec (a test sets resource limits with it)
+
+    def kill_group(self) -> None:
+        """SIGKILL the process and every process it started (gunicorn's master and workers), like a crash or
+        the OOM killer: nothing gets to clean up."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            wait_for(self._port_free, what=f"port {self.port} to be free")
+
+    def _port_free(self) -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", self.port)) != 0
+
+    def restart(self) -> ServiceProcess:
+        """Start again on the same port and local store (after `stop` or `kill_group`)."""
+        self._log.close()
+        return self.start()
 
     def _healthy(self) -> bool:
         if self.proc and self.proc.poll() is not None:
@@ -177,5 +198,7 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # no worker outlives its test
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
         return self.proc.returncode

@@ -9,8 +9,6 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import orjson
 import psutil
@@ -24,21 +22,6 @@ from store_redis import INDEX_KEY
 pytestmark = pytest.mark.slow
 
 UNAVAILABLE = "Redis unavailable"  # storage's one log line when Redis fails
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    """Start redis-servers of this test's own (`own_redis(*flags, port=...)`); all are killed afterwards."""
-    started: list[RedisServer] = []
-
-    def start(*flags: str, port: int | None = None) -> RedisServer:
-        server = RedisServer(tmp_path / f"redis-{len(started)}", port).start(*flags)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.kill_all()
 
 
 def saved(server: ServiceProcess, body: bytes) -> dict:
