@@ -359,7 +359,7 @@ class SessionStorage:
             return Page(total, rows, partial=True)
         remote_total, remote_stamps = remote
         in_both = len(set(local_stamps) & set(remote_stamps))
-        merged = sorted(set(local_stamps) | set(remote_stamps), reverse=True)[query.offset:]
+        merged = sorted(set(local_stamps) | set(remote_stamps), reverse=True)[query.offset : query.offset + query.limit]
         local_set = set(local_stamps)
         rows = self._rows([ts for ts in merged if ts in local_set], [ts for ts in merged if ts not in local_set],
                           summaries)
@@ -433,16 +433,21 @@ class SessionStorage:
                         record.timestamp, result.timestamp)
 
     def recover(self) -> int:
-        """One round of the background thread: ping Redis and, when it answers, count it as usable again
-        (new saves go there at once) and write every pending session back; returns how many moved. Raises
-        what Redis or the local store raised."""
+        """One round of the background thread: ping Redis; when it answers, count it as reachable again (reads,
+        deletes and new saves use it at once) and write every pending session back, which also tells whether
+        a Redis that refused writes takes them again. Returns how many moved; raises what Redis or the local
+        store raised."""
         self.redis.ping()
+        pending = self.local.count()[0]
+        with self._lock:
+            if self._state is RedisState.DOWN:
+                self._state = RedisState.CONNECTED
+                log.warning("Redis is reachable again; writing back %d pending session(s)", pending)
+        moved = self.write_back() if pending else 0
         with self._lock:
             was, self._state = self._state, RedisState.CONNECTED
-        pending = self.local.count()[0]
-        if was is not RedisState.CONNECTED:
-            log.warning("Redis accepts writes again; writing back %d pending session(s)", pending)
-        moved = self.write_back() if pending else 0
+        if was is RedisState.READ_ONLY:
+            log.warning("Redis accepts writes again")
         if moved:
             log.warning("write-back: %d session(s) moved from the local store to Redis", moved)
         return moved
@@ -460,25 +465,27 @@ class SessionStorage:
                 log.warning("write-back postponed: %s", error)
 
     def close(self) -> None:
-        """Stop the background thread and try one last write-back. Nothing is lost either way with the SQLite
-        store (the next start writes back what is left); the memory store says what ends with the process."""
+        """Stop the background thread and try one last write-back, then say what is left: with the SQLite
+        store it waits for the next start (which writes it back); with the memory store it ends here."""
         self._stopping.set()
         if self._worker is not None:
             self._worker.join(timeout=self.retry_interval + 5)
-        left, error, moved = self.local.count()[0], None, 0
-        if self.redis is not None and left:
+        if self.redis is not None:
+            moved, error = 0, None
             try:
-                self.redis.ping()
-                moved = self.write_back()
+                if self.local.count()[0]:
+                    self.redis.ping()
+                    moved = self.write_back()
             except (redis.RedisError, StorageUnavailable) as exc:
                 error = exc
             left = self.local.count()[0]
-        if left and (self.redis is not None or self.local.kind == "memory"):
-            kept = "kept in the local store for the next start" if self.local.kind != "memory" else "lost"
-            log.warning("shutdown: wrote %d session(s) back to Redis; %d pending session(s) %s%s", moved, left,
-                        kept, f" ({error})" if error else "")
-        if self.redis is not None:
+            fate = "lost with this process" if self.local.kind == "memory" else "kept in the local store"
+            log.log(logging.WARNING if left or error else logging.INFO,
+                    "shutdown: wrote %d session(s) back to Redis; %d pending session(s) %s%s", moved, left, fate,
+                    f" ({error})" if error else "")
             self.redis.close()
+        elif self.local.kind == "memory" and self.local.count()[0]:
+            log.warning("shutdown: %d session(s) held only in memory end with this process", self.local.count()[0])
         self.local.close()
 
 

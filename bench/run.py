@@ -65,6 +65,7 @@ SERVICE_VARIABLES = (
     "REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_CONNECT_TIMEOUT", "REDIS_SOCKET_TIMEOUT", "REDIS_RETRY_INTERVAL",
     "REDIS_MAX_CONNECTIONS", "HOST", "REDIS_API_PORT", "MAX_CONTENT_LENGTH", "CORS_ORIGINS", "TRUSTED_PROXY_HOPS",
     "SESSION_TTL_SECONDS", "MEMORY_MAX_SESSIONS", "MEMORY_MAX_BYTES", "APP_ENV", "NODE_ENV", "LOG_LEVEL",
+    "LOCAL_STORE", "LOCAL_STORE_PATH", "LOCAL_STORE_SYNC", "LOCAL_STORE_MAX_SESSIONS", "LOCAL_STORE_MAX_BYTES",
     "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_CMD_ARGS",
 )
 OURS, FLOOR, FLOOR_TUNED = "storyart", "redis floor", "floor, tuned malloc"
@@ -145,7 +146,9 @@ def start_service(stack: ExitStack, workdir: Path, name: str, redis_url: str | N
                   settings: dict[str, str], source: Path = ROOT) -> tuple[str, Proc]:
     """The service exactly as the README runs it in production: gunicorn reading gunicorn.conf.py."""
     port = free_port()
-    env = service_env({"REDIS_API_PORT": str(port), **({"REDIS_URL": redis_url} if redis_url else {}), **settings})
+    store = str(workdir / f"{name.replace('/', '_')}.sqlite3")  # each service its own local store
+    env = service_env({"REDIS_API_PORT": str(port), "LOCAL_STORE_PATH": store,
+                       **({"REDIS_URL": redis_url} if redis_url else {}), **settings})
     args = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"]
     proc = Proc(name, args, workdir / f"{name.replace('/', '_')}.log", cwd=source, env=env)
     stack.callback(proc.stop)
@@ -388,20 +391,18 @@ def run_rounds(bench: Bench, workloads: list[Workload]) -> RssSampler:
 
 
 def fill(client: redis.Redis, count: int, fixture: bytes) -> list[int]:
-    """`count` sessions through the service's own Lua save (pipelined): the exact layout the API writes."""
+    """`count` sessions through the Redis backend's public save: the exact layout (sessions, index, summaries,
+    expiry, clock) the API writes, one round trip each."""
+    from allocator import now_ms
     from payload import parse_session
-    from storage import RedisStore, now_ms
+    from store_redis import RedisStore
 
     store = RedisStore(client)
     draft = parse_session(fixture, now_ms())
-    keys = ("storyart:sessions:index", "storyart:sessions:expiry", "storyart:sessions:clock")
     stamps: list[int] = []
-    for start in range(0, count, 500):
-        with client.pipeline(transaction=False) as pipe:
-            for _ in range(min(500, count - start)):
-                store._save(keys=keys, args=(draft.head, "", now_ms(), 604_800_000, "storyart:session:", ""),
-                            client=pipe)
-            stamps += [int(ts) for ts in pipe.execute()]
+    for _ in range(count):
+        now = now_ms()
+        stamps.append(store.save(draft, now=now, ttl_ms=604_800_000, proposal=now))
     return stamps
 
 

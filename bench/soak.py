@@ -1,13 +1,16 @@
 """Soak: concurrent 1 MB saves and latest reads against gunicorn while Redis is killed (-9) and restarted.
 
     python bench/soak.py --duration 60          # the defaults: 8 clients, 2 outages of 3 s, 3 gunicorn workers
+    python bench/soak.py --kill-service         # ... and gunicorn itself kill -9ed and restarted mid-outage
 
 It starts its own `redis-server` (AOF fsynced on every write, so what Redis acknowledged survives kill -9) and
 `gunicorn app:app` on free 127.0.0.1 ports, drives the clients for `--duration` seconds while a chaos thread
-kills and restarts Redis `--outages` times, then checks that every acknowledged timestamp reads back as the
-very session that was saved under it. It prints requests, errors by status, acknowledged, lost, duplicates and
-the slowest response during an outage; `--json` adds the same as one JSON line. Exit status 1 when anything
-acknowledged was lost or duplicated, or any request got a 5xx or no answer.
+kills and restarts Redis `--outages` times (with `--kill-service`, it also kills gunicorn's master and workers
+with SIGKILL in the middle of the first outage, while sessions wait in the local store, and starts it again),
+then checks that every acknowledged timestamp reads back as the very session that was saved under it. It
+prints requests, errors by status, acknowledged, lost, duplicates and the slowest response during an outage;
+`--json` adds the same as one JSON line. Exit status 1 when anything acknowledged was lost or duplicated, or
+any request got a 5xx or no answer (a connection refused while the service itself was down is counted apart).
 """
 
 from __future__ import annotations
@@ -81,16 +84,24 @@ class Soak:
                 self.calls.append(call)
 
 
-def chaos(redis_server: RedisServer, duration: float, outages: int, outage_seconds: float, t0: float,
-          stop: threading.Event, windows: list[tuple[float, float]]) -> None:
-    """Kill Redis (-9) `outages` times, evenly spread, and restart it on the same port and AOF."""
+def chaos(redis_server: RedisServer, service: ServiceProcess | None, duration: float, outages: int,
+          outage_seconds: float, t0: float, stop: threading.Event, windows: list[tuple[float, float]],
+          service_down: list[tuple[float, float]]) -> None:
+    """Kill Redis (-9) `outages` times, evenly spread, and restart it on the same port and AOF; with a
+    `service`, kill -9 it (master and workers) halfway through the first outage and start it again."""
     for k in range(outages):
         at = t0 + duration * (k + 1) / (outages + 1) - outage_seconds / 2
         if stop.wait(max(0.0, at - time.monotonic())):
             return
         down = time.monotonic()
         redis_server.kill()
-        time.sleep(outage_seconds)
+        time.sleep(outage_seconds / 2)
+        if service is not None and k == 0:
+            killed = time.monotonic()
+            service.kill_group()
+            service.restart()
+            service_down.append((killed, time.monotonic()))
+        time.sleep(max(0.0, down + outage_seconds - time.monotonic()))
         redis_server.start(*PERSISTENT)  # returns once it answers (after loading the AOF)
         windows.append((down, time.monotonic()))
 
@@ -129,8 +140,10 @@ def run(args: argparse.Namespace) -> dict:
         soak = Soak(service.port, base, args.read_ratio)
         clients = [threading.Thread(target=soak.client, args=(n,)) for n in range(args.clients)]
         t0 = time.monotonic()
-        breaker = threading.Thread(target=chaos, args=(redis_server, args.duration, args.outages,
-                                                       args.outage_seconds, t0, soak.stop, windows))
+        service_down: list[tuple[float, float]] = []
+        breaker = threading.Thread(target=chaos, args=(
+            redis_server, service if args.kill_service else None, args.duration, args.outages, args.outage_seconds,
+            t0, soak.stop, windows, service_down))
         for thread in [*clients, breaker]:
             thread.start()
         soak.stop.wait(args.duration)
@@ -147,7 +160,9 @@ def run(args: argparse.Namespace) -> dict:
         in_redis = redis_server.client().zcard(INDEX_KEY)
         during = [c for c in calls if any(c.started < end and c.started + c.elapsed > down
                                           for down, end in windows)]
-        errors = Counter(str(c.status) if c.status else "no answer" for c in calls if c.status != 200)
+        refused = [c for c in calls if c.status == 0 and any(
+            c.started < end and c.started + c.elapsed > down for down, end in service_down)]
+        errors = Counter(f"{c.kind} {c.status or 'no answer'}" for c in calls if c.status != 200)
         result = {
             "seconds": args.duration,
             "clients": args.clients,
@@ -157,7 +172,9 @@ def run(args: argparse.Namespace) -> dict:
             "saves": sum(c.kind == "save" for c in calls),
             "latest_reads": sum(c.kind == "latest" for c in calls),
             "errors_by_status": dict(sorted(errors.items())),
-            "server_errors": sum(1 for c in calls if c.status >= 500 or c.status == 0),
+            "server_errors": sum(1 for c in calls if c.status >= 500 or c.status == 0) - len(refused),
+            "service_killed": [round(end - down, 2) for down, end in service_down],
+            "refused_while_the_service_was_down": len(refused),
             "acknowledged": len(acknowledged),
             "acknowledged_to_memory": sum(c.storage == "memory" for c in acknowledged),
             "lost": len(lost),
@@ -182,12 +199,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def report(result: dict) -> str:
     errors = ", ".join(f"{status}: {n}" for status, n in result["errors_by_status"].items()) or "none"
+    killed = (f"; refused while gunicorn was down (kill -9, restart took {result['service_killed']} s): "
+              f"{result['refused_while_the_service_was_down']}") if result["service_killed"] else ""
     return "\n".join([
         f"soak: {result['seconds']:g} s, {result['clients']} clients, gunicorn with {result['workers']} workers, "
         f"Redis killed (-9) and restarted {len(result['outages'])} times (down {result['outages']} s)",
         f"requests:     {result['requests']} ({result['saves']} saves of 1 MB, "
         f"{result['latest_reads']} latest reads; {result['requests_during_outages']} during outages)",
-        f"errors:       {errors} (5xx or no answer: {result['server_errors']})",
+        f"errors:       {errors} (5xx or no answer: {result['server_errors']}{killed})",
         f"acknowledged: {result['acknowledged']} ({result['acknowledged_to_memory']} of them to memory)",
         f"lost:         {result['lost']} {result['lost_examples'] or ''}".rstrip(),
         f"duplicates:   {result['duplicates_in_redis']} in Redis; "
@@ -206,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-ratio", type=float, default=0.5, help="share of latest reads (default 0.5)")
     parser.add_argument("--workers", type=int, default=3, help="gunicorn workers (default 3)")
     parser.add_argument("--retry-interval", type=float, default=1.0, help="REDIS_RETRY_INTERVAL (default 1)")
+    parser.add_argument("--kill-service", action="store_true",
+                        help="also kill -9 gunicorn (master and workers) mid-outage and restart it")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (AOF, gunicorn log)")
     args = parser.parse_args(argv)

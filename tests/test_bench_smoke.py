@@ -31,3 +31,20 @@ def test_bench_runs_end_to_end_in_a_tiny_mode(tmp_path: Path) -> None:
     assert runs and runs[0]["requests"] > 0 and runs[0]["errors"] == 0
     assert all(r["errors"] == 0 for by in saved["results"].values() for rs in by.values() for r in rs)
     assert saved["rss_mb"]["peak"] > 0
+
+
+def test_fill_writes_the_layout_the_api_writes(redis_server, redis_db, session_10kb: bytes) -> None:
+    """The scaling run's sessions carry valid summaries that describe them, as a save through the API does."""
+    import orjson
+
+    from bench.run import fill
+    from payload import summarize
+
+    stamps = fill(redis_db, 5, session_10kb)
+    assert len(set(stamps)) == 5 and redis_db.zcard("storyart:sessions:index") == 5
+    for ts in stamps:
+        body = redis_db.get(f"storyart:session:{ts}")
+        summary = orjson.loads(redis_db.get(f"storyart:meta:{ts}"))
+        assert orjson.loads(body) == {**orjson.loads(session_10kb), "timestamp": ts}
+        assert summary == orjson.loads(summarize(orjson.loads(body), len(body), body[: -len(str(ts)) - 1]))
+        assert summary["sizeBytes"] == len(body) and summary["sceneCount"] > 0
