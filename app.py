@@ -1,4 +1,4 @@
-"""StoryArt session service: the HTTP layer (SPEC §1). Storage lives in `storage.py`, settings in `config.py`.
+"""StoryArt session service: the HTTP layer (docs/contract.md §1). Storage lives in `storage.py`, settings in `config.py`.
 
 `gunicorn app:app` serves the module-level `app`; `python app.py` runs the development server with graceful
 shutdown on SIGINT and SIGTERM.
@@ -86,7 +86,7 @@ class ServiceFlask(Flask):
 
 class SessionIdConverter(BaseConverter):
     """Any path segment but the POST-only action names, so `GET /api/v1/session/save` is a 405, not a bad
-    timestamp; the view itself answers non-digits with 400 as SPEC §1 asks."""
+    timestamp; the view itself answers non-digits with 400 as docs/contract.md §1 asks."""
 
     regex = r"(?!(?:save|import|latest|list)$)[^/]+"
 
@@ -459,7 +459,7 @@ class _ConnectionHandler(WSGIRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server answers what it cannot parse (a request line over 64 KiB: 414, a header over 64 KiB
         or more than 100 of them: 431, a garbled request line: 400) itself, with an HTML page; this service
-        answers JSON (SPEC §1), with a status line even to what looked like an HTTP/0.9 request."""
+        answers JSON (docs/contract.md §1), with a status line even to what looked like an HTTP/0.9 request."""
         self.log_error("code %d, message %s", code, message)
         reason = self.responses.get(code, ("Error",))[0]
         body = orjson.dumps({"success": False, "error": f"{reason}: {message}." if message else f"{reason}."})

@@ -1,7 +1,7 @@
 """Service configuration: one typed, validated object built from the environment and `.env`.
 
 Every setting is read here and nowhere else, so a bad value stops start-up with one line that names the
-variable (SPEC §4) instead of failing on the first request.
+variable (docs/contract.md §4) instead of failing on the first request.
 """
 
 from __future__ import annotations

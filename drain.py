@@ -1,6 +1,6 @@
 """Let a refused upload read its 413 instead of a connection reset.
 
-The service refuses a body over `MAX_CONTENT_LENGTH` before reading it (SPEC §1). If the worker then closes
+The service refuses a body over `MAX_CONTENT_LENGTH` before reading it (docs/contract.md §1). If the worker then closes
 the connection while the peer is still sending, the kernel answers the unread bytes with a reset, and a
 reverse proxy that is still streaming the buffered body upstream (nginx: `writev() failed (32: Broken pipe)
 while sending request to upstream`) turns the service's JSON 413 into its own 502. Measured behind nginx

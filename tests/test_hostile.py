@@ -1,4 +1,4 @@
-"""Hostile input (SPEC §1): whatever arrives, every answer is a 4xx JSON error, nothing is stored, and the
+"""Hostile input (docs/contract.md §1): whatever arrives, every answer is a 4xx JSON error, nothing is stored, and the
 server keeps serving. A corpus through the test client on both storage modes, the cases only a real server
 sees (chunked bodies, bodies over the limit, request lines and headers it cannot parse) against gunicorn and
 `python app.py`, and property-based tests (hypothesis) on every endpoint."""
