@@ -1,4 +1,5 @@
-"""StoryArt session service: the HTTP layer (docs/contract.md §1). Storage lives in `storage.py`, settings in `config.py`.
+"""StoryArt session service: the HTTP layer (docs/contract.md §1). Storage lives in `storage.py`, settings in
+`config.py`.
 
 `gunicorn app:app` serves the module-level `app`; `python app.py` runs the development server with graceful
 shutdown on SIGINT and SIGTERM.

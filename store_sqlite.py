@@ -214,7 +214,8 @@ class SqliteStore(LocalStore):
 
     def _shrink(self, db: sqlite3.Connection) -> None:
         """Once free pages pass a quarter of the file and 16 MiB, hand 4 MiB of them back to the file system (a
-        bounded step, so no save waits long behind it); under steady churn the next saves reuse them instead. Runs after the commit: SQLite's incremental vacuum has to run as its own statement script."""
+        bounded step, so no save waits long behind it); under steady churn the next saves reuse them instead.
+        Runs after the commit: Python's sqlite3 steps a pragma once, so the vacuum runs as its own script."""
         self._local.freed = False
         free = db.execute("PRAGMA freelist_count").fetchone()[0]
         if free >= RECLAIM_PAGES and free * RECLAIM_SHARE >= db.execute("PRAGMA page_count").fetchone()[0]:

@@ -58,7 +58,8 @@ from servers import free_port, redis_server_binary, wait_for  # noqa: E402  (the
 FIXTURES = ROOT / "tests" / "fixtures"
 PEER_DIR = ROOT.parent / "shared" / "peer-express"
 SAVE, LATEST, LIST = "/api/v1/session/save", "/api/v1/session/latest", "/api/v1/session/list"
-# What the StoryArt browser client sends on every request (docs/contract.md §0): its origin, and JSON declared even on GETs.
+# What the StoryArt browser client sends on every request (docs/contract.md §0): its origin, and JSON declared
+# even on GETs.
 BROWSER_HEADERS = (("Content-Type", "application/json"), ("Origin", "http://localhost:3000"))
 # The service's settings: the bench clears them so the service runs with the documented defaults.
 SERVICE_VARIABLES = (
