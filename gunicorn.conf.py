@@ -8,10 +8,10 @@ never 0.0.0.0 by accident.
 import ctypes
 import sys
 
-import orjson
 from gunicorn import util
 
 from config import Config, ConfigError
+from responses import error_body
 
 try:
     _config = Config.from_env()
@@ -63,7 +63,7 @@ def _write_json_error(sock, status_int, reason, mesg):
     """gunicorn answers what it cannot parse (a request line over 4094 bytes: 414, too many or too large
     headers: 431, a bad request line, header or chunk: 400) itself, before the app sees it, with an HTML
     page. Every answer of this service is JSON (docs/contract.md §1), so it writes the same error shape instead."""
-    body = orjson.dumps({"success": False, "error": f"{reason}: {mesg}." if mesg else f"{reason}."})
+    body = error_body(f"{reason}: {mesg}." if mesg else f"{reason}.")
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")
     util.write_nonblock(sock, head.encode("latin-1") + body)

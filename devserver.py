@@ -1,0 +1,87 @@
+"""The development server (`python app.py`): werkzeug's threaded server, stopped gracefully on SIGINT and
+SIGTERM, answering even what it cannot parse in the service's JSON error shape."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+import threading
+from typing import Any
+
+from flask import Flask
+from werkzeug.serving import WSGIRequestHandler, make_server
+
+from config import Config
+from responses import error_body
+
+log = logging.getLogger("storyart")
+
+
+class _ConnectionHandler(WSGIRequestHandler):
+    """Keeps `server.idle` = the connections that have not begun a request (a browser's preconnect, a client
+    that connected and said nothing), which a stopping server closes instead of waiting on them for ever."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.idle.add(self.connection)
+
+    def parse_request(self) -> bool:
+        self.server.idle.discard(self.connection)  # a request has begun: it will be finished
+        return super().parse_request()
+
+    def finish(self) -> None:
+        self.server.idle.discard(self.connection)
+        super().finish()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server answers what it cannot parse (a request line over 64 KiB: 414, a header over 64 KiB
+        or more than 100 of them: 431, a garbled request line: 400) itself, with an HTML page; this service
+        answers JSON (docs/contract.md §1), with a status line even to what looked like an HTTP/0.9 request."""
+        self.log_error("code %d, message %s", code, message)
+        reason = self.responses.get(code, ("Error",))[0]
+        body = error_body(f"{reason}: {message}." if message else f"{reason}.")
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+def serve(app: Flask, config: Config) -> None:
+    """Development server that stops gracefully: on SIGINT/SIGTERM it stops accepting, lets requests in
+    flight finish (their threads are joined), then flushes memory-held sessions to Redis."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the app logs each request itself
+    server = make_server(config.host, config.port, app, threaded=True, request_handler=_ConnectionHandler)
+    server.daemon_threads = False  # so server_close() joins the requests in flight
+    server.idle = set()
+    stopping, stopped = threading.Event(), threading.Event()
+
+    def close_idle_connections() -> None:
+        server.shutdown()
+        while not stopped.wait(0.1):  # until the requests in flight are joined
+            for connection in list(server.idle):
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)  # its handler reads EOF and ends
+
+    def stop(signum: int, _frame: Any) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            log.info("%s received: finishing requests in flight", signal.Signals(signum).name)
+            threading.Thread(target=close_idle_connections, daemon=True).start()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    log.info("listening on http://%s:%d", config.host, config.port)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        stopped.set()
+        app.extensions["storyart"].close()
+        log.info("stopped")

@@ -1,0 +1,250 @@
+"""The API's views: module-level functions on one blueprint, each a thin step from the request to `storage.py`
+and back through `responses.py`. What each answers is in `openapi.yaml`; the promises in docs/contract.md §1."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from flask import Blueprint, Response, abort, current_app, request
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
+from werkzeug.routing import BaseConverter
+
+from allocator import now_ms
+from payload import PayloadError, draft_from, parse_json, parse_session
+from responses import error, json_response, list_item, session_response, summary_item
+from storage import Query, RedisState, SessionStorage, StorageUnavailable, session_key
+
+SERVICE_NAME = "storyart-session"
+LIST_DEFAULT, LIST_MAX = 20, 100
+MAX_TIMESTAMP = 2**53  # the largest integer a browser's JSON.parse reads exactly
+OPENAPI_PATH = Path(__file__).resolve().with_name("openapi.yaml")
+MESSAGES = {
+    400: "The request is malformed.",
+    404: "No such endpoint: {method} {path}.",
+    405: "Method {method} is not allowed for {path}.",
+    413: "The request body is larger than the limit of {limit} bytes (MAX_CONTENT_LENGTH).",
+    415: "The request body must be declared as JSON (Content-Type: application/json).",
+}
+
+api = Blueprint("api", __name__)
+
+
+class SessionIdConverter(BaseConverter):
+    """Any path segment but the POST-only action names, so `GET /api/v1/session/save` is a 405, not a bad
+    timestamp; the view itself answers non-digits with 400 as docs/contract.md §1 asks."""
+
+    regex = r"(?!(?:save|import|latest|list)$)[^/]+"
+
+
+def _storage() -> SessionStorage:
+    return current_app.extensions["storyart"]
+
+
+@cache
+def openapi_json() -> bytes:
+    """`openapi.yaml` as JSON, read and converted once per process (on first use)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML has it
+    return orjson.dumps(yaml.load(OPENAPI_PATH.read_text(encoding="utf-8"), Loader=loader))
+
+
+@api.post("/api/v1/session/save")
+def save() -> Response:
+    if request.mimetype != "application/json":
+        return error(415, MESSAGES[415])
+    try:
+        draft = parse_session(_request_body(current_app.config["MAX_CONTENT_LENGTH"]), now_ms())
+    except PayloadError as exc:
+        return error(400, str(exc))
+    try:
+        timestamp, where = _storage().save(draft)
+    except StorageUnavailable as exc:
+        return unavailable(exc)
+    return json_response({
+        "success": True,
+        "message": "Session saved successfully",
+        "sessionKey": session_key(timestamp),
+        "timestamp": timestamp,
+        "storage": where,
+    })
+
+@api.get("/api/v1/session/latest")
+def latest() -> Response:
+    try:
+        found, partial = _storage().latest()
+    except StorageUnavailable as exc:
+        return unavailable(exc)
+    return session_response(found, partial) if found else error(404, "No session found")
+
+@api.get("/api/v1/session/list")
+def list_sessions() -> Response:
+    try:
+        query, summaries = _list_query()
+    except ValueError as exc:
+        return error(400, str(exc))
+    total, rows, partial = _storage().page(query, summaries)
+    items = (summary_item(row) for row in rows) if summaries else (list_item(row) for row in rows)
+    body = b'{"success":true,"count":%d,"total":%d,"sessions":[%s]%s}' % (
+        len(rows), total, b",".join(items), b',"partial":true' if partial else b"")
+    return Response(body, mimetype="application/json")
+
+@api.get("/api/v1/session/<session_id:raw>")
+def get_session(raw: str) -> Response:
+    try:
+        found = _storage().get(_timestamp(raw))
+    except StorageUnavailable as exc:
+        return unavailable(exc)
+    return session_response(found) if found else error(404, "Session not found")
+
+@api.get("/api/v1/session/<session_id:raw>/export")
+def export_session(raw: str) -> Response:
+    timestamp = _timestamp(raw)
+    try:
+        found = _storage().get(timestamp)
+    except StorageUnavailable as exc:
+        return unavailable(exc)
+    if not found:
+        return error(404, "Session not found")
+    disposition = f'attachment; filename="storyart-session-{timestamp}.json"'
+    return Response(found.body, mimetype="application/json", headers={"Content-Disposition": disposition})
+
+@api.delete("/api/v1/session/<session_id:raw>")
+def delete_session(raw: str) -> Response:
+    timestamp = _timestamp(raw)
+    try:
+        deleted = _storage().delete(timestamp)
+    except StorageUnavailable as exc:
+        return unavailable(exc)
+    if not deleted:
+        return error(404, "Session not found")
+    return json_response({"success": True, "message": "Session deleted", "sessionKey": session_key(timestamp),
+                          "timestamp": timestamp})
+
+@api.post("/api/v1/session/import")
+def import_sessions() -> Response:
+    """One session or an array of them, as exported: each validated like `save`, timestamps kept."""
+    if request.mimetype != "application/json":
+        return error(415, MESSAGES[415])
+    try:
+        parsed = parse_json(_request_body(current_app.config["MAX_CONTENT_LENGTH"]))
+    except PayloadError as exc:
+        return error(400, str(exc))
+    if not isinstance(parsed, dict | list) or parsed == []:
+        return error(400, "The import body must be a session object or a non-empty array of them.")
+    items = parsed if isinstance(parsed, list) else [parsed]
+    results = [_import_one(index, item) for index, item in enumerate(items)]
+    statuses = [r["status"] for r in results]
+    counts = {status: statuses.count(status) for status in ("imported", "replaced", "rejected")}
+    return json_response({"success": True, **counts, "results": results})
+
+@api.get("/health")
+def health() -> Response:
+    """`storage` is where a save goes now; `localStore` is the fallback (and, without Redis, the home)."""
+    sessions = _storage()
+    redis_state = sessions.check()
+    try:
+        held, held_bytes = sessions.local.count()
+    except StorageUnavailable:
+        held = held_bytes = None
+    degraded = redis_state in (RedisState.DOWN, RedisState.READ_ONLY)
+    return json_response({
+        "success": True,
+        "status": "degraded" if degraded else "healthy",
+        "redis": redis_state.value,
+        "storage": sessions.saves_go_to,
+        "memorySessions": held,
+        "localStore": {"kind": sessions.local.kind, "path": sessions.local.location, "sessions": held,
+                       "bytes": held_bytes},
+        "service": SERVICE_NAME,
+        "pid": os.getpid(),
+    })
+
+@api.get("/health/ready")
+def ready() -> Response:
+    """For load balancers: not ready while a configured Redis is unreachable (`/health` stays 200)."""
+    redis_state = _storage().check()
+    if redis_state is RedisState.DOWN:
+        return json_response({"success": False, "error": "Redis is configured but unreachable.",
+                              "ready": False, "redis": redis_state.value}, 503)
+    return json_response({"success": True, "ready": True, "redis": redis_state.value})
+
+@api.get("/api/v1/openapi.json")
+def openapi() -> Response:
+    """This API described by `openapi.yaml` (OpenAPI 3.1), as JSON."""
+    return Response(openapi_json(), mimetype="application/json")
+
+
+def unavailable(exc: StorageUnavailable) -> Response:
+    retry = str(max(1, round(_storage().retry_interval)))
+    return error(503, f"Storage is unavailable: {exc}; retry later.", {"Retry-After": retry})
+
+
+def _import_one(index: int, item: Any) -> dict[str, Any]:
+    try:
+        draft = draft_from(item, now_ms())
+        existed = draft.timestamp is not None and _storage().exists(draft.timestamp)
+        timestamp, where = _storage().save(draft)
+    except (PayloadError, StorageUnavailable) as exc:
+        return {"index": index, "status": "rejected", "error": str(exc)}
+    return {"index": index, "status": "replaced" if existed else "imported", "timestamp": timestamp,
+            "sessionKey": session_key(timestamp), "storage": where}
+
+
+def _timestamp(raw: str) -> int:
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 16:
+        abort(400, "The timestamp in the path must be digits (ms since epoch).")
+    return int(raw)
+
+
+def _list_query() -> tuple[Query, bool]:
+    """The list's query string as a `Query`, and whether summaries were asked for; ValueError says what is
+    wrong. Empty text filters count as absent."""
+    view = request.args.get("view", "full")
+    if view not in ("full", "summary"):
+        raise ValueError("view must be full or summary.")
+    query = Query(
+        limit=_int_arg("limit", LIST_DEFAULT, 1, LIST_MAX),
+        offset=_int_arg("offset", 0, 0, 10**9),
+        since=_int_arg("since", None, 0, MAX_TIMESTAMP),
+        until=_int_arg("until", None, 0, MAX_TIMESTAMP),
+        before=_int_arg("before", None, 1, MAX_TIMESTAMP),
+        story_uuid=_text_arg("storyUuid"),
+        episode=_text_arg("episode"),
+        text=_text_arg("q"),
+    )
+    return query, view == "summary"
+
+
+def _request_body(limit: int) -> bytes:
+    """The whole body: 413 when it is larger than `limit` (werkzeug stops reading a body without a
+    Content-Length, i.e. chunked, at the limit without saying it cut it), 400 when the server cannot read it
+    (a malformed chunk under gunicorn raises its own parser error here)."""
+    try:
+        body = request.get_data(cache=False)
+        if request.content_length is None and len(body) >= limit and request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
+    except HTTPException:
+        raise
+    except Exception as exc:  # only reading the request happens here: whatever fails is the request's fault
+        raise BadRequest(f"The request body could not be read ({type(exc).__name__}).") from None
+    return body
+
+
+def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 16 and low <= int(raw) <= high):
+        raise ValueError(f"{name} must be an integer from {low} to {high}.")
+    return int(raw)
+
+
+def _text_arg(name: str, longest: int = 200) -> str | None:
+    raw = request.args.get(name, "")
+    if len(raw) > longest:
+        raise ValueError(f"{name} must be at most {longest} characters.")
+    return raw or None
