@@ -29,6 +29,7 @@ log = logging.getLogger("storyart")
 access_log = logging.getLogger("storyart.access")
 
 DEFAULT_CORS_ORIGINS = (re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?$", re.IGNORECASE),)
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -68,7 +69,7 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
         supports_credentials=True,
         max_age=600,
     )
-    _register_hooks(app, config.api_token)
+    _register_hooks(app, config.api_token, (*LOOPBACK_HOSTS, *config.allowed_hosts))
     _register_error_handlers(app)
     app.register_blueprint(api)
     if config.api_token is None and config.app_env == "production":
@@ -78,7 +79,24 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
     return app
 
 
-def _register_hooks(app: Flask, api_token: str | None) -> None:
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a `Host` header names this service: a name of `allowed` (any port), a subdomain of a `.name`, or
+    anything with `*`. Flask's TRUSTED_HOSTS would do this, but werkzeug compares the part before the first
+    colon, so it can never trust an IPv6 literal such as `[::1]`."""
+    host = host.strip().lower()
+    name, bracket, rest = host.partition("]")
+    if bracket:  # [v6] or [v6]:port
+        name, port = name + "]", rest.removeprefix(":")
+        if rest and not rest.startswith(":"):
+            return False
+    else:
+        name, _, port = host.partition(":")
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        return False
+    return any(a == "*" or name == a or (a.startswith(".") and name.endswith(a)) for a in allowed)
+
+
+def _register_hooks(app: Flask, api_token: str | None, allowed_hosts: tuple[str, ...]) -> None:
     @app.before_request
     def assign_request_id() -> None:
         # The environ and a PRNG draw rather than request.headers and uuid4: no header wrapper and no
@@ -86,6 +104,25 @@ def _register_hooks(app: Flask, api_token: str | None) -> None:
         given = request.environ.get("HTTP_X_REQUEST_ID", "")
         g.request_id = given if _REQUEST_ID.match(given) else f"{random.getrandbits(64):016x}"
         g.started = time.perf_counter()
+
+    @app.before_request
+    def require_known_host() -> Response | None:
+        """No page whose name was rebound to this address may use the service: its requests carry its own name
+        in `Host`. (A request without `Host` is no browser's.)"""
+        host = request.environ.get("HTTP_HOST")
+        if host is None or host_allowed(host, allowed_hosts):
+            return None
+        return error(400, f"This service is not reached by the name {host[:100]!r}; add it to ALLOWED_HOSTS "
+                          "if it should be.")
+
+    @app.before_request
+    def answer_any_api_preflight() -> Response | None:
+        """A browser asks before it calls an endpoint this service does not have (the later StoryArt server's
+        routes): answer the preflight, so the page can read the JSON 404 that follows. CORS decides the
+        headers, so a disallowed origin still gets none."""
+        if request.method == "OPTIONS" and request.path.startswith("/api/") and request.url_rule is None:
+            return app.make_default_options_response()
+        return None
 
     @app.before_request
     def require_token() -> Response | None:

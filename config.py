@@ -50,6 +50,7 @@ class Config:
     workers: int = 0
     threads: int = 0
     trusted_proxy_hops: int = 0
+    allowed_hosts: tuple[str, ...] = ()  # beyond the loopback names, which are always allowed; "*": any
     api_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
 
     @property
@@ -90,6 +91,7 @@ class Config:
             workers=_int(env, "WEB_CONCURRENCY", 0, 0, 64),
             threads=_int(env, "GUNICORN_THREADS", 0, 0, 256),
             trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 0, 0, 10),
+            allowed_hosts=_hosts(env),
             api_token=_token(env),
         )
 
@@ -189,6 +191,20 @@ def _token(env: Mapping[str, str]) -> str | None:
     if len(token) < 16 or not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", token):
         raise ConfigError("API_TOKEN: must be at least 16 characters of A-Z a-z 0-9 . _ ~ + / = -")
     return token
+
+
+_ALLOWED_HOST = re.compile(r"^(\*|\.?[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?|\[[0-9a-f:.]+\])$")
+
+
+def _hosts(env: Mapping[str, str]) -> tuple[str, ...]:
+    """`ALLOWED_HOSTS`: names the service may be reached by besides localhost, 127.0.0.1 and [::1] (without a
+    port; `.example.com` also allows its subdomains; `*` turns the check off)."""
+    raw = env.get("ALLOWED_HOSTS", "").strip().lower()
+    hosts = tuple(h.strip() for h in raw.split(",") if h.strip())
+    for host in hosts:
+        if not _ALLOWED_HOST.match(host):
+            raise ConfigError(f"ALLOWED_HOSTS: {host!r} is not a host name, .suffix, [IPv6] or *")
+    return hosts
 
 
 _ORIGIN = re.compile(r"^https?://[^/\s]+$")
