@@ -1,66 +1,104 @@
 """The timestamp allocator: the one rule by which the service numbers the sessions it is sent without one.
 
 A session's timestamp is its identity (`storyart:session:<ms>`), so two sessions must never share one, across
-threads, gunicorn workers, restarts and hosts. The rule is:
+threads, gunicorn workers, restarts and hosts. Two steps:
 
-    the proposal (the wall clock in ms, or one past the last timestamp this process assigned, whichever is
-    greater), or one past the last timestamp the store assigned, whichever is greater; then the first of those
-    milliseconds no session holds.
+1. **Propose** (`Allocator.propose`, before the save is tried): the wall clock in ms, or one past the last
+   number proposed or assigned on this host, whichever is greater. Every proposal on a host is a new number:
+   it is reserved in a small clock file next to the local store, shared by every process using that store
+   (and kept across restarts).
+2. **Choose** (inside the store's own atomic step): the proposal itself, unless it lags more than `SKEW_MS`
+   behind the last timestamp that store assigned (another host with a slow clock: then one past that), and
+   then the first millisecond from there that no session holds.
+   * Redis: `REDIS_ASSIGN` below, inside the save script; every host sharing the Redis shares its clock key.
+   * the local store: `choose`, inside the save's transaction (SQLite) or under the memory store's lock.
 
-It runs where the session is stored, inside that store's atomic step, so it is atomic wherever it is needed:
+Why the proposal is used as it is rather than "one past the last": two workers' saves reach a store in any
+order, and "one past the last" would give the slower one a number proposed to a third save meanwhile. Had
+Redis died just then, that third save, now in the local store, would hold the same number as a session in
+Redis. Used as is, a host's proposals never meet (only a number some other session already holds is skipped).
 
-* Redis: `REDIS_ASSIGN` below, inside the save script; every host sharing the Redis shares its clock key.
-* the local store: `choose` inside the save's transaction (SQLite: every worker on the host, and the next run
-  of the service, since the store keeps its last value) or under the memory store's lock.
-
-A save costs one round trip (or one transaction) however many milliseconds are already taken. The proposal
-comes from `Allocator` before the save is tried: if Redis times out on a save it may still apply, the local
-fallback stores the session under the same proposal, so the write-back finds the same bytes there and keeps
-one copy.
+A save costs one round trip (or one transaction) however many milliseconds are already taken. If Redis times
+out on a save it may still apply, the local fallback stores the session under the same proposal, so the
+write-back finds the same bytes there and keeps one copy. Across hosts only Redis can tell; a clash met at
+write-back keeps both sessions (see store_redis.py).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no record locks; the clock is this process's own (one process there anyway)
+    fcntl = None
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+SKEW_MS = 1000  # a proposal this far behind a store's last assignment comes from a host whose clock lags
+
+
 def choose(proposal: int, last: int, taken: Callable[[int], bool]) -> int:
-    """The rule, for a store that holds its own `last` assigned timestamp and can tell a taken one."""
-    timestamp = max(proposal, last + 1)
+    """Step 2, for a store that keeps its own `last` assigned timestamp and can tell a taken one."""
+    timestamp = proposal if proposal + SKEW_MS >= last else last + 1
     while taken(timestamp):
         timestamp += 1
     return timestamp
 
 
-# The same rule in Lua, for Redis's save script. Expects `proposal` (a number) and `clock` (the clock key's
-# name) in scope and leaves the chosen timestamp in `ts`, recorded in the clock key.
+# Step 2 in Lua, for Redis's save script. Expects `proposal` (a number) and `clock` (the clock key's name) in
+# scope and leaves the chosen timestamp in `ts`; the clock key keeps the greatest timestamp assigned.
 REDIS_ASSIGN = """
-ts = math.max(proposal, tonumber(redis.call('GET', clock) or '0') + 1)
+local last = tonumber(redis.call('GET', clock) or '0')
+ts = proposal
+if ts + {SKEW_MS} < last then ts = last + 1 end
 while redis.call('EXISTS', '{SESSION}' .. string.format('%d', ts)) == 1 do ts = ts + 1 end
-redis.call('SET', clock, string.format('%d', ts))
-"""
+if ts > last then redis.call('SET', clock, string.format('%d', ts)) end
+""".replace("{SKEW_MS}", str(SKEW_MS))
 
 
 class Allocator:
-    """Proposals for one process: never below the wall clock, never at or below a timestamp this process has
-    already seen assigned (by Redis or by the local store), so a failover from one store to the other does
-    not start from an older clock."""
+    """Step 1: proposals never below the wall clock, each one above every timestamp proposed or seen assigned
+    before, by this process or (with `shared`, a file path) by any process using the same file."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: Path | None = None) -> None:
         self._lock = threading.Lock()
         self._last = 0
+        self._fd: int | None = None
+        if shared is not None and fcntl is not None:
+            self._fd = os.open(shared, os.O_RDWR | os.O_CREAT, 0o600)
 
     def propose(self, now: int) -> int:
-        with self._lock:
-            return max(now, self._last + 1)
+        """A timestamp no other save on this host was proposed: max(now, last + 1), reserved."""
+        return self._update(lambda last: max(now, last + 1))
 
     def observe(self, timestamp: int) -> None:
-        """Record a timestamp a store assigned."""
+        """Record a timestamp a store assigned (it may be above the proposal: taken ones were skipped)."""
+        self._update(lambda last: max(last, timestamp))
+
+    def _update(self, step: Callable[[int], int]) -> int:
         with self._lock:
-            self._last = max(self._last, timestamp)
+            if self._fd is None:
+                self._last = step(self._last)
+                return self._last
+            fcntl.lockf(self._fd, fcntl.LOCK_EX)  # released by the kernel if this process dies holding it
+            try:
+                raw = os.pread(self._fd, 8, 0)
+                value = step(max(self._last, int.from_bytes(raw, "little") if len(raw) == 8 else 0))
+                os.pwrite(self._fd, value.to_bytes(8, "little"), 0)
+            finally:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+            self._last = value
+            return value
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

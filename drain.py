@@ -1,23 +1,26 @@
-"""Let a refused upload read its 413 instead of a connection reset.
+"""Let a refused upload read its 413 at once, and still see it instead of a connection reset.
 
-The service refuses a body over `MAX_CONTENT_LENGTH` before reading it (docs/contract.md §1). If the worker then closes
-the connection while the peer is still sending, the kernel answers the unread bytes with a reset, and a
+The service refuses a body over `MAX_CONTENT_LENGTH` before reading it (docs/contract.md §1). If the worker then
+closes the connection while the peer is still sending, the kernel answers the unread bytes with a reset, and a
 reverse proxy that is still streaming the buffered body upstream (nginx: `writev() failed (32: Broken pipe)
-while sending request to upstream`) turns the service's JSON 413 into its own 502. Measured behind nginx
-with a 2.5 MB body over a 2 MB limit: 9 of 30 requests got the 502.
+while sending request to upstream`) turns the service's JSON 413 into its own 502. Measured behind nginx with
+a 2.5 MB body over a 2 MB limit: 9 of 30 requests got the 502.
 
-`DrainRefusedBody` reads and discards the rest of such a body in small chunks (never held in memory) before
-the 413 goes out, so the connection ends cleanly. Only bodies at most `DRAIN_MAX_EXCESS` bytes over the limit
-are drained; a larger declared body is refused at once, as before (nothing waits for 100 MB that may never
-come).
+`DrainRefusedBody` sends the 413 first, then (when the server closes the response) reads and discards what the
+peer still sends, in small chunks never held in memory, bounded in bytes (`max_excess` over the limit; a larger
+declared body is not waited for at all) and in time (`max_seconds`: a peer that stalls or trickles is dropped).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 DRAIN_MAX_EXCESS = 16 * 1024 * 1024
+DRAIN_MAX_SECONDS = 2.0
 CHUNK = 64 * 1024
 
 StartResponse = Callable[..., Any]
@@ -25,11 +28,12 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 class DrainRefusedBody:
-    """WSGI middleware: after a 413, drain the unread request body when it is at most `max_excess` bytes over
-    `limit` (the app's MAX_CONTENT_LENGTH)."""
+    """WSGI middleware: after a 413 has been sent, drain the unread request body when it is at most
+    `max_excess` bytes over `limit` (the app's MAX_CONTENT_LENGTH), for at most `max_seconds`."""
 
-    def __init__(self, app: WSGIApp, limit: int, max_excess: int = DRAIN_MAX_EXCESS) -> None:
-        self.app, self.limit, self.max_excess = app, limit, max_excess
+    def __init__(self, app: WSGIApp, limit: int, max_excess: int = DRAIN_MAX_EXCESS,
+                 max_seconds: float = DRAIN_MAX_SECONDS) -> None:
+        self.app, self.limit, self.max_excess, self.max_seconds = app, limit, max_excess, max_seconds
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         refused = False
@@ -40,23 +44,49 @@ class DrainRefusedBody:
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 
         result = self.app(environ, capture)
-        if refused:
-            self._drain(environ)
-        return result
+        return _ThenDrain(result, environ, self._left_to_drain(environ), self.max_seconds) if refused else result
 
-    def _drain(self, environ: dict[str, Any]) -> None:
+    def _left_to_drain(self, environ: dict[str, Any]) -> int:
         try:
             declared = int(environ.get("CONTENT_LENGTH") or -1)
         except ValueError:
-            return
-        if declared < 0 or declared > self.limit + self.max_excess:
-            return
-        stream, left = environ["wsgi.input"], declared
+            return 0
+        return declared if 0 <= declared <= self.limit + self.max_excess else 0
+
+
+class _ThenDrain:
+    """The 413's body as the server sends it; on `close()` (after the answer went out), the drain."""
+
+    def __init__(self, body: Iterable[bytes], environ: dict[str, Any], left: int, max_seconds: float) -> None:
+        self.body, self.environ, self.left, self.max_seconds = body, environ, left, max_seconds
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            getattr(self.body, "close", lambda: None)()
+        if self.left > 0:
+            self._drain()
+
+    def _drain(self) -> None:
+        """From the connection's socket when the server says which (each `recv` returns whatever has arrived,
+        so the deadline holds however slowly the peer trickles), else from `wsgi.input`."""
+        sock = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
+        read = self.environ["wsgi.input"].read
+        if isinstance(sock, socket.socket):
+            read = sock.recv
+        left, deadline = self.left, time.monotonic() + self.max_seconds
         try:
             while left > 0:
-                chunk = stream.read(min(CHUNK, left))
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                if isinstance(sock, socket.socket):
+                    sock.settimeout(remaining)
+                chunk = read(min(CHUNK, left))
                 if not chunk:
                     return
                 left -= len(chunk)
-        except Exception:  # the peer went away: nothing left to be polite to
+        except Exception:  # the peer went away or stalled: nothing left to be polite to
             return

@@ -7,8 +7,9 @@ deeper than 254. Integers beyond 64 bits come back as the same JavaScript number
 
 from __future__ import annotations
 
+import secrets
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -23,14 +24,20 @@ REQUIRED: dict[str, tuple[type, str]] = {
 MAX_FUTURE_MS = 86_400_000  # a client timestamp may run at most one day ahead of this server's clock
 
 
+def new_save_id() -> str:
+    return secrets.token_hex(8)
+
+
 @dataclass(frozen=True, slots=True)
 class Draft:
-    """A validated session, serialized up to its timestamp (`timestamp` None: the service assigns it), and
-    its summary record (JSON, see `payload.summarize`) that list views and ETags read instead of the body."""
+    """A validated session, serialized up to its timestamp (`timestamp` None: the service assigns it), its
+    summary record (JSON, see `payload.summarize`) that list views and ETags read instead of the body, and the
+    id of this one save, by which Redis recognizes a save it applied but could not confirm."""
 
     head: bytes
     timestamp: int | None
     summary: bytes
+    save_id: str = field(default_factory=new_save_id)
 
     def render(self, timestamp: int) -> bytes:
         return b"%s%d}" % (self.head, timestamp)

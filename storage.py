@@ -23,9 +23,11 @@ import abc
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import redis
@@ -41,6 +43,7 @@ log = logging.getLogger("storyart.storage")
 
 KEY_PREFIX = "storyart:session:"
 LOCAL = "memory"  # the wire name of the local fallback in `storage` fields, whichever local store it is
+MOVE_PAUSE_S = 0.002
 
 T = TypeVar("T")
 
@@ -73,10 +76,11 @@ class Record:
     summary: bytes
     expires_at: int  # wall clock, ms
     origin: Origin
+    save_id: str = ""  # the save's id (`payload.Draft.save_id`)
 
     @property
     def draft(self) -> Draft:
-        return Draft(self.body[: -len(str(self.timestamp)) - 1], self.timestamp, self.summary)
+        return Draft(self.body[: -len(str(self.timestamp)) - 1], self.timestamp, self.summary, self.save_id)
 
 
 class Outcome(enum.Enum):
@@ -216,6 +220,7 @@ class LocalStore(SessionStore):
     storage = LOCAL
     kind: str  # "sqlite" or "memory", for /health
     location: str | None  # the file, for /health
+    clock_path: Path | None  # where the processes sharing this store keep the allocator's clock
 
     @abc.abstractmethod
     def exclusive(self) -> AbstractContextManager[None]: ...
@@ -243,12 +248,12 @@ class SessionStorage:
     """Redis first, the local store when Redis is absent, failing or refusing writes; reads see both."""
 
     def __init__(self, local: LocalStore, redis_store: RedisStore | None, ttl_seconds: int,
-                 retry_interval: float) -> None:
+                 retry_interval: float, allocator: Allocator | None = None) -> None:
         self.local = local
         self.redis = redis_store
         self.ttl_ms = ttl_seconds * 1000
         self.retry_interval = retry_interval
-        self.allocator = Allocator()
+        self.allocator = allocator or Allocator(local.clock_path)
         self._state = RedisState.CONNECTED if redis_store is not None else RedisState.NOT_CONFIGURED
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -287,20 +292,22 @@ class SessionStorage:
         """Store and return (timestamp, where). Raises `StorageUnavailable` (or `StorageFull`) when no store
         could commit it: then nothing was acknowledged."""
         now = now_ms()
-        proposal = self.allocator.propose(now)
+        proposal = self.allocator.propose(now) if draft.timestamp is None else now
         if self.redis is not None and self._state is RedisState.CONNECTED:
             try:
                 timestamp = self.redis.save(draft, now=now, ttl_ms=self.ttl_ms, proposal=proposal)
             except redis.RedisError as error:
                 self._redis_failed(error)
             else:
-                self.allocator.observe(timestamp)
+                if draft.timestamp is None:
+                    self.allocator.observe(timestamp)
                 if draft.timestamp is not None and self.local.exists(timestamp):
                     with self.local.exclusive():  # an older pending copy must not be written back over it
                         self.local.delete(timestamp)
                 return timestamp, "redis"
         timestamp = self.local.save(draft, now=now, ttl_ms=self.ttl_ms, proposal=proposal)
-        self.allocator.observe(timestamp)
+        if draft.timestamp is None:
+            self.allocator.observe(timestamp)
         return timestamp, LOCAL
 
     def _from_redis(self, call: Callable[[RedisStore], T]) -> T | None:
@@ -422,6 +429,7 @@ class SessionStorage:
                     self._log_move(record, self.redis.write_back(record, now=now))
                     moved += 1
                 self.local.delete(record.timestamp)
+            time.sleep(MOVE_PAUSE_S)  # between moves the lock is free: a save waiting for it gets its turn
         return moved
 
     @staticmethod

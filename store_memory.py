@@ -28,6 +28,7 @@ class MemoryStore(LocalStore):
 
     kind = "memory"
     location = None
+    clock_path = None  # nothing is shared: the allocator's clock is this process's own
 
     def __init__(self, limits: Limits | None = None) -> None:
         self._lock = threading.RLock()  # also `exclusive()`: a write-back step and a delete never interleave
@@ -61,8 +62,9 @@ class MemoryStore(LocalStore):
             timestamp, origin = draft.timestamp, Origin.CLIENT
             if timestamp is None:
                 timestamp = choose(proposal, self._last_assigned, self._records.__contains__)
-                self._last_assigned, origin = timestamp, Origin.SERVICE
-            self._put(Record(timestamp, draft.render(timestamp), draft.summary, now + ttl_ms, origin), now)
+                self._last_assigned, origin = max(self._last_assigned, timestamp), Origin.SERVICE
+            self._put(Record(timestamp, draft.render(timestamp), draft.summary, now + ttl_ms, origin, draft.save_id),
+                      now)
             return timestamp
 
     def _put(self, record: Record, now: int) -> None:

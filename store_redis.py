@@ -9,7 +9,11 @@ The service's own, outside the public pattern `storyart:session:*`:
 
 * `storyart:meta:<ms>`: the session's summary JSON, same TTL (list views and ETags read it, not the body);
 * `storyart:sessions:expiry`: a sorted set of session keys by expiry time, so expired members leave the index;
-* `storyart:sessions:clock`: the last timestamp the service assigned (`allocator.py`).
+* `storyart:sessions:clock`: the last timestamp the service assigned (`allocator.py`);
+* `storyart:save:<id>`: the timestamp a save (`payload.Draft.save_id`) was stored under, with the session's TTL.
+  A save whose reply was lost (Redis died after applying it) fell back to the local store under a timestamp of
+  its own; its write-back finds the unconfirmed copy by this key and removes it, so the session exists once,
+  under the timestamp its client was given.
 
 A request that needs several commands runs them in one Lua script: one round trip, and atomic across every
 thread, worker and host that shares the Redis.
@@ -28,6 +32,7 @@ from payload import Draft, head_of, summarize
 from storage import KEY_PREFIX, Moved, Origin, Outcome, Query, Record, SessionStore, Stored, session_key
 
 META_PREFIX = "storyart:meta:"
+SAVE_PREFIX = "storyart:save:"
 INDEX_KEY = "storyart:sessions:index"
 EXPIRY_KEY = "storyart:sessions:expiry"
 CLOCK_KEY = "storyart:sessions:clock"
@@ -52,8 +57,8 @@ end
 """
 
 # Save one session atomically; returns {outcome, timestamp}. KEYS: index, expiry, clock.
-# ARGV: head, summary, now (ms), TTL (ms), the client's timestamp or "", the allocator's proposal, and for a
-# write-back the session's origin ("client" or "service"; "" for a save).
+# ARGV: head, summary, now (ms), TTL (ms), the client's timestamp or "", the allocator's proposal, for a
+# write-back the session's origin ("client" or "service"; "" for a save), and the save's id.
 # A save replaces whatever holds its timestamp. A write-back that meets a *different* session there: for a
 # client timestamp, the copy acknowledged later wins (the later expiry; 'superseded' when Redis's copy
 # outlives the pending one, which only a save through another host can cause); for a service-assigned one
@@ -63,9 +68,15 @@ _SAVE = _PRUNE + """
 local function fmt(n) return string.format('%d', n) end
 local head, summary, now, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local ts, proposal, origin = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
-local clock = KEYS[3]
+local clock, save = KEYS[3], '{SAVE}' .. ARGV[8]
 local outcome = 'stored'
 if origin ~= '' then
+  local applied = redis.call('GET', save)
+  if applied and tonumber(applied) ~= ts and redis.call('GET', '{SESSION}' .. applied) == head .. applied .. '}' then
+    redis.call('DEL', '{SESSION}' .. applied, '{META}' .. applied)  -- applied, never confirmed to anyone
+    redis.call('ZREM', KEYS[1], '{SESSION}' .. applied)
+    redis.call('ZREM', KEYS[2], '{SESSION}' .. applied)
+  end
   local current = redis.call('GET', '{SESSION}' .. fmt(ts))
   if current and current ~= head .. fmt(ts) .. '}' then
     if origin == 'service' then
@@ -82,6 +93,7 @@ local id = fmt(ts)
 local key = '{SESSION}' .. id
 redis.call('SET', key, head .. id .. '}', 'PX', fmt(ttl))
 redis.call('SET', '{META}' .. id, summary, 'PX', fmt(ttl))
+redis.call('SET', save, id, 'PX', fmt(ttl))
 redis.call('ZADD', KEYS[1], id, key)
 redis.call('ZADD', KEYS[2], fmt(now + ttl), key)
 prune(KEYS[1], KEYS[2], now)
@@ -135,7 +147,7 @@ return out
 
 
 def _script(source: str) -> str:
-    return source.replace("{SESSION}", KEY_PREFIX).replace("{META}", META_PREFIX)
+    return source.replace("{SESSION}", KEY_PREFIX).replace("{META}", META_PREFIX).replace("{SAVE}", SAVE_PREFIX)
 
 
 class RedisStore(SessionStore):
@@ -169,22 +181,19 @@ class RedisStore(SessionStore):
 
     # -- writes
 
-    def _run_save(self, head: bytes, summary: bytes, now: int, ttl_ms: int, timestamp: int | None,
-                  proposal: int, origin: Origin | None) -> Moved:
-        args = (head, summary, now, ttl_ms, "" if timestamp is None else timestamp, proposal,
-                origin.value if origin else "")
+    def _run_save(self, draft: Draft, now: int, ttl_ms: int, proposal: int, origin: Origin | None) -> Moved:
+        args = (draft.head, draft.summary, now, ttl_ms, "" if draft.timestamp is None else draft.timestamp, proposal,
+                origin.value if origin else "", draft.save_id)
         outcome, stored_as = self._save(keys=(INDEX_KEY, EXPIRY_KEY, CLOCK_KEY), args=args)
         return Moved(Outcome(outcome.decode()), int(stored_as))
 
     def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int) -> int:
-        return self._run_save(draft.head, draft.summary, now, ttl_ms, draft.timestamp, proposal, None).timestamp
+        return self._run_save(draft, now, ttl_ms, proposal, None).timestamp
 
     def write_back(self, record: Record, *, now: int) -> Moved:
         """Recreate a pending session from the local store with its timestamp and remaining TTL. Writing the
         same bytes twice changes nothing, so a write-back cut short and repeated stores one copy."""
-        draft = record.draft
-        return self._run_save(draft.head, draft.summary, now, record.expires_at - now, record.timestamp,
-                              record.timestamp, record.origin)
+        return self._run_save(record.draft, now, record.expires_at - now, record.timestamp, record.origin)
 
     def delete(self, timestamp: int) -> bool:
         key = session_key(timestamp)

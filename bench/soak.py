@@ -16,6 +16,7 @@ any request got a 5xx or no answer (a connection refused while the service itsel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import shutil
 import sys
@@ -47,6 +48,7 @@ class Call:
     timestamp: int | None = None
     tag: str | None = None
     storage: str | None = None
+    error: str | None = None  # the error sentence of a 5xx
 
 
 @dataclass
@@ -77,6 +79,8 @@ class Soak:
             except OSError:
                 got, status = None, 0
             call = Call(kind, started, time.monotonic() - started, status, tag=tag)
+            if status >= 500:
+                call.error = got.body[:200].decode(errors="replace")
             if kind == "save" and status == 200:
                 answer = got.json()
                 call.timestamp, call.storage = answer["timestamp"], answer["storage"]
@@ -106,10 +110,33 @@ def chaos(redis_server: RedisServer, service: ServiceProcess | None, duration: f
         windows.append((down, time.monotonic()))
 
 
+def stored_tags(redis_server: RedisServer) -> Counter:
+    """How many sessions Redis holds per soak tag (read from the end of each value, where the tag is)."""
+    client = redis_server.client()
+    keys = [member for member in client.zrange(INDEX_KEY, 0, -1)]
+    tails = []
+    for start in range(0, len(keys), 200):
+        with client.pipeline(transaction=False) as pipe:
+            for key in keys[start : start + 200]:
+                pipe.getrange(key, -120, -1)
+            tails += pipe.execute()
+    return Counter(tail.split(b'"soakTag":"')[-1].split(b'"')[0].decode() for tail in tails if b"soakTag" in tail)
+
+
+def settle(port: int, patience: float) -> None:
+    """Wait until the write-back has emptied the local store, so what is verified is what Redis holds (a
+    pending copy could hide a session that the write-back then moved elsewhere)."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if request(port, "GET", "/health").json()["localStore"]["sessions"] == 0:
+                return
+        time.sleep(0.2)
+
+
 def verify(port: int, acknowledged: list[Call], patience: float) -> list[Call]:
-    """The acknowledged saves that do not read back as themselves. A session still waiting in one worker's
-    memory for its write-back is only readable through that worker, so this keeps asking while the number
-    missing keeps falling, and gives up after `patience` seconds without progress."""
+    """The acknowledged saves that do not read back as themselves; asked again while the number missing keeps
+    falling, for up to `patience` seconds without progress."""
     pending = list(acknowledged)
     progressed = time.monotonic()
     while True:
@@ -131,8 +158,11 @@ def run(args: argparse.Namespace) -> dict:
     base = (ROOT / "tests" / "fixtures" / "session-1mb.json").read_bytes()
     workdir = Path(tempfile.mkdtemp(prefix="storyart-soak-"))
     redis_server = RedisServer(workdir / "redis").start(*PERSISTENT)
+    # 8 clients saving 1 MB sessions back to back put ~100 a second into the local store during an outage: far
+    # beyond any real StoryArt use, so the soak lifts the local store's caps (500 sessions by default)
     env = {"REDIS_URL": redis_server.url, "REDIS_RETRY_INTERVAL": str(args.retry_interval),
-           "WEB_CONCURRENCY": str(args.workers), "LOG_LEVEL": "INFO"}
+           "WEB_CONCURRENCY": str(args.workers), "LOG_LEVEL": "INFO", "LOCAL_STORE_MAX_SESSIONS": "100000",
+           "LOCAL_STORE_MAX_BYTES": str(8 << 30)}
     service = ServiceProcess("gunicorn", env, workdir / "gunicorn.log")
     windows: list[tuple[float, float]] = []
     try:
@@ -155,13 +185,19 @@ def run(args: argparse.Namespace) -> dict:
 
         calls = soak.calls
         acknowledged = [c for c in calls if c.kind == "save" and c.status == 200]
+        settle(service.port, patience=args.retry_interval * 5 + 30)
         lost = verify(service.port, acknowledged, patience=args.retry_interval * 5 + 10)
         stamps = Counter(c.timestamp for c in acknowledged)
-        in_redis = redis_server.client().zcard(INDEX_KEY)
+        stored = stored_tags(redis_server)
+        acked_tags = {c.tag for c in acknowledged}
         during = [c for c in calls if any(c.started < end and c.started + c.elapsed > down
                                           for down, end in windows)]
         refused = [c for c in calls if c.status == 0 and any(
             c.started < end and c.started + c.elapsed > down for down, end in service_down)]
+        # A read the service cannot answer completely while Redis is away (nothing newer in the local store) is
+        # a 503 with Retry-After by design: the browser keeps its localStorage copy instead of "no session".
+        honest = [c for c in calls if c.kind == "latest" and c.status == 503 and any(
+            c.started < end + 1 and c.started + c.elapsed > down for down, end in windows)]
         errors = Counter(f"{c.kind} {c.status or 'no answer'}" for c in calls if c.status != 200)
         result = {
             "seconds": args.duration,
@@ -172,15 +208,18 @@ def run(args: argparse.Namespace) -> dict:
             "saves": sum(c.kind == "save" for c in calls),
             "latest_reads": sum(c.kind == "latest" for c in calls),
             "errors_by_status": dict(sorted(errors.items())),
-            "server_errors": sum(1 for c in calls if c.status >= 500 or c.status == 0) - len(refused),
+            "server_errors": sum(1 for c in calls if c.status >= 500 or c.status == 0) - len(refused) - len(honest),
+            "reads_unavailable_during_outages": len(honest),
             "service_killed": [round(end - down, 2) for down, end in service_down],
             "refused_while_the_service_was_down": len(refused),
             "acknowledged": len(acknowledged),
             "acknowledged_to_memory": sum(c.storage == "memory" for c in acknowledged),
             "lost": len(lost),
             "lost_examples": [f"{c.tag}@{c.timestamp}" for c in lost[:5]],
+            "server_error_examples": sorted({f"{c.kind} {c.status}: {c.error}" for c in calls if c.error})[:5],
             "timestamps_given_twice": sum(n - 1 for n in stamps.values() if n > 1),
-            "duplicates_in_redis": max(0, in_redis - len(acknowledged)),
+            "duplicates_in_redis": sum(n - 1 for n in stored.values() if n > 1),
+            "stored_without_an_answer": sum(1 for tag in stored if tag not in acked_tags),
             "requests_during_outages": len(during),
             "slowest_during_outage_s": round(max((c.elapsed for c in during), default=0.0), 3),
             "over_1s_during_outages": sum(c.elapsed > 1 for c in during),
@@ -206,10 +245,14 @@ def report(result: dict) -> str:
         f"Redis killed (-9) and restarted {len(result['outages'])} times (down {result['outages']} s)",
         f"requests:     {result['requests']} ({result['saves']} saves of 1 MB, "
         f"{result['latest_reads']} latest reads; {result['requests_during_outages']} during outages)",
-        f"errors:       {errors} (5xx or no answer: {result['server_errors']}{killed})",
+        f"errors:       {errors} (5xx or no answer: {result['server_errors']}{killed}; latest 503 with "
+        f"Retry-After while Redis was away and the local store held nothing: "
+        f"{result['reads_unavailable_during_outages']})",
+        *(f"              {example}" for example in result["server_error_examples"]),
         f"acknowledged: {result['acknowledged']} ({result['acknowledged_to_memory']} of them to memory)",
         f"lost:         {result['lost']} {result['lost_examples'] or ''}".rstrip(),
-        f"duplicates:   {result['duplicates_in_redis']} in Redis; "
+        f"duplicates:   {result['duplicates_in_redis']} in Redis ({result['stored_without_an_answer']} stored whose "
+        f"client got no answer: the service was killed before it could reply); "
         f"timestamps given twice: {result['timestamps_given_twice']}",
         f"slowest:      {result['slowest_during_outage_s']:.3f} s during an outage "
         f"({result['over_1s_during_outages']} responses over 1 s), {result['slowest_s']:.3f} s overall",

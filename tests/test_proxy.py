@@ -7,14 +7,17 @@ The last tests check, without nginx, the draining of refused bodies that lets ng
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import pytest
 from werkzeug.test import EnvironBuilder
 
 from drain import DRAIN_MAX_EXCESS
-from servers import ROOT, Response, ServiceProcess, free_port, wait_for
+from servers import ROOT, Response, ServiceProcess, free_port, request, wait_for
 
 DEPLOY_CONF = ROOT / "deploy" / "nginx-storyart.conf"
 CLIENT = "127.0.0.2"  # any 127.0.0.0/8 address is local; this one is not the proxy's
@@ -245,9 +248,67 @@ def test_a_refused_body_is_drained_only_when_moderately_oversized(make_app, size
                              content_length=size).get_environ()
     environ["wsgi.input"] = stream
     statuses: list[str] = []
-    body = b"".join(app.wsgi_app(environ, lambda status, headers, exc_info=None: statuses.append(status)))
+    answer = app.wsgi_app(environ, lambda status, headers, exc_info=None: statuses.append(status))
+    body = b"".join(answer)
     assert statuses == ["413 REQUEST ENTITY TOO LARGE"] and b'"success":false' in body
+    assert stream.tell() == 0  # the whole 413 is out before a byte of the refused body is read
+    answer.close()  # what the server does once the answer is sent
     assert stream.tell() == (size if drained else 0)
+
+
+def slow_client(port: int, declared: int, pieces: list[bytes], pause: float) -> tuple[float, bytes, float]:
+    """Declare `declared` bytes, send `pieces` with `pause` between them (while reading whatever comes back):
+    (seconds until the status line arrived, the answer, seconds until the server closed the connection)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setblocking(False)
+    head = (b"POST /api/v1/session/save HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % declared)
+    started, answered, closed, answer = time.monotonic(), None, None, b""
+    queue = [head, *pieces]
+    next_send = started
+    try:
+        while time.monotonic() - started < 10 and closed is None:
+            if queue and time.monotonic() >= next_send:
+                with contextlib.suppress(OSError):
+                    sock.send(queue.pop(0))
+                next_send = time.monotonic() + pause
+            readable, _, _ = select.select([sock], [], [], 0.02)
+            if readable:
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    closed = time.monotonic() - started
+                answer += data
+                if answered is None and b"\r\n" in answer:
+                    answered = time.monotonic() - started
+    finally:
+        sock.close()
+    return answered if answered is not None else 99.0, answer, closed if closed is not None else 99.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["app", "gunicorn"])
+def test_a_declared_oversized_body_gets_its_413_at_once(kind, service) -> None:
+    """10 MB declared over a 1 MB limit and nothing sent: the JSON 413 within a second, then the server lets
+    the silent peer go within the drain's time bound."""
+    server = service(kind, MAX_CONTENT_LENGTH=str(1 << 20))
+    answered, answer, closed = slow_client(server.port, 10 << 20, [], 0)
+    assert answered < 1.0, answered
+    assert answer.startswith(b"HTTP/1.1 413") and b'"success":false' in answer
+    assert closed < 4.0, closed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["app", "gunicorn"])
+def test_a_trickled_oversized_body_gets_its_413_at_once_and_is_dropped(kind, service) -> None:
+    server = service(kind, MAX_CONTENT_LENGTH=str(1 << 20))
+    answered, answer, closed = slow_client(server.port, 2 << 20, [b" " * 1000] * 40, 0.2)
+    assert answered < 1.0, answered
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert closed < 4.0, closed  # not the 8 s the trickle would take
+    assert request(server.port, "GET", "/health").status == 200
 
 
 def test_an_accepted_body_is_read_once_and_nothing_more_is_drained(make_app) -> None:

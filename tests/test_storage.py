@@ -16,7 +16,7 @@ import pytest
 import redis
 
 import storage as storage_module
-from allocator import now_ms
+from allocator import Allocator, now_ms
 from config import Config
 from payload import Draft, parse_session
 from storage import (
@@ -46,9 +46,12 @@ def draft(text: str = "x", timestamp: int | None = None, **extra: object) -> Dra
     return parse_session(orjson.dumps(body), now_ms())
 
 
+ALLOCATOR = Allocator()  # what SessionStorage does: a fresh proposal for every save
+
+
 def put(store: SessionStore, d: Draft, ttl_ms: int = 60_000, now: int | None = None) -> int:
     now = now_ms() if now is None else now
-    return store.save(d, now=now, ttl_ms=ttl_ms, proposal=now)
+    return store.save(d, now=now, ttl_ms=ttl_ms, proposal=ALLOCATOR.propose(now))
 
 
 @pytest.fixture
@@ -106,6 +109,8 @@ def test_redis_layout_is_the_public_contract(make_app, redis_server, redis_db: r
     assert session_keys == sorted(f"storyart:session:{ts}" for ts in stamps)
     assert all(k.count(b":") == 2 for k in redis_db.scan_iter("storyart:session:*"))
     ours = {INDEX_KEY, "storyart:sessions:expiry", "storyart:sessions:clock"} | {f"storyart:meta:{ts}" for ts in stamps}
+    ours |= {k.decode() for k in redis_db.scan_iter("storyart:save:*")}
+    assert len(ours) == 3 + 2 * len(stamps)  # one save id per save
     assert {k.decode() for k in redis_db.scan_iter("*")} - set(session_keys) == ours
     assert redis_db.zcard(INDEX_KEY) == 3
 
@@ -230,9 +235,11 @@ class TestContract:
             put(store, draft("client", timestamp=now + offset))
         assigned = store.save(draft("service"), now=now, ttl_ms=60_000, proposal=now)
         assert assigned == now + 3  # one call, however many are taken
-        later = store.save(draft("later"), now=now, ttl_ms=60_000, proposal=now + 100)
-        assert later == now + 100
-        assert store.save(draft("again"), now=now, ttl_ms=60_000, proposal=now) == now + 101  # never backwards
+        assert store.save(draft("later"), now=now, ttl_ms=60_000, proposal=now + 100) == now + 100
+        # saves reach a store in any order: a proposal a little behind the last assignment is used as it is
+        assert store.save(draft("overtaken"), now=now, ttl_ms=60_000, proposal=now + 50) == now + 50
+        # a proposal far behind (a host whose clock lags) continues after the last assignment instead
+        assert store.save(draft("lagging"), now=now, ttl_ms=60_000, proposal=now - 5000) == now + 101
 
     def test_latest_is_the_newest_timestamp(self, store: SessionStore) -> None:
         now = now_ms()
@@ -554,3 +561,22 @@ def test_a_session_that_fits_nowhere_is_503_with_retry_after(make_app) -> None:
                                                     "storyUuid": "s", "analyzedEpisode": {}}))
     assert got.status_code == 503 and got.headers["Retry-After"].isdigit()
     assert got.get_json()["success"] is False and "retry" in got.get_json()["error"]
+
+
+def test_a_save_redis_applied_but_could_not_confirm_ends_up_once(redis_store: RedisStore, redis_db,
+                                                                pending_store) -> None:
+    """Redis applied a save and died before answering: the service stored the session locally under another
+    timestamp and told the client that one. The write-back leaves exactly one copy, under the client's."""
+    d = draft("reply lost")
+    now = now_ms()
+    unconfirmed = redis_store.save(d, now=now, ttl_ms=60_000, proposal=now)
+    acknowledged = pending_store.save(d, now=now, ttl_ms=60_000, proposal=unconfirmed + 5)
+    assert acknowledged != unconfirmed
+    assert redis_store.write_back(pending_store.oldest(), now=now_ms()) == (Outcome.STORED, acknowledged)
+    assert redis_store.get(unconfirmed) is None and redis_db.zcard(INDEX_KEY) == 1
+    assert body_of(redis_store.get(acknowledged))["scriptText"] == "reply lost"
+    other = draft("another session that took the number")  # never removes a different session
+    taken = put(redis_store, other)
+    record = Record(taken + 7, d.render(taken + 7), d.summary, now_ms() + 60_000, Origin.SERVICE, other.save_id)
+    redis_store.write_back(record, now=now_ms())
+    assert body_of(redis_store.get(taken))["scriptText"] == "another session that took the number"
