@@ -240,19 +240,82 @@ def describe_holder(port: int) -> str:
     return ", ".join(names) if names else "an unknown process"
 
 
-def instance_root(pid: int, port: int) -> psutil.Process:
-    """The process to stop for an earlier instance reporting pid.
+def same_user(proc: psutil.Process) -> bool:
+    """True when proc runs as the user running the launcher: only such a process is ours to stop."""
+    if IS_WINDOWS:
+        return proc.username() == psutil.Process().username()
+    return proc.uids().real == os.getuid()
 
-    /health reports the serving process; under gunicorn or a reloader that is a child which its parent
-    would simply respawn, so walk up to the topmost ancestor that still listens on the same port.
+
+def runs_this_service(cmdline: list[str], cwd: Path, app_dir: Path) -> bool:
+    """True for `python ... app.py` with app_dir's app.py, or `gunicorn ... app:app` run in app_dir.
+
+    These are the ways the launcher and the README start the service; app_dir must be resolved.
     """
-    proc = psutil.Process(pid)
-    listeners = {p.pid for p in listening_processes(port)}
+    if not cmdline:
+        return False
+    app = app_dir / "app.py"
+    if "python" in Path(cmdline[0]).name.lower() and any((cwd / arg).resolve() == app for arg in cmdline[1:]):
+        return True
+    return cwd == app_dir and "app:app" in cmdline and any(Path(arg).name == "gunicorn" for arg in cmdline)
+
+
+def holds_listener(proc: psutil.Process, port: int) -> bool:
+    """True when proc has a TCP socket listening on port.
+
+    Asked of the process itself: psutil.net_connections() names one process per socket, while a gunicorn
+    master and its workers, or any process and the children it handed the socket on to, share it.
+    """
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+               for c in proc.net_connections(kind="tcp"))
+
+
+def instance_mismatch(proc: psutil.Process, port: int, app_dir: Path) -> str | None:
+    """Why proc is not an instance of this service that the launcher may stop, None when it is.
+
+    app_dir must be resolved; psutil errors propagate.
+    """
+    if not same_user(proc):
+        return "runs as another user"
+    if not holds_listener(proc, port):
+        return "does not hold the port"
+    if not runs_this_service(proc.cmdline(), Path(proc.cwd()).resolve(), app_dir):
+        return f"does not run app.py or gunicorn app:app from {app_dir}"
+    return None
+
+
+def instance_root(proc: psutil.Process, port: int, app_dir: Path) -> psutil.Process:
+    """The process to stop for proc, a verified instance: its topmost ancestor that is a verified one too.
+
+    /health reports the serving process; under gunicorn that is a worker, which its master would respawn.
+    """
     root = proc
     for parent in proc.parents():
-        if parent.pid in listeners:
-            root = parent
+        try:
+            if instance_mismatch(parent, port, app_dir) is not None:
+                break
+        except psutil.Error:
+            break
+        root = parent
     return root
+
+
+def verified_instance(pid: int, port: int, app_dir: Path) -> psutil.Process:
+    """The earlier instance to stop when port's /health names pid; LauncherError unless it is verifiably one.
+
+    Anything on the port can answer with any pid, so the answer only says where to look: pid must run as
+    this user, hold the listening socket and run this service from app_dir. Otherwise nothing is stopped.
+    """
+    app_dir = app_dir.resolve()
+    try:
+        proc = psutil.Process(pid)
+        reason = instance_mismatch(proc, port, app_dir)
+        if reason is None:
+            return instance_root(proc, port, app_dir)
+    except psutil.Error as exc:
+        reason = f"could not be checked ({type(exc).__name__})"
+    raise LauncherError(f"Port {port} is already in use by {describe_holder(port)}, which claims to be a StoryArt "
+                        f"session service (pid {pid}) but {reason}; stop it yourself or choose another port.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,36 +365,25 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def stop_earlier_instance(pid: int, host: str, port: int) -> None:
+def stop_earlier_instance(pid: int, host: str, port: int, app_dir: Path) -> None:
     """Stop an earlier StoryArt session service (and its children) and wait until it frees the port."""
-    listeners = listening_processes(port)
-    if pid == os.getpid() or (listeners and pid not in {p.pid for p in listeners}):
-        # Only a process that really holds the port is stopped, whatever pid an answer names.
-        raise LauncherError(f"Port {port} is already in use by {describe_holder(port)}, which claims to be "
-                            f"a StoryArt session service with pid {pid}; stop it yourself or choose another "
-                            "port.")
-    try:
-        root = instance_root(pid, port)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []  # Already gone, or not visible from here: waiting for the port tells which.
-    except psutil.AccessDenied:
-        raise LauncherError(f"Port {port} is held by an earlier StoryArt session service (pid {pid}) "
-                            "that this user may not stop; stop it yourself or choose another port.") from None
-    say(f"Port {port} is held by an earlier StoryArt session service (pid {pid}); stopping it.")
-    survivors = stop_processes(tree)
-    if survivors:
-        raise LauncherError(f"Could not stop the earlier StoryArt session service (pid {pid}) "
+    root = verified_instance(pid, port, app_dir)
+    tree = [root]
+    with contextlib.suppress(psutil.Error):  # already gone: waiting for the port tells
+        tree += root.children(recursive=True)
+    say(f"Port {port} is held by an earlier StoryArt session service (pid {root.pid}); stopping it.")
+    if stop_processes(tree):
+        raise LauncherError(f"Could not stop the earlier StoryArt session service (pid {root.pid}) "
                             f"on port {port}.")
     deadline = time.monotonic() + PORT_RELEASE_SECONDS
     while is_listening(host, port):
         if time.monotonic() > deadline:
             raise LauncherError(f"Port {port} is still in use by {describe_holder(port)} "
-                                f"after stopping the earlier StoryArt session service (pid {pid}).")
+                                f"after stopping the earlier StoryArt session service (pid {root.pid}).")
         time.sleep(POLL_SECONDS)
 
 
-def claim_port(host: str, port: int) -> None:
+def claim_port(host: str, port: int, app_dir: Path) -> None:
     """Make sure the service can bind port: free it from an earlier instance, refuse for anything else."""
     if not is_listening(host, port):
         return
@@ -339,7 +391,7 @@ def claim_port(host: str, port: int) -> None:
     if pid is None:
         raise LauncherError(f"Port {port} is already in use by {describe_holder(port)}; "
                             "stop it or choose another port (-Port / --port).")
-    stop_earlier_instance(pid, host, port)
+    stop_earlier_instance(pid, host, port, app_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -639,7 +691,7 @@ def start_all(args: argparse.Namespace, env: dict[str, str], children: list[Chil
     frontend_dir = None if args.no_frontend else check_frontend_dir(args.frontend_dir)
     npm = None if args.no_frontend else find_npm()
     command = backend_command(args.app_dir)
-    claim_port(local, args.port)
+    claim_port(local, args.port, args.app_dir)
     stop.check()
 
     backend = start_child("backend", command, args.app_dir, backend_env(env, host, args.port), children)

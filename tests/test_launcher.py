@@ -2,8 +2,10 @@
 
 The backend is a stand-in app.py written into tmp_path (stdlib only, same /health contract as the real
 service), the frontend a package.json whose `dev` script runs a tiny node HTTP server. When the real app.py
-exists at the repository root, one test runs it end to end as well. Every process a test starts is killed by
-a finalizer, whatever the test did; only 127.0.0.1 is used; deadlines only guard against hangs.
+exists at the repository root, one test runs it end to end as well. Impostors answer /health as the service
+would; run as root with setpriv, tests also start processes as other users (else they are skipped). Every
+process a test starts is killed by a finalizer, whatever the test did; only 127.0.0.1 is used; deadlines only
+guard against hangs.
 """
 
 import contextlib
@@ -15,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -34,9 +37,12 @@ LAUNCHER = ROOT / "launcher.py"
 
 DEADLINE = 30.0  # a guard against hanging, never a performance assertion
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="sends POSIX signals")
+INHERITS_SOCKETS = pytest.mark.skipif(os.name == "nt", reason="hands a listening socket on through pass_fds")
 NEEDS_NPM = pytest.mark.skipif(not (shutil.which("npm") and shutil.which("node")),
                                reason="needs node and npm")
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+AS_ANOTHER_USER = ("setpriv", "--reuid=65533", "--regid=65533", "--clear-groups")
 
 STAND_IN_APP = '''\
 """Stand-in for the service's app.py: serves /health like the real one, records its pid for cleanup."""
@@ -78,6 +84,36 @@ try:
     server.serve_forever()
 except (KeyboardInterrupt, SystemExit):
     pass
+'''
+
+IMPOSTOR = '''\
+"""Not the service: answers /health as the service would, naming the pid written in the file `names` next to
+it (default: its own pid), on the listening socket it inherited as file descriptor IMPOSTOR_FD."""
+import json, os, socket
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+names = Path(__file__).with_name("names")
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        pid = int(names.read_text()) if names.exists() else os.getpid()
+        data = json.dumps({"success": True, "service": "storyart-session", "pid": pid}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+server = HTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+server.socket.close()
+server.socket = socket.socket(fileno=int(os.environ["IMPOSTOR_FD"]))
+server.serve_forever()
 '''
 
 FAKE_DEV_SERVER = """\
@@ -228,6 +264,23 @@ def app_dir(tmp_path: Path, cleanup: Cleanup) -> Path:
     return folder
 
 
+@pytest.fixture
+def shared_app_dir(cleanup: Cleanup) -> Iterator[Path]:
+    """A folder with the stand-in app.py that other users may run too (tmp_path is private to its owner)."""
+    folder = Path(tempfile.mkdtemp(prefix="storyart-launcher-")).resolve()
+    try:
+        folder.chmod(0o755)
+        (folder / "app.py").write_text(STAND_IN_APP, encoding="utf-8")
+        (folder / "app.py").chmod(0o644)
+        (folder / "pids").mkdir()
+        (folder / "pids").chmod(0o777)
+        cleanup.pid_dirs.append(folder)
+        yield folder
+    finally:
+        cleanup.kill_all()  # before the pid files go
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def make_frontend(folder: Path, cleanup: Cleanup, dev: str = "node server.js") -> Path:
     """A frontend folder whose `npm run dev` runs dev (default: the fake dev server)."""
     folder.mkdir()
@@ -253,34 +306,95 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def launch(tmp_path: Path, cleanup: Cleanup, *args: str, env: dict[str, str] | None = None) -> Run:
-    """Start launcher.py with args (always --no-browser)."""
+def launch(
+    tmp_path: Path, cleanup: Cleanup, *args: str, env: dict[str, str] | None = None, user: tuple[str, ...] = ()
+) -> Run:
+    """Start launcher.py with args (always --no-browser), as user (a setpriv prefix) when given."""
     log = tmp_path / f"launcher-{len(cleanup.popens)}.log"
     with log.open("wb") as out:
         popen = subprocess.Popen(
-            [sys.executable, str(LAUNCHER), "--no-browser", *args], stdin=subprocess.DEVNULL, stdout=out,
+            [*user, sys.executable, str(LAUNCHER), "--no-browser", *args], stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, env=env or clean_env(), cwd=tmp_path,
         )
     cleanup.popens.append(popen)
     return Run(popen, log)
 
 
-def start_earlier_instance(app_dir: Path, port: int, cleanup: Cleanup) -> subprocess.Popen[bytes]:
-    """Run the stand-in service directly, as a launcher from an earlier session would have left it."""
-    popen = subprocess.Popen([sys.executable, str(app_dir / "app.py")],
+def wait_for_health(popen: subprocess.Popen[bytes], port: int, what: str) -> None:
+    """Wait until popen answers /health on port."""
+    deadline = time.monotonic() + DEADLINE
+    while get_json(port, "/health") is None:
+        assert popen.poll() is None, f"the {what} could not start"
+        assert time.monotonic() < deadline, f"the {what} never answered /health"
+        time.sleep(0.1)
+
+
+def start_earlier_instance(
+    app_dir: Path, port: int, cleanup: Cleanup, user: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """Run the stand-in service directly (as user, a setpriv prefix), as an earlier session would have left it."""
+    popen = subprocess.Popen([*user, sys.executable, str(app_dir / "app.py")], cwd=app_dir,
                              env=clean_env(REDIS_API_PORT=str(port)),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cleanup.popens.append(popen)
-    deadline = time.monotonic() + DEADLINE
-    while get_json(port, "/health") is None:
-        assert popen.poll() is None, "the earlier instance could not start"
-        assert time.monotonic() < deadline, "the earlier instance never answered /health"
-        time.sleep(0.1)
+    wait_for_health(popen, port, "earlier instance")
     return popen
+
+
+def listening_socket() -> socket.socket:
+    """A socket listening on a free 127.0.0.1 port, for an impostor to inherit."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def start_sleeper(cleanup: Cleanup, user: tuple[str, ...] = (), holding: socket.socket | None = None
+                  ) -> subprocess.Popen[bytes]:
+    """An unrelated process (a would-be victim), optionally holding a copy of a listening socket."""
+    fds = () if holding is None else (holding.fileno(),)
+    popen = subprocess.Popen([*user, sys.executable, "-c", "import time; time.sleep(120)"], pass_fds=fds)
+    cleanup.popens.append(popen)
+    return popen
+
+
+def start_impostor(
+    script: Path, sock: socket.socket, cleanup: Cleanup, user: tuple[str, ...] = (), cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Run IMPOSTOR as script on sock (inherited), claiming to be the service with its own pid for now."""
+    script.write_text(IMPOSTOR, encoding="utf-8")
+    script.chmod(0o644)  # readable by the user it runs as
+    env = clean_env(IMPOSTOR_FD=str(sock.fileno()))
+    popen = subprocess.Popen([*user, sys.executable, str(script)], cwd=cwd, env=env, pass_fds=(sock.fileno(),),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cleanup.popens.append(popen)
+    wait_for_health(popen, sock.getsockname()[1], "impostor")
+    return popen
+
+
+def _can_switch_users() -> bool:
+    """True when this test run may start processes as other users (root, with setpriv)."""
+    if os.name == "nt" or os.geteuid() != 0 or not shutil.which("setpriv"):
+        return False
+    return subprocess.run([*AS_NOBODY, sys.executable, "-c", ""], capture_output=True).returncode == 0
+
+
+OTHER_USERS = pytest.mark.skipif(not _can_switch_users(),
+                                 reason="needs root and setpriv to start processes as other users")
 
 
 def recorded_pids(folder: Path) -> list[int]:
     return [int(p.name) for p in folder.glob("pids/*")]
+
+
+def refusal(run: Run, port: int) -> str:
+    """The launcher's refusal to claim port: exit code 1 and one line of output, nothing stopped first."""
+    code = run.finish()
+    out = run.output()
+    assert code == 1, out
+    assert out.splitlines() == [out.strip()], f"not one line:\n{out}"
+    assert out.startswith(f"[storyart] Error: Port {port} is already in use by "), out
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -480,6 +594,78 @@ def test_never_stops_a_pid_that_does_not_hold_the_port(
     assert sleeper.poll() is None
 
 
+@INHERITS_SOCKETS
+@pytest.mark.parametrize(
+    ("victim_holds_the_socket", "reason"),
+    [(False, "does not hold the port"), (True, "does not run app.py or gunicorn app:app from")],
+    ids=["victim-elsewhere", "victim-shares-socket"],
+)
+def test_an_impostor_naming_another_process_stops_nothing(
+    tmp_path: Path, cleanup: Cleanup, app_dir: Path, victim_holds_the_socket: bool, reason: str
+) -> None:
+    """Anyone can answer /health with the service's name and any pid; even a victim holding a copy of the
+    listening socket (it inherited it, as any child can) is not thereby the service."""
+    with listening_socket() as sock:
+        port = sock.getsockname()[1]
+        impostor = start_impostor(tmp_path / "impostor.py", sock, cleanup)
+        # Started last, so psutil.net_connections() (on Linux one pid per socket, the highest) names the victim.
+        victim = start_sleeper(cleanup, holding=sock if victim_holds_the_socket else None)
+    (tmp_path / "names").write_text(str(victim.pid), encoding="utf-8")
+    assert get_json(port, "/health")["pid"] == victim.pid
+    run = launch(tmp_path, cleanup, "--app-dir", str(app_dir), "--no-frontend", "--port", str(port))
+    out = refusal(run, port)
+    assert f"which claims to be a StoryArt session service (pid {victim.pid}) but {reason}" in out
+    assert victim.poll() is None, "the process an impostor named was stopped"
+    assert impostor.poll() is None
+    assert recorded_pids(app_dir) == []
+
+
+@INHERITS_SOCKETS
+def test_an_impostor_naming_itself_stops_nothing(tmp_path: Path, cleanup: Cleanup, app_dir: Path) -> None:
+    """Same user, owns the socket, even runs a file called app.py from the service's folder as working
+    directory: it is still not the service's app.py, so it is left running."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with listening_socket() as sock:
+        port = sock.getsockname()[1]
+        impostor = start_impostor(elsewhere / "app.py", sock, cleanup, cwd=app_dir)
+    run = launch(tmp_path, cleanup, "--app-dir", str(app_dir), "--no-frontend", "--port", str(port))
+    out = refusal(run, port)
+    assert f"(pid {impostor.pid}) but does not run app.py or gunicorn app:app from {app_dir}" in out
+    assert impostor.poll() is None
+
+
+@OTHER_USERS
+def test_another_users_instance_is_not_stopped(tmp_path: Path, cleanup: Cleanup, shared_app_dir: Path) -> None:
+    """The service itself, run by another user: same command line and socket, but not the launcher's to stop."""
+    port = free_port()
+    theirs = start_earlier_instance(shared_app_dir, port, cleanup, user=AS_NOBODY)
+    run = launch(tmp_path, cleanup, "--app-dir", str(shared_app_dir), "--no-frontend", "--port", str(port))
+    out = refusal(run, port)
+    assert f"(pid {theirs.pid}) but runs as another user" in out
+    assert theirs.poll() is None
+
+
+@OTHER_USERS
+def test_another_users_impostor_cannot_name_a_victim_to_an_unprivileged_launcher(
+    tmp_path: Path, cleanup: Cleanup, shared_app_dir: Path
+) -> None:
+    """The reported attack: the launcher's user cannot see who holds the port (another user's socket has no
+    pid for it), so the pid in the answer must not be believed."""
+    with listening_socket() as sock:
+        port = sock.getsockname()[1]
+        start_impostor(shared_app_dir / "impostor.py", sock, cleanup, user=AS_ANOTHER_USER)
+    victim = start_sleeper(cleanup, user=AS_NOBODY)
+    (shared_app_dir / "names").write_text(str(victim.pid), encoding="utf-8")
+    (shared_app_dir / "names").chmod(0o644)
+    run = launch(tmp_path, cleanup, "--app-dir", str(shared_app_dir), "--no-frontend", "--port", str(port),
+                 user=AS_NOBODY)
+    out = refusal(run, port)
+    assert f"in use by an unknown process, which claims to be a StoryArt session service (pid {victim.pid}) but " \
+           "does not hold the port" in out
+    assert victim.poll() is None, "the launcher stopped a process on an impostor's word"
+
+
 @POSIX_ONLY
 def test_replaces_an_earlier_instance(tmp_path: Path, cleanup: Cleanup, app_dir: Path) -> None:
     port = free_port()
@@ -495,6 +681,30 @@ def test_replaces_an_earlier_instance(tmp_path: Path, cleanup: Cleanup, app_dir:
     assert health is not None and health["pid"] != earlier.pid
     assert health["pid"] in {p.pid for p in run.tree()}
     assert f"earlier StoryArt session service (pid {earlier.pid})" in run.output()
+
+    tree = run.tree()
+    run.popen.send_signal(signal.SIGINT)
+    assert run.finish() == 0, run.output()
+    assert survivors(tree) == []
+
+
+@POSIX_ONLY
+def test_replaces_an_earlier_gunicorn_instance(tmp_path: Path, cleanup: Cleanup) -> None:
+    """/health names a worker; the master (gunicorn app:app run in the service's folder) is what is stopped."""
+    port = free_port()
+    master = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"], cwd=ROOT,
+                              env=clean_env(REDIS_API_PORT=str(port), LOCAL_STORE="memory"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cleanup.popens.append(master)
+    wait_for_health(master, port, "gunicorn instance")
+    workers = psutil.Process(master.pid).children()
+    assert get_json(port, "/health")["pid"] in {w.pid for w in workers}
+
+    run = launch(tmp_path, cleanup, "--no-frontend", "--port", str(port), env=clean_env(LOCAL_STORE="memory"))
+    run.wait_running()
+    assert f"earlier StoryArt session service (pid {master.pid}); stopping it" in run.output()
+    assert master.poll() is not None and survivors(workers) == [], run.output()
+    assert get_json(port, "/health")["pid"] in {p.pid for p in run.tree()}
 
     tree = run.tree()
     run.popen.send_signal(signal.SIGINT)
