@@ -142,8 +142,9 @@ def _register_hooks(app: Flask, api_token: str | None, allowed_hosts: tuple[str,
         response.headers["X-Request-ID"] = request_id
         elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
         path = repr(request.path)[1:-1]  # control characters escaped: one request, one log line
+        size = response.content_length if response.content_length is not None else "-"  # "-": streamed
         access_log.info("%s %s %s %d %s %.1fms %s", request_id, request.method, path,
-                        response.status_code, response.content_length, elapsed_ms, request.remote_addr)
+                        response.status_code, size, elapsed_ms, request.remote_addr)
         return response
 
 

@@ -3,7 +3,6 @@ envelopes as bytes (a 1 MB session is never parsed or serialized again on its wa
 
 from __future__ import annotations
 
-import zlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,9 +44,10 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> R
 def session_response(found: Stored, partial: bool = False) -> Response:
     """Splice the stored bytes into the envelope: no parse, no re-serialization of a 1 MB session.
 
-    The ETag names the timestamp, the store and the content hash recorded at save time, so polling with
-    `If-None-Match` costs a 304 and no body."""
-    etag = f"{found.timestamp}-{found.storage}-{content_hash(found)}"
+    The ETag names the timestamp, the store and the content hash of these very bytes (the storage layer has
+    checked them against the summary, which records it), so polling with `If-None-Match` costs a 304 and no
+    body, and any rewrite of the bytes changes it."""
+    etag = f"{found.timestamp}-{found.storage}-{orjson.loads(found.summary)['etag']}"
     if request.if_none_match.contains_weak(etag):
         response = Response(status=304)
     else:
@@ -57,16 +57,6 @@ def session_response(found: Stored, partial: bool = False) -> Response:
     response.set_etag(etag)
     response.headers["Cache-Control"] = "no-cache"
     return response
-
-
-def content_hash(found: Stored) -> str:
-    """The hash recorded at save time while the summary still describes these bytes (same size), else one
-    computed now (a session written without a summary, or rewritten since by another tool)."""
-    if found.summary:
-        summary = orjson.loads(found.summary)
-        if summary.get("etag") and summary.get("sizeBytes") == len(found.body):
-            return summary["etag"]
-    return f"{zlib.crc32(found.body):08x}"
 
 
 def list_item(found: Stored) -> bytes:

@@ -3,7 +3,8 @@
 Read top to bottom:
 
 * the shared vocabulary: `Stored` (a session or summary as read), `Record` (a session as a local store holds
-  it), `Query` (a list page), `Page`, and the errors the HTTP layer turns into 503s;
+  it), `Query` (a list page), `Listing` (a list answer, read while it is sent), and the errors the HTTP layer
+  turns into 503s;
 * `SessionStore`, the interface every backend implements, and `LocalStore`, what the local stores add for
   failover. The backends live one per module: `store_redis.py` (the public Redis layout and its scripts),
   `store_sqlite.py` (the durable default local store, one file shared by every process on the host) and
@@ -24,17 +25,18 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
+import orjson
 import redis
 
 from allocator import Allocator, now_ms
 from config import Config
-from payload import Draft
+from payload import Draft, content_hash, summarize
 
 if TYPE_CHECKING:
     from store_redis import RedisStore
@@ -44,6 +46,8 @@ log = logging.getLogger("storyart.storage")
 KEY_PREFIX = "storyart:session:"
 LOCAL = "memory"  # the wire name of the local fallback in `storage` fields, whichever local store it is
 MOVE_PAUSE_S = 0.002
+ROWS_PER_READ = 4  # sessions read from a store at once while a list is sent (a few MB, not the whole page)
+EVERY = 2**31  # `Query.limit` of a list that asked for no limit
 
 T = TypeVar("T")
 
@@ -96,10 +100,16 @@ class Moved(NamedTuple):
     timestamp: int  # where the session is in Redis now (for SUPERSEDED: where the later copy is)
 
 
-class Page(NamedTuple):
+@dataclass
+class Listing:
+    """A list answer: `rows` is an iterator that reads the sessions in small batches while the answer is sent,
+    so no reply from a store is large and a worker's memory does not grow with the page. `partial` and
+    `skipped` are final once `rows` is exhausted."""
+
     total: int  # how many sessions match
-    rows: list[Stored]  # the page, newest first
-    partial: bool = False  # a configured Redis could not be read: there may be more
+    rows: Iterator[Stored]  # newest first
+    partial: bool = False  # a configured Redis could not be read (at the start or midway): there may be more
+    skipped: int = 0  # records that are not sessions (another tool wrote something else under the key)
 
 
 class StorageUnavailable(Exception):
@@ -108,6 +118,10 @@ class StorageUnavailable(Exception):
 
 class StorageFull(StorageUnavailable):
     """No store can take this session now."""
+
+
+class NotASession(Exception):
+    """The record stored under a timestamp is not a JSON object (another tool wrote something else there)."""
 
 
 class WhenFull(enum.Enum):
@@ -191,13 +205,9 @@ class SessionStore(abc.ABC):
     def latest(self) -> Stored | None: ...
 
     @abc.abstractmethod
-    def page(self, query: Query, summaries: bool = False) -> tuple[int, list[Stored]]:
-        """(how many match, up to `query.limit` of them newest first after `query.offset`); with `summaries`
-        each row's body is its summary JSON."""
-
-    @abc.abstractmethod
     def timestamps(self, query: Query) -> tuple[int, list[int]]:
-        """(how many match, the timestamps of `query.widened()`'s page): what a merge of two stores sorts."""
+        """(how many match, the timestamps of `query.widened()`'s page, newest first): a list is found by
+        timestamps first (and two stores merged by them), then read with `rows`."""
 
     @abc.abstractmethod
     def rows(self, timestamps: list[int], summaries: bool = False) -> list[Stored]:
@@ -257,6 +267,7 @@ class SessionStorage:
         self._state = RedisState.CONNECTED if redis_store is not None else RedisState.NOT_CONFIGURED
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._reported: set[int] = set()  # timestamps of records that are not sessions, logged once
         self._worker: threading.Thread | None = None
         if redis_store is not None:
             self._worker = threading.Thread(target=self._recover_loop, name="storyart-write-back", daemon=True)
@@ -325,14 +336,19 @@ class SessionStorage:
 
     def get(self, timestamp: int) -> Stored | None:
         """A pending local copy first (it was acknowledged after any copy in Redis), then Redis. Raises
-        `StorageUnavailable` rather than answer "not found" for a session an unreachable Redis may hold."""
+        `StorageUnavailable` rather than answer "not found" for a session an unreachable Redis may hold, and
+        `NotASession` for a record that is not one."""
         found = self.local.get(timestamp)
-        if found is not None or self.redis is None:
-            return found
-        found = self._from_redis(lambda r: r.get(timestamp))
-        if found is None and not self._readable():
-            raise self._unreadable()
-        return found
+        if found is None and self.redis is not None:
+            found = self._from_redis(lambda r: r.get(timestamp))
+            if found is None and not self._readable():
+                raise self._unreadable()
+        if found is None:
+            return None
+        checked = self._checked(found)
+        if checked is None:
+            raise NotASession(f"The record stored under {timestamp} is not a session (not a JSON object).")
+        return checked
 
     def exists(self, timestamp: int) -> bool:
         return self.local.exists(timestamp) or bool(self._from_redis(lambda r: r.exists(timestamp)))
@@ -340,41 +356,78 @@ class SessionStorage:
     def latest(self) -> tuple[Stored | None, bool]:
         """(the newest session of both stores, whether an unreachable Redis may hold a newer one)."""
         local = self.local.latest()
-        if self.redis is None:
-            return local, False
-        remote = self._from_redis(lambda r: r.latest())
-        partial = not self._readable()
+        remote = self._from_redis(lambda r: r.latest()) if self.redis is not None else None
+        partial = self.redis is not None and not self._readable()
         found = [s for s in (local, remote) if s is not None]
         if not found and partial:
             raise self._unreadable()
-        return (max(found, key=lambda s: (s.timestamp, s.storage == LOCAL)) if found else None), partial
+        newest = max(found, key=lambda s: (s.timestamp, s.storage == LOCAL)) if found else None
+        checked = self._checked(newest) if newest is not None else None
+        if newest is not None and checked is None:  # not a session: the newest one that is
+            listing = self.listing(Query(limit=EVERY))
+            checked, partial = next(listing.rows, None), partial or listing.partial
+        return checked, partial
 
-    def page(self, query: Query, summaries: bool = False) -> Page:
-        """A page newest first. Only while sessions are pending are two stores merged: by timestamps first,
-        then only the page's rows are read, each from the store that holds the winning copy."""
-        if self.redis is None:
-            return Page(*self.local.page(query, summaries))
-        if not self.local.count()[0]:
-            result = self._from_redis(lambda r: r.page(query, summaries))
-            if result is not None:
-                return Page(*result)
-            return Page(0, [], partial=True)
+    def listing(self, query: Query, summaries: bool = False) -> Listing:
+        """Sessions (or their summaries) newest first. The matching timestamps are found first (merged by
+        timestamp while sessions are pending, a copy in both stores counted once, the local one winning);
+        then the rows are read in batches of `ROWS_PER_READ` as the caller iterates."""
         local_total, local_stamps = self.local.timestamps(query)
-        remote = self._from_redis(lambda r: r.timestamps(query))
+        remote = None
+        if self.redis is not None and (self._readable() or not local_total):
+            remote = self._from_redis(lambda r: r.timestamps(query))
+        listing = Listing(local_total, iter(()), partial=self.redis is not None and remote is None)
         if remote is None:
-            total, rows = self.local.page(query, summaries)
-            return Page(total, rows, partial=True)
-        remote_total, remote_stamps = remote
-        in_both = len(set(local_stamps) & set(remote_stamps))
-        merged = sorted(set(local_stamps) | set(remote_stamps), reverse=True)[query.offset : query.offset + query.limit]
-        local_set = set(local_stamps)
-        rows = self._rows([ts for ts in merged if ts in local_set], [ts for ts in merged if ts not in local_set],
-                          summaries)
-        return Page(local_total + remote_total - in_both, rows)
+            page, local_set = local_stamps[query.offset : query.offset + query.limit], set(local_stamps)
+        else:
+            remote_total, remote_stamps = remote
+            local_set = set(local_stamps)
+            listing.total = local_total + remote_total - len(local_set.intersection(remote_stamps))
+            merged = sorted(local_set.union(remote_stamps), reverse=True)
+            page = merged[query.offset : query.offset + query.limit]
+        listing.rows = self._rows(page, local_set, summaries, listing)
+        return listing
 
-    def _rows(self, local: list[int], remote: list[int], summaries: bool) -> list[Stored]:
-        found = self.local.rows(local, summaries) + (self._from_redis(lambda r: r.rows(remote, summaries)) or [])
-        return sorted(found, key=lambda s: s.timestamp, reverse=True)
+    def _rows(self, page: list[int], local: set[int], summaries: bool, listing: Listing) -> Iterator[Stored]:
+        for start in range(0, len(page), ROWS_PER_READ):
+            batch = page[start : start + ROWS_PER_READ]
+            found = {row.timestamp: row for row in self.local.rows([ts for ts in batch if ts in local], summaries)}
+            remote = [ts for ts in batch if ts not in local]
+            if remote:
+                rows = self._from_redis(lambda r, stamps=remote: r.rows(stamps, summaries))
+                if rows is None:
+                    listing.partial = True
+                    return
+                found.update((row.timestamp, row) for row in rows)
+            for ts in batch:
+                row = found.get(ts)
+                checked = row if row is None or summaries else self._checked(row)
+                if row is not None and checked is None:
+                    listing.skipped += 1
+                elif checked is not None:
+                    yield checked
+
+    def _checked(self, found: Stored) -> Stored | None:
+        """`found` if its bytes are the ones this service recorded (their hash is the summary's), else checked
+        now: a JSON object gets a fresh summary (stored for next time); anything else is not a session (None,
+        logged once per process)."""
+        hashed = _hashed_part(found)
+        if found.summary and orjson.loads(found.summary).get("etag") == content_hash(hashed):
+            return found
+        try:
+            session = orjson.loads(found.body)
+        except orjson.JSONDecodeError:
+            session = None
+        if not isinstance(session, dict):
+            if found.timestamp not in self._reported:
+                self._reported.add(found.timestamp)
+                log.warning("the record under %s%d is not a session (not a JSON object); it is skipped",
+                            KEY_PREFIX, found.timestamp)
+            return None
+        summary = summarize(session, len(found.body), hashed)
+        if found.storage == "redis":
+            self._from_redis(lambda r: r.store_summary(found.timestamp, summary))
+        return found._replace(summary=summary)
 
     def delete(self, timestamp: int) -> bool:
         """Delete everywhere, or not at all: with Redis configured but away, a copy there would come back.
@@ -495,6 +548,13 @@ class SessionStorage:
         elif self.local.kind == "memory" and self.local.count()[0]:
             log.warning("shutdown: %d session(s) held only in memory end with this process", self.local.count()[0])
         self.local.close()
+
+
+def _hashed_part(found: Stored) -> memoryview | bytes:
+    """What the recorded content hash covers: the stored bytes up to the timestamp the service appends (all of
+    them for a record that does not end that way, which the service did not write)."""
+    tail = b"%d}" % found.timestamp
+    return memoryview(found.body)[: -len(tail)] if found.body.endswith(tail) else found.body
 
 
 def build_storage(config: Config) -> SessionStorage:

@@ -156,11 +156,6 @@ class MemoryStore(LocalStore):
         stop = max(low, high - query.offset)  # an index slice, newest first, without copying the rest
         return high - low, self._order[max(low, stop - query.limit) : stop][::-1]
 
-    def page(self, query: Query, summaries: bool = False) -> tuple[int, list[Stored]]:
-        with self._lock:
-            total, stamps = self._matching(query)
-            return total, [self._stored(self._records[ts], summaries) for ts in stamps]
-
     def timestamps(self, query: Query) -> tuple[int, list[int]]:
         with self._lock:
             return self._matching(query.widened())

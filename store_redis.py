@@ -114,9 +114,9 @@ while true do
 end
 """
 
-# One page newest first within a score range: {total, score1, value1, score2, value2, ...}. ARGV: offset,
-# limit, min, max, now, "meta" for summaries (false where a session has none), "" for bodies, "none" for
-# timestamps only. Dead members in the window are removed first, so a page is never short while matches remain.
+# The timestamps of one page newest first within a score range: {total, score1, score2, ...}. ARGV: offset,
+# limit, min, max, now. Dead members in the window are removed first, so a page is never short while matches
+# remain.
 _PAGE = _PRUNE + """
 prune(KEYS[1], KEYS[2], tonumber(ARGV[5]))
 local rows, dead
@@ -132,16 +132,7 @@ repeat
   end
 until dead == 0
 local out = {redis.call('ZCOUNT', KEYS[1], ARGV[3], ARGV[4])}
-for i = 1, #rows, 2 do
-  out[#out + 1] = rows[i + 1]
-  if ARGV[6] == 'meta' then
-    out[#out + 1] = redis.call('GET', '{META}' .. rows[i + 1])
-  elseif ARGV[6] == 'none' then
-    out[#out + 1] = false
-  else
-    out[#out + 1] = redis.call('GET', rows[i])
-  end
-end
+for i = 2, #rows, 2 do out[#out + 1] = rows[i] end
 return out
 """
 
@@ -214,42 +205,28 @@ class RedisStore(SessionStore):
         found = self._latest(keys=(INDEX_KEY, EXPIRY_KEY), args=(now_ms(),))
         return Stored(int(found[0]), found[1], "redis", found[2] or None) if found else None
 
-    def _run_page(self, query: Query, what: str) -> tuple[int, list[tuple[int, bytes | None]]]:
-        out = self._page(keys=(INDEX_KEY, EXPIRY_KEY),
-                         args=(query.offset, query.limit, query.low, query.high, now_ms(), what))
-        return int(out[0]), [(int(out[i]), out[i + 1]) for i in range(1, len(out), 2)]
-
-    def page(self, query: Query, summaries: bool = False) -> tuple[int, list[Stored]]:
-        if query.filters_summaries:
-            total, matched = self._filtered(query)
-            page = matched[query.offset : query.offset + query.limit]
-            return total, self.rows([ts for ts, _ in page], summaries)
-        total, rows = self._run_page(query, "meta" if summaries else "")
-        if summaries:
-            rows = [(ts, value or self._backfill(ts)) for ts, value in rows]
-            return total, [Stored(ts, value, "redis", value) for ts, value in rows if value]
-        return total, [Stored(ts, value, "redis") for ts, value in rows]
-
     def timestamps(self, query: Query) -> tuple[int, list[int]]:
         wide = query.widened()
         if query.filters_summaries:
             total, matched = self._filtered(query)
             return total, [ts for ts, _ in matched[: wide.limit]]
-        total, rows = self._run_page(wide, "none")
-        return total, [ts for ts, _ in rows]
+        out = self._page(keys=(INDEX_KEY, EXPIRY_KEY), args=(wide.offset, wide.limit, wide.low, wide.high, now_ms()))
+        return int(out[0]), [int(ts) for ts in out[1:]]
 
     def rows(self, timestamps: list[int], summaries: bool = False) -> list[Stored]:
         if not timestamps:
             return []
-        bodies = self.client.mget([session_key(ts) for ts in timestamps])
+        bodies = self.client.mget([session_key(ts) for ts in timestamps]) if not summaries else None
         metas = self.client.mget([f"{META_PREFIX}{ts}" for ts in timestamps])
         found = []
-        for ts, body, meta in zip(timestamps, bodies, metas, strict=True):
-            if body is None:
-                continue
-            meta = meta or self._backfill(ts)
-            found.append(Stored(ts, meta if summaries else body, "redis", meta or None))
-        return [row for row in found if row.body]
+        for i, (ts, meta) in enumerate(zip(timestamps, metas, strict=True)):
+            if summaries:
+                meta = meta or self._backfill(ts)
+                if meta:
+                    found.append(Stored(ts, meta, "redis", meta))
+            elif bodies[i] is not None:
+                found.append(Stored(ts, bodies[i], "redis", meta))
+        return found
 
     def _filtered(self, query: Query) -> tuple[int, list[tuple[int, bytes]]]:
         """Every (timestamp, summary) in the range matching the filters, newest first, reading summaries in
@@ -272,15 +249,24 @@ class RedisStore(SessionStore):
 
     def _backfill(self, timestamp: int) -> bytes:
         """The summary of a session saved without one (by another tool or an older version), stored for next
-        time with the session's remaining TTL; empty when the session is gone."""
-        key = session_key(timestamp)
-        with self.client.pipeline(transaction=False) as pipe:
-            body, left = pipe.get(key).pttl(key).execute()
-        if body is None:
+        time; empty when the session is gone or the record is not a JSON object (not a session)."""
+        body = self.client.get(session_key(timestamp))
+        try:
+            session = orjson.loads(body) if body is not None else None
+        except orjson.JSONDecodeError:
+            session = None
+        if not isinstance(session, dict):
             return b""
-        summary = summarize(orjson.loads(body), len(body), head_of(body, timestamp))
-        self.client.set(f"{META_PREFIX}{timestamp}", summary, px=left if left > 0 else None)
+        summary = summarize(session, len(body), head_of(body, timestamp) if body.endswith(b"%d}" % timestamp)
+                            else body)
+        self.store_summary(timestamp, summary)
         return summary
+
+    def store_summary(self, timestamp: int, summary: bytes) -> None:
+        """Record a summary with the session's remaining TTL (none when the session has none)."""
+        left = self.client.pttl(session_key(timestamp))
+        if left != -2:
+            self.client.set(f"{META_PREFIX}{timestamp}", summary, px=left if left > 0 else None)
 
     def ping(self) -> None:
         self.probe.ping()

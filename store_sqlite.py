@@ -19,9 +19,10 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 
@@ -31,6 +32,7 @@ from payload import Draft
 from storage import Limits, LocalStore, Origin, Query, Record, StorageFull, StorageUnavailable, Stored, WhenFull
 
 log = logging.getLogger("storyart.storage")
+T = TypeVar("T")
 
 BUSY_TIMEOUT_S = 3.0  # how long a write waits for another process's transaction before the save gets a 503
 # How often a waiting writer asks for the write lock again. SQLite's own busy handler backs off to 100 ms
@@ -126,10 +128,13 @@ class SqliteStore(LocalStore):
         return db
 
     def _create(self) -> None:
+        """Set the file up once (page size, incremental vacuum, WAL, the schema); every later open, by any
+        process, finds it so and only waits its turn for the schema check."""
         db = self._db()
-        db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # these two take effect on a new file only: before any table
-        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        db.execute("PRAGMA journal_mode = WAL")
+        if _patiently(lambda: db.execute("PRAGMA journal_mode").fetchone()[0]) != "wal":
+            db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # these two take effect on a new file only
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            _patiently(lambda: db.execute("PRAGMA journal_mode = WAL").fetchone())
         with self._write() as db:
             for statement in SCHEMA:
                 db.execute(statement)
@@ -163,16 +168,10 @@ class SqliteStore(LocalStore):
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
         """A read: WAL readers never wait for writers, so only the rare moments SQLite itself is busy (a WAL
         reset, a recovery) are waited out."""
-        deadline = time.monotonic() + BUSY_TIMEOUT_S
-        while True:
-            try:
-                return self._db().execute(sql, params).fetchall()
-            except sqlite3.OperationalError as error:
-                if not _busy(error) or time.monotonic() > deadline:
-                    raise _unavailable(error) from error
-                time.sleep(LOCK_POLL_S)
-            except sqlite3.Error as error:
-                raise _unavailable(error) from error
+        try:
+            return _patiently(lambda: self._db().execute(sql, params).fetchall())
+        except sqlite3.Error as error:
+            raise _unavailable(error) from error
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -273,10 +272,6 @@ class SqliteStore(LocalStore):
                             (*live, query.limit, query.offset))
         return total, [ts for (ts,) in stamps]
 
-    def page(self, query: Query, summaries: bool = False) -> tuple[int, list[Stored]]:
-        total, stamps = self._matching(query)
-        return total, self.rows(stamps, summaries)
-
     def timestamps(self, query: Query) -> tuple[int, list[int]]:
         return self._matching(query.widened())
 
@@ -317,17 +312,22 @@ def _busy(error: sqlite3.Error) -> bool:
     return "locked" in str(error) or "busy" in str(error)
 
 
-def _begin(db: sqlite3.Connection) -> None:
-    """`BEGIN IMMEDIATE`: take the write lock, asking again every `LOCK_POLL_S` for up to `BUSY_TIMEOUT_S`."""
+def _patiently(step: Callable[[], T]) -> T:
+    """`step()`, asked again every `LOCK_POLL_S` while SQLite says another connection is busy, for up to
+    `BUSY_TIMEOUT_S`."""
     deadline = time.monotonic() + BUSY_TIMEOUT_S
     while True:
         try:
-            db.execute("BEGIN IMMEDIATE")
-            return
+            return step()
         except sqlite3.OperationalError as error:
             if not _busy(error) or time.monotonic() > deadline:
                 raise
             time.sleep(LOCK_POLL_S)
+
+
+def _begin(db: sqlite3.Connection) -> None:
+    """`BEGIN IMMEDIATE`: take the write lock, patiently."""
+    _patiently(lambda: db.execute("BEGIN IMMEDIATE"))
 
 
 def _unavailable(error: sqlite3.Error) -> StorageUnavailable:

@@ -4,23 +4,24 @@ and back through `responses.py`. What each answers is in `openapi.yaml`; the pro
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import orjson
 import yaml
-from flask import Blueprint, Response, abort, current_app, request
+from flask import Blueprint, Response, abort, current_app, request, stream_with_context
 from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from allocator import now_ms
 from payload import PayloadError, draft_from, parse_json, parse_session
 from responses import error, json_response, list_item, session_response, summary_item
-from storage import Query, RedisState, SessionStorage, StorageUnavailable, session_key
+from storage import EVERY, NotASession, Query, RedisState, SessionStorage, StorageUnavailable, session_key
 
 SERVICE_NAME = "storyart-session"
-LIST_DEFAULT, LIST_MAX = 20, 100
+LIST_MAX = 100  # the largest page; without `limit` a list has every session
 MAX_TIMESTAMP = 2**53  # the largest integer a browser's JSON.parse reads exactly
 OPENAPI_PATH = Path(__file__).resolve().with_name("openapi.yaml")
 MESSAGES = {
@@ -82,15 +83,26 @@ def latest() -> Response:
 
 @api.get("/api/v1/session/list")
 def list_sessions() -> Response:
+    """Streamed: the sessions go out as they are read, a few at a time, so a bare list of every session (what
+    the StoryArt session browser asks for) costs a worker the memory of a few sessions, not of all of them."""
     try:
         query, summaries = _list_query()
     except ValueError as exc:
         return error(400, str(exc))
-    total, rows, partial = _storage().page(query, summaries)
-    items = (summary_item(row) for row in rows) if summaries else (list_item(row) for row in rows)
-    body = b'{"success":true,"count":%d,"total":%d,"sessions":[%s]%s}' % (
-        len(rows), total, b",".join(items), b',"partial":true' if partial else b"")
-    return Response(body, mimetype="application/json")
+    listing = _storage().listing(query, summaries)
+    item = summary_item if summaries else list_item
+
+    def generate() -> Iterator[bytes]:
+        yield b'{"success":true,"sessions":['
+        count = 0
+        for row in listing.rows:
+            yield b"," + item(row) if count else item(row)
+            count += 1
+        yield b'],"count":%d,"total":%d%s%s}' % (
+            count, listing.total, b',"skipped":%d' % listing.skipped if listing.skipped else b"",
+            b',"partial":true' if listing.partial else b"")
+
+    return Response(stream_with_context(generate()), mimetype="application/json")
 
 @api.get("/api/v1/session/<session_id:raw>")
 def get_session(raw: str) -> Response:
@@ -98,6 +110,8 @@ def get_session(raw: str) -> Response:
         found = _storage().get(_timestamp(raw))
     except StorageUnavailable as exc:
         return unavailable(exc)
+    except NotASession as exc:
+        return error(422, str(exc))
     return session_response(found) if found else error(404, "Session not found")
 
 @api.get("/api/v1/session/<session_id:raw>/export")
@@ -107,6 +121,8 @@ def export_session(raw: str) -> Response:
         found = _storage().get(timestamp)
     except StorageUnavailable as exc:
         return unavailable(exc)
+    except NotASession as exc:
+        return error(422, str(exc))
     if not found:
         return error(404, "Session not found")
     disposition = f'attachment; filename="storyart-session-{timestamp}.json"'
@@ -207,7 +223,7 @@ def _list_query() -> tuple[Query, bool]:
     if view not in ("full", "summary"):
         raise ValueError("view must be full or summary.")
     query = Query(
-        limit=_int_arg("limit", LIST_DEFAULT, 1, LIST_MAX),
+        limit=_int_arg("limit", EVERY, 1, LIST_MAX),
         offset=_int_arg("offset", 0, 0, 10**9),
         since=_int_arg("since", None, 0, MAX_TIMESTAMP),
         until=_int_arg("until", None, 0, MAX_TIMESTAMP),

@@ -136,11 +136,15 @@ def test_list_bad_paging_is_400(client: FlaskClient, query: str) -> None:
     assert got.status_code == 400 and got.get_json()["success"] is False
 
 
-def test_list_default_limit_is_20(client: FlaskClient) -> None:
+def test_a_bare_list_has_every_session_and_limit_pages(client: FlaskClient) -> None:
+    """The StoryArt session browser sends a bare list and shows every card; other clients page."""
     for i in range(23):
         save(client, minimal(n=i))
     listed = client.get("/api/v1/session/list").get_json()
-    assert listed["count"] == 20 and listed["total"] == 23
+    assert listed["count"] == 23 and listed["total"] == 23 and len(listed["sessions"]) == 23
+    assert [s["n"] for s in listed["sessions"]] == list(range(22, -1, -1))
+    paged = client.get("/api/v1/session/list?limit=20&offset=20").get_json()
+    assert paged["count"] == 3 and paged["total"] == 23
 
 
 # ------------------------------------------------------------------------------------------ save errors

@@ -111,7 +111,7 @@ def raw_exchange(port: int, head: bytes, body: bytes = b"") -> bytes:
 @pytest.mark.parametrize("kind", ["gunicorn", "app"])
 def test_oversized_body_is_refused_before_it_is_read(kind, service) -> None:
     server = service(kind, MAX_CONTENT_LENGTH="1048576")
-    head = (b"POST /api/v1/session/save HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (b"POST /api/v1/session/save HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Content-Length: 104857600\r\nConnection: close\r\n\r\n")
     answer = raw_exchange(server.port, head, b"{")  # declares 100 MB, sends one byte: nothing waits for the rest
     status, _, body = answer.partition(b"\r\n\r\n")

@@ -49,6 +49,12 @@ def draft(text: str = "x", timestamp: int | None = None, **extra: object) -> Dra
 ALLOCATOR = Allocator()  # what SessionStorage does: a fresh proposal for every save
 
 
+def page(store: SessionStore, query: Query, summaries: bool = False) -> tuple[int, list]:
+    """What SessionStorage does for a list: the page's timestamps first, then their rows."""
+    total, stamps = store.timestamps(query)
+    return total, store.rows(stamps[query.offset :], summaries)
+
+
 def put(store: SessionStore, d: Draft, ttl_ms: int = 60_000, now: int | None = None) -> int:
     now = now_ms() if now is None else now
     return store.save(d, now=now, ttl_ms=ttl_ms, proposal=ALLOCATOR.propose(now))
@@ -151,7 +157,7 @@ def test_reads_prune_index_members_whose_key_another_tool_deleted(redis_store: R
     redis_db.delete(f"storyart:session:{second}")
     assert redis_store.latest().timestamp == first
     redis_db.delete(f"storyart:session:{first}")
-    assert redis_store.page(Query()) == (0, [])
+    assert page(redis_store, Query()) == (0, [])
     assert redis_db.zcard(INDEX_KEY) == 0
 
 
@@ -173,7 +179,7 @@ def test_sessions_written_by_the_original_service_are_read(redis_store: RedisSto
     redis_db.zadd(INDEX_KEY, {f"storyart:session:{ts}": ts})
     assert redis_store.latest().body == body
     assert redis_store.get(ts).body == body
-    assert redis_store.page(Query())[0] == 1
+    assert page(redis_store, Query())[0] == 1
 
 
 
@@ -217,7 +223,7 @@ class TestContract:
         ts = now_ms() - 5000
         assert put(store, draft("first", timestamp=ts)) == ts
         assert put(store, draft("second", timestamp=ts)) == ts
-        assert body_of(store.get(ts))["scriptText"] == "second" and store.page(Query())[0] == 1
+        assert body_of(store.get(ts))["scriptText"] == "second" and page(store, Query())[0] == 1
 
     def test_200_threads_in_one_millisecond_get_200_timestamps(self, store: SessionStore) -> None:
         now = now_ms()
@@ -252,11 +258,11 @@ class TestContract:
         stamps = [put(store, draft(f"s{i}", timestamp=base + i)) for i in range(30)]
         newest_first = stamps[::-1]
         for offset, limit in ((0, 20), (15, 20), (29, 1), (30, 5), (500, 5)):
-            total, rows = store.page(Query(offset=offset, limit=limit))
+            total, rows = page(store, Query(offset=offset, limit=limit))
             assert total == 30 and [r.timestamp for r in rows] == newest_first[offset : offset + limit]
-        total, rows = store.page(Query(since=base + 10, until=base + 12))
+        total, rows = page(store, Query(since=base + 10, until=base + 12))
         assert total == 3 and [r.timestamp for r in rows] == [base + 12, base + 11, base + 10]
-        assert [r.timestamp for r in store.page(Query(before=base + 5, limit=2))[1]] == [base + 4, base + 3]
+        assert [r.timestamp for r in page(store, Query(before=base + 5, limit=2))[1]] == [base + 4, base + 3]
         assert store.timestamps(Query(offset=2, limit=3)) == (30, newest_first[:5])
 
     def test_filters_and_summaries(self, store: SessionStore) -> None:
@@ -264,10 +270,10 @@ class TestContract:
         for i in range(6):
             put(store, draft(f"s{i}", timestamp=base + i, storyUuid=f"story-{i % 2}",
                              analyzedEpisode={"episodeNumber": i % 3, "title": f"Pilot {i}", "scenes": []}))
-        total, rows = store.page(Query(story_uuid="story-1"), summaries=True)
+        total, rows = page(store, Query(story_uuid="story-1"), summaries=True)
         assert total == 3 and [orjson.loads(r.body)["title"] for r in rows] == ["Pilot 5", "Pilot 3", "Pilot 1"]
-        assert store.page(Query(episode="2", text="pilot"))[0] == 2
-        assert [r.timestamp for r in store.page(Query(text="PILOT 4"))[1]] == [base + 4]
+        assert page(store, Query(episode="2", text="pilot"))[0] == 2
+        assert [r.timestamp for r in page(store, Query(text="PILOT 4"))[1]] == [base + 4]
 
     def test_rows_come_back_in_the_order_asked_without_the_missing(self, store: SessionStore) -> None:
         base = now_ms() - 100_000
@@ -280,14 +286,14 @@ class TestContract:
     def test_delete(self, store: SessionStore) -> None:
         ts = put(store, draft("doomed"))
         assert store.delete(ts) and not store.delete(ts)
-        assert store.get(ts) is None and store.latest() is None and store.page(Query()) == (0, [])
+        assert store.get(ts) is None and store.latest() is None and page(store, Query()) == (0, [])
 
     def test_the_ttl_is_honoured(self, store: SessionStore) -> None:
         gone = put(store, draft("short"), ttl_ms=100)
         kept = put(store, draft("long"))
         time.sleep(0.25)
         assert store.get(gone) is None and not store.exists(gone)
-        assert store.latest().timestamp == kept and store.page(Query())[0] == 1
+        assert store.latest().timestamp == kept and page(store, Query())[0] == 1
 
     def test_latest_and_list_look_past_many_expired_sessions(self, store: SessionStore) -> None:
         now = now_ms()
@@ -296,7 +302,7 @@ class TestContract:
             put(store, draft(f"short {i}"), ttl_ms=150)
         time.sleep(0.3)
         assert store.latest().timestamp == live[-1]
-        total, rows = store.page(Query(limit=20))
+        total, rows = page(store, Query(limit=20))
         assert total == 5 and [r.timestamp for r in rows] == live[::-1]
 
 
@@ -307,7 +313,7 @@ def test_a_full_local_store_evicts_the_oldest_when_it_is_the_only_store(local_ki
     local = local_kind(Limits(3, 10**6, WhenFull.EVICT_OLDEST))
     stamps = [put(local, draft(f"s{i}")) for i in range(5)]
     assert local.count()[0] == 3
-    assert [row.timestamp for row in local.page(Query(limit=10))[1]] == stamps[:1:-1]
+    assert [row.timestamp for row in page(local, Query(limit=10))[1]] == stamps[:1:-1]
     assert "evicted the 1 oldest" in caplog.text
 
 
@@ -448,7 +454,7 @@ def test_a_pending_copy_wins_over_an_older_redis_copy(redis_server, redis_db, pe
         assert sessions.save(draft("v2 pending", timestamp=ts))[1] == "memory"
         assert body_of(sessions.get(ts))["scriptText"] == "v2 pending"
         assert body_of(sessions.latest()[0])["scriptText"] == "v2 pending"
-        assert [body_of(r)["scriptText"] for r in sessions.page(Query()).rows] == ["v2 pending"]
+        assert [body_of(r)["scriptText"] for r in sessions.listing(Query()).rows] == ["v2 pending"]
     finally:
         redis_db.config_set("maxmemory", "0")
     assert sessions.recover() == 1
@@ -512,12 +518,14 @@ def test_reads_during_an_outage_say_they_may_be_incomplete(redis_server, redis_d
             sessions.get(in_redis)
         with pytest.raises(storage_module.StorageUnavailable):
             sessions.latest()
-        assert sessions.page(Query()) == (0, [], True)
+        listing = sessions.listing(Query())
+        assert (listing.total, list(listing.rows), listing.partial) == (0, [], True)
         pending = sessions.save(draft("pending"))[0]
         assert sessions.get(pending).storage == "memory"
         found, partial = sessions.latest()
         assert found.timestamp == pending and partial
-        assert sessions.page(Query()) .partial
+        listing = sessions.listing(Query())
+        assert [r.timestamp for r in listing.rows] == [pending] and listing.partial
     finally:
         redis_server.start()
     sessions.close()
