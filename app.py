@@ -19,6 +19,7 @@ from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from cli import sessions
 from config import Config, ConfigError
 from drain import DrainRefusedBody
 from responses import OrjsonProvider, error
@@ -72,6 +73,7 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
     _register_hooks(app, config.api_token, (*LOOPBACK_HOSTS, *config.allowed_hosts))
     _register_error_handlers(app)
     app.register_blueprint(api)
+    app.cli.add_command(sessions)
     if config.api_token is None and config.app_env == "production":
         log.warning("APP_ENV=production and no API_TOKEN: the session API is open to anyone who can reach it")
     log.info("StoryArt session service ready: Redis %s, local store %s%s", storage.redis_state.value,

@@ -48,6 +48,7 @@ LOCAL = "memory"  # the wire name of the local fallback in `storage` fields, whi
 MOVE_PAUSE_S = 0.002
 ROWS_PER_READ = 4  # sessions read from a store at once while a list is sent (a few MB, not the whole page)
 EVERY = 2**31  # `Query.limit` of a list that asked for no limit
+REINDEX_CHECK_S = 10.0
 
 T = TypeVar("T")
 
@@ -268,6 +269,7 @@ class SessionStorage:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._reported: set[int] = set()  # timestamps of records that are not sessions, logged once
+        self._index_checked = -REINDEX_CHECK_S
         self._worker: threading.Thread | None = None
         if redis_store is not None:
             self._worker = threading.Thread(target=self._recover_loop, name="storyart-write-back", daemon=True)
@@ -357,6 +359,8 @@ class SessionStorage:
         """(the newest session of both stores, whether an unreachable Redis may hold a newer one)."""
         local = self.local.latest()
         remote = self._from_redis(lambda r: r.latest()) if self.redis is not None else None
+        if remote is None and self._readable() and self._index_lost():
+            remote = self._from_redis(lambda r: r.latest())
         partial = self.redis is not None and not self._readable()
         found = [s for s in (local, remote) if s is not None]
         if not found and partial:
@@ -368,6 +372,20 @@ class SessionStorage:
             checked, partial = next(listing.rows, None), partial or listing.partial
         return checked, partial
 
+    def _index_lost(self) -> bool:
+        """Whether Redis has sessions but lost its index, then rebuilt; asked at most every `REINDEX_CHECK_S`
+        (an empty Redis, the usual case on a new install, costs one SCAN step that often)."""
+        now = time.monotonic()
+        if now < self._index_checked + REINDEX_CHECK_S:
+            return False
+        self._index_checked = now
+        if not self._from_redis(lambda r: r.index_lost()):
+            return False
+        indexed = self._from_redis(lambda r: r.reindex())
+        log.warning("the Redis index %s was empty while sessions existed: rebuilt it with %s session(s)",
+                    "storyart:sessions:index", indexed)
+        return bool(indexed)
+
     def listing(self, query: Query, summaries: bool = False) -> Listing:
         """Sessions (or their summaries) newest first. The matching timestamps are found first (merged by
         timestamp while sessions are pending, a copy in both stores counted once, the local one winning);
@@ -376,6 +394,8 @@ class SessionStorage:
         remote = None
         if self.redis is not None and (self._readable() or not local_total):
             remote = self._from_redis(lambda r: r.timestamps(query))
+            if remote is not None and not remote[0] and self._index_lost():
+                remote = self._from_redis(lambda r: r.timestamps(query))
         listing = Listing(local_total, iter(()), partial=self.redis is not None and remote is None)
         if remote is None:
             page, local_set = local_stamps[query.offset : query.offset + query.limit], set(local_stamps)

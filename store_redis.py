@@ -21,6 +21,9 @@ thread, worker and host that shares the Redis.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
 import orjson
 import redis
 from redis.backoff import NoBackoff
@@ -36,6 +39,7 @@ SAVE_PREFIX = "storyart:save:"
 INDEX_KEY = "storyart:sessions:index"
 EXPIRY_KEY = "storyart:sessions:expiry"
 CLOCK_KEY = "storyart:sessions:clock"
+T = TypeVar("T")
 
 # Index members whose session expired leave the index (and the expiry set); run by every save, latest and
 # list page. The work is the number of sessions that expired since the last run.
@@ -135,6 +139,17 @@ local out = {redis.call('ZCOUNT', KEYS[1], ARGV[3], ARGV[4])}
 for i = 2, #rows, 2 do out[#out + 1] = rows[i] end
 return out
 """
+
+
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _script(source: str) -> str:
@@ -267,6 +282,38 @@ class RedisStore(SessionStore):
         left = self.client.pttl(session_key(timestamp))
         if left != -2:
             self.client.set(f"{META_PREFIX}{timestamp}", summary, px=left if left > 0 else None)
+
+    def reindex(self) -> int:
+        """Rebuild the index (and the expiry set) from the session keys themselves, walking them with SCAN in
+        batches (never KEYS, which would stall Redis): for when the index was lost (a tool, a careless FLUSH,
+        an eviction) while the sessions are still there. Returns how many sessions are indexed now."""
+        indexed = 0
+        now = now_ms()
+        for batch in _batches(self.client.scan_iter(match=f"{KEY_PREFIX}*", count=1000), 500):
+            keys = [k for k in batch if k.count(b":") == 2 and k.rsplit(b":", 1)[1].isdigit()]
+            with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.pttl(key)
+                left = pipe.execute()
+            with self.client.pipeline(transaction=False) as pipe:
+                for key, ttl in zip(keys, left, strict=True):
+                    if ttl == -2:
+                        continue  # expired meanwhile
+                    pipe.zadd(INDEX_KEY, {key: int(key.rsplit(b":", 1)[1])})
+                    if ttl > 0:
+                        pipe.zadd(EXPIRY_KEY, {key: now + ttl})
+                    indexed += 1
+                pipe.execute()
+        return indexed
+
+    def index_lost(self) -> bool:
+        """The index is empty while session keys exist (one SCAN step tells)."""
+        if self.client.zcard(INDEX_KEY):
+            return False
+        cursor, keys = self.client.scan(0, match=f"{KEY_PREFIX}*", count=1000)
+        while not keys and cursor:
+            cursor, keys = self.client.scan(cursor, match=f"{KEY_PREFIX}*", count=1000)
+        return any(k.count(b":") == 2 for k in keys)
 
     def ping(self) -> None:
         self.probe.ping()

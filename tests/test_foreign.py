@@ -117,3 +117,38 @@ def test_a_bare_list_of_130_sessions_returns_130(service) -> None:
         assert save_request(server.port, session(f"s{i}")).status == 200
     listed = orjson.loads(get(server, "/api/v1/session/list").body)
     assert listed["count"] == 130 and len({s["timestamp"] for s in listed["sessions"]}) == 130
+
+
+def test_a_lost_index_is_rebuilt_from_the_session_keys(service, own_redis) -> None:
+    redis_server = own_redis()
+    server = service("app", REDIS_URL=redis_server.url)
+    stamps = [save_request(server.port, session(f"kept-{i}")).json()["timestamp"] for i in range(5)]
+    client = redis_server.client()
+    client.delete(INDEX_KEY, "storyart:sessions:expiry")  # a tool, a careless FLUSH, an eviction
+    latest = get(server, "/api/v1/session/latest")
+    assert latest.status == 200 and orjson.loads(latest.body)["data"]["timestamp"] == stamps[-1]
+    assert [int(score) for _, score in client.zrange(INDEX_KEY, 0, -1, withscores=True)] == stamps
+    assert client.zcard("storyart:sessions:expiry") == 5  # their TTLs are tracked again
+    listed = orjson.loads(get(server, "/api/v1/session/list").body)
+    assert [s["timestamp"] for s in listed["sessions"]] == stamps[::-1]
+    assert "rebuilt it with 5 session(s)" in server.log()
+
+
+def test_the_reindex_command(own_redis, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from servers import ROOT
+
+    redis_server = own_redis()
+    client = redis_server.client()
+    for ts in (1_700_000_000_001, 1_700_000_000_002):
+        client.set(f"storyart:session:{ts}", orjson.dumps({"scriptText": "x", "timestamp": ts}), ex=600)
+    client.set("storyart:session:not-a-session:extra", b"ignored")  # three colons: not a session key
+    env = {**os.environ, "REDIS_URL": redis_server.url, "LOCAL_STORE_PATH": str(tmp_path / "s.sqlite3")}
+    done = subprocess.run([sys.executable, "-m", "flask", "--app", "app", "sessions", "reindex"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Indexed 2 session(s)" in done.stdout
+    assert client.zcard(INDEX_KEY) == 2
