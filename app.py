@@ -31,7 +31,7 @@ access_log = logging.getLogger("storyart.access")
 
 DEFAULT_CORS_ORIGINS = (re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?$", re.IGNORECASE),)
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
 
 
 class ServiceFlask(Flask):

@@ -50,6 +50,7 @@ class Config:
     workers: int = 0
     threads: int = 0
     trusted_proxy_hops: int = 0
+    redis_allow_eviction: bool = False
     allowed_hosts: tuple[str, ...] = ()  # beyond the loopback names, which are always allowed; "*": any
     api_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
 
@@ -92,6 +93,7 @@ class Config:
             threads=_int(env, "GUNICORN_THREADS", 0, 0, 256),
             trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 0, 0, 10),
             allowed_hosts=_hosts(env),
+            redis_allow_eviction=_flag(env, "REDIS_ALLOW_EVICTION"),
             api_token=_token(env),
         )
 
@@ -102,6 +104,15 @@ def _text(env: Mapping[str, str], name: str, default: str) -> str:
 
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}: expected 1 or 0, got {env[name]!r}")
 
 
 def _renamed(env: Mapping[str, str], name: str, old_name: str) -> str:

@@ -51,6 +51,22 @@ if _config.local_store == "sqlite":
         print(f"storyart: configuration error: {_error}", file=sys.stderr)
         sys.exit(2)
 
+if _config.redis_configured:
+    # A Redis that cannot keep sessions safely (a cluster node, an eviction policy) stops the master with one
+    # line too; one that is unreachable now is checked by each worker when it first answers.
+    from redis import RedisError
+
+    from store_redis import RedisStore
+
+    try:
+        _refuse, _ = RedisStore.from_config(_config).facts().problems(_config.redis_allow_eviction)
+    except RedisError:
+        _refuse = []
+    if _refuse:
+        print(f"storyart: configuration error: REDIS_URL: this Redis cannot keep sessions safely: {_refuse[0]}",
+              file=sys.stderr)
+        sys.exit(2)
+
 timeout = 60  # a 50 MB body on a slow link still fits
 graceful_timeout = 30  # SIGTERM: requests in flight get this long to finish
 control_socket_disable = True  # one control socket per user would collide between instances

@@ -21,6 +21,7 @@ of this are written down in `docs/contract.md`.
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
 import logging
 import threading
@@ -35,7 +36,7 @@ import orjson
 import redis
 
 from allocator import Allocator, now_ms
-from config import Config
+from config import Config, ConfigError
 from payload import Draft, content_hash, summarize
 
 if TYPE_CHECKING:
@@ -270,6 +271,9 @@ class SessionStorage:
         self._stopping = threading.Event()
         self._reported: set[int] = set()  # timestamps of records that are not sessions, logged once
         self._index_checked = -REINDEX_CHECK_S
+        self.allow_eviction = False
+        self.redis_warnings: list[str] = []  # what is wrong with the configured Redis, for /health
+        self._inspected = False
         self._worker: threading.Thread | None = None
         if redis_store is not None:
             self._worker = threading.Thread(target=self._recover_loop, name="storyart-write-back", daemon=True)
@@ -513,12 +517,23 @@ class SessionStorage:
             log.warning("write-back: Redis already held another session %d; this one is now %d",
                         record.timestamp, result.timestamp)
 
+    def inspect_redis(self) -> None:
+        """Check the configured Redis once it answers (at start-up, or when it first does): every problem is
+        logged loudly and kept for /health. (What refuses start-up was refused by `build_storage` already.)"""
+        refuse, warn = self.redis.facts().problems(self.allow_eviction)
+        self._inspected = True
+        self.redis_warnings = [f"Redis: {problem}" for problem in refuse + warn]
+        for warning in self.redis_warnings:
+            log.error("%s", warning)
+
     def recover(self) -> int:
         """One round of the background thread: ping Redis; when it answers, count it as reachable again (reads,
         deletes and new saves use it at once) and write every pending session back, which also tells whether
         a Redis that refused writes takes them again. Returns how many moved; raises what Redis or the local
         store raised."""
         self.redis.ping()
+        if not self._inspected:
+            self.inspect_redis()
         pending = self.local.count()[0]
         with self._lock:
             if self._state is RedisState.DOWN:
@@ -592,5 +607,19 @@ def build_storage(config: Config) -> SessionStorage:
     else:
         local = store_sqlite.SqliteStore.open(config.local_store_path, limits, synchronous=config.local_store_sync)
     redis_store = store_redis.RedisStore.from_config(config) if config.redis_configured else None
-    return SessionStorage(local, redis_store, config.session_ttl_seconds, config.redis_retry_interval)
+    if redis_store is not None:
+        try:
+            refuse, _ = redis_store.facts().problems(config.redis_allow_eviction)
+        except redis.RedisError:
+            refuse = []  # not reachable now: inspected when it first answers (see `recover`)
+        if refuse:
+            redis_store.close()
+            local.close()
+            raise ConfigError(f"REDIS_URL: this Redis cannot keep sessions safely: {refuse[0]}")
+    storage = SessionStorage(local, redis_store, config.session_ttl_seconds, config.redis_retry_interval)
+    storage.allow_eviction = config.redis_allow_eviction
+    if redis_store is not None:
+        with contextlib.suppress(redis.RedisError):
+            storage.inspect_redis()
+    return storage
 

@@ -22,6 +22,7 @@ thread, worker and host that shares the Redis.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 import orjson
@@ -139,6 +140,27 @@ local out = {redis.call('ZCOUNT', KEYS[1], ARGV[3], ARGV[4])}
 for i = 2, #rows, 2 do out[#out + 1] = rows[i] end
 return out
 """
+
+
+@dataclass(frozen=True, slots=True)
+class RedisFacts:
+    cluster: bool  # a Redis Cluster node: the save script's keys cannot share a slot, so it cannot run there
+    eviction: str  # maxmemory-policy: anything but noeviction may drop sessions (they all carry a TTL)
+    persistent: bool | None  # AOF or RDB snapshots configured (None: not allowed to ask)
+
+    def problems(self, allow_eviction: bool) -> tuple[list[str], list[str]]:
+        """(what refuses start-up, what only warns)."""
+        refuse, warn = [], []
+        if self.cluster:
+            refuse.append("it is a Redis Cluster node, and the service's atomic save touches keys that cannot "
+                          "share a hash slot (use a single Redis, or Sentinel for failover)")
+        if self.eviction != "noeviction":
+            (warn if allow_eviction else refuse).append(
+                f"its maxmemory-policy is {self.eviction}, which can silently drop sessions when memory is full "
+                "(set it to noeviction, or REDIS_ALLOW_EVICTION=1 to accept that)")
+        if self.persistent is False:
+            warn.append("it persists nothing (no AOF, no RDB snapshots): a restart of Redis loses every session")
+        return refuse, warn
 
 
 def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -314,6 +336,18 @@ class RedisStore(SessionStore):
         while not keys and cursor:
             cursor, keys = self.client.scan(cursor, match=f"{KEY_PREFIX}*", count=1000)
         return any(k.count(b":") == 2 for k in keys)
+
+    def facts(self) -> RedisFacts:
+        """What this Redis is, for the checks at start-up and in /health."""
+        info = {**self.probe.info("memory"), **self.probe.info("persistence"), **self.probe.info("cluster")}
+        persistent: bool | None = bool(info.get("aof_enabled"))
+        if not persistent:
+            try:  # RDB snapshots show only in CONFIG, which an ACL user may be denied: then unknown
+                persistent = bool(self.probe.config_get("save").get("save"))
+            except redis.ResponseError:
+                persistent = None
+        return RedisFacts(bool(info.get("cluster_enabled")), str(info.get("maxmemory_policy", "noeviction")),
+                          persistent)
 
     def ping(self) -> None:
         self.probe.ping()

@@ -175,6 +175,7 @@ def health() -> Response:
         "memorySessions": held,
         "localStore": {"kind": sessions.local.kind, "path": sessions.local.location, "sessions": held,
                        "bytes": held_bytes},
+        **({"warnings": sessions.redis_warnings} if sessions.redis_warnings else {}),
         "service": SERVICE_NAME,
         "pid": os.getpid(),
     })

@@ -117,3 +117,30 @@ def test_an_unusable_local_store_path_stops_start_up_with_one_line(tmp_path, kin
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("storyart: configuration error: LOCAL_STORE_PATH: "), lines
     assert str(path.parent if problem != "directory" else path) in lines[0] or str(blocker) in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["app", "gunicorn"])
+@pytest.mark.parametrize(("flags", "named"), [(("--maxmemory-policy", "allkeys-lru"), "allkeys-lru"),
+                                              (("--cluster-enabled", "yes"), "Cluster")])
+def test_a_redis_that_can_drop_sessions_stops_start_up(kind, flags, named, own_redis, tmp_path) -> None:
+    extra = ("--cluster-config-file", str(tmp_path / "nodes.conf")) if "--cluster-enabled" in flags else ()
+    redis_server = own_redis(*flags, *extra)
+    env = {**os.environ, "REDIS_URL": redis_server.url, "LOCAL_STORE_PATH": str(tmp_path / "s.sqlite3"),
+           "REDIS_API_PORT": "1"}
+    args = ["app.py"] if kind == "app" else ["-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"]
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("storyart: configuration error: REDIS_URL: ") and named in lines[0]
+
+
+@pytest.mark.slow
+def test_allowed_eviction_and_no_persistence_are_said_out_loud(service, own_redis) -> None:
+    from servers import request
+
+    redis_server = own_redis("--maxmemory-policy", "volatile-lru")  # the suite's Redis persists nothing
+    server = service("app", REDIS_URL=redis_server.url, REDIS_ALLOW_EVICTION="1")
+    warnings = request(server.port, "GET", "/health").json()["warnings"]
+    assert any("volatile-lru" in w for w in warnings) and any("persists nothing" in w for w in warnings)
+    assert "can silently drop sessions" in server.log() and "persists nothing" in server.log()
