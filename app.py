@@ -7,7 +7,9 @@ module-level `app`; `python app.py` runs the development server (`devserver.py`)
 
 from __future__ import annotations
 
+import functools
 import hmac
+import ipaddress
 import logging
 import random
 import re
@@ -32,6 +34,8 @@ access_log = logging.getLogger("storyart.access")
 DEFAULT_CORS_ORIGINS = (re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?$", re.IGNORECASE),)
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
+_ADDRESS_CHARS = re.compile(r"[0-9A-Fa-f:.]{2,45}")  # what an IPv4 or IPv6 address is written with
+_SCOPE_ID = re.compile(r"[A-Za-z0-9_.-]{1,16}")  # an interface name or number (`fe80::1%eth0`)
 
 
 class ServiceFlask(Flask):
@@ -98,6 +102,29 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     return any(a == "*" or name == a or (a.startswith(".") and name.endswith(a)) for a in allowed)
 
 
+def loggable_address(value: str | None) -> str:
+    """The client address for the access line: `value` if it is one valid IPv4 or IPv6 address (a surrounding
+    `[...]` dropped), else `-`. With TRUSTED_PROXY_HOPS it is the last `X-Forwarded-For` entry, which a client
+    that reaches the service directly writes itself: nothing but an address may get from there into the line."""
+    if not value or len(value) > 64:
+        return "-"
+    return _checked_address(value)
+
+
+@functools.lru_cache(maxsize=1024)  # a few us per parse; the same few addresses come again and again
+def _checked_address(value: str) -> str:
+    text = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    address, percent, scope = text.partition("%")
+    # ipaddress takes any scope id after "%", spaces and control characters included: only a plain name.
+    if not _ADDRESS_CHARS.fullmatch(address) or (percent and not _SCOPE_ID.fullmatch(scope)):
+        return "-"
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return "-"
+    return text
+
+
 def _register_hooks(app: Flask, api_token: str | None, allowed_hosts: tuple[str, ...]) -> None:
     @app.before_request
     def assign_request_id() -> None:
@@ -146,7 +173,7 @@ def _register_hooks(app: Flask, api_token: str | None, allowed_hosts: tuple[str,
         path = repr(request.path)[1:-1]  # control characters escaped: one request, one log line
         size = response.content_length if response.content_length is not None else "-"  # "-": streamed
         access_log.info("%s %s %s %d %s %.1fms %s", request_id, request.method, path,
-                        response.status_code, size, elapsed_ms, request.remote_addr)
+                        response.status_code, size, elapsed_ms, loggable_address(request.remote_addr))
         return response
 
 
