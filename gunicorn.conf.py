@@ -22,14 +22,20 @@ except ConfigError as _error:
 _host = f"[{_config.host}]" if ":" in _config.host else _config.host
 bind = [f"{_host}:{_config.port}"]
 
-# Measured on 2 cores (bench/run.py --variant): with Redis, 3 single-threaded sync workers serve 1 MB sessions
+# Measured on 2 cores (bench/run.py --variant). With Redis, 3 single-threaded sync workers serve 1 MB sessions
 # best (gthread's keep-alive saves 15-25% CPU per 10 KB request, but 1 MB saves cost 10-15% more CPU when
-# threads share a worker's GIL, and real sessions are ~1 MB). The SQLite local store is shared by every
-# worker, so the same holds without Redis. Only the volatile memory store without Redis runs one worker (with
-# threads): a second worker would hold sessions the first cannot see.
-if _config.redis_configured or _config.local_store == "sqlite":
+# threads share a worker's GIL, and real sessions are ~1 MB). Without Redis every worker opens the same SQLite
+# store, and `bench/run.py --embedded --variant` (2 rounds x 3 s, 8 clients unless noted) measured, against
+# 3 sync workers: 3 x 4 gthread latest 1 MB 721 vs 609 req/s, latest 10 KB 1847 vs 1289 (1 client: 1118 vs
+# 620, keep-alive), save 1 MB 72 vs 69, save 10 KB 413 vs 446; 2 x 4 gthread was better on 1 MB reads (835)
+# and worse on 10 KB ones. So: 3 x 4 gthread on the local store. Only the volatile memory store without Redis
+# runs one worker (with threads): a second worker would hold sessions the first cannot see.
+if _config.redis_configured:
     workers = _config.workers or 3
     threads = _config.threads or 1
+elif _config.local_store == "sqlite":
+    workers = _config.workers or 3
+    threads = _config.threads or 4
 else:
     if _config.workers > 1:
         print("storyart: configuration error: WEB_CONCURRENCY: LOCAL_STORE=memory without REDIS_URL runs one "

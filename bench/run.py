@@ -18,11 +18,13 @@ cores, so absolute numbers understate what a dedicated server does; compare the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -280,6 +282,7 @@ class Bench:
     redis_pid: int | None = None
     results: dict[str, dict[str, list[Result]]] = field(default_factory=dict)
     latest_key: str = ""
+    workdir: Path = Path()
 
     def redis(self, db: int) -> redis.Redis:
         return redis.Redis(port=self.redis_port, db=db, socket_timeout=30)
@@ -305,12 +308,19 @@ class Bench:
                     self.redis(DB_FLOOR).set(self.latest_key, orjson.dumps(orjson.loads(stored)["data"]))
 
     def cleanup(self, workload: Workload) -> None:
-        """After a save workload: drop what it stored, so Redis does not grow run after run."""
+        """After a save workload: drop what it stored, so Redis (or the local store) does not grow run after
+        run and the next workload starts as the first did (a full store would evict on every save)."""
         if workload.method != "POST":
             return
         for target in self.targets:
             if target.redis_db is not None:
                 self.redis(target.redis_db).flushdb()
+        if self.args.embedded:
+            for store in self.workdir.glob("*.sqlite3"):
+                with contextlib.closing(sqlite3.connect(store, timeout=30)) as db:
+                    db.execute("DELETE FROM sessions")
+                    db.commit()
+                    db.execute("VACUUM")
 
     def run_one(self, workload: Workload, target: Target, duration: float) -> Result:
         redis_before = tree_cpu_seconds(self.redis_pid)
@@ -675,13 +685,15 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(Target(compare, args.compare.rstrip("/")))
         for number, (name, source, settings) in enumerate(args.variants):
             db = DB_VARIANTS + number
-            variant_url, variant = start_service(stack, workdir, name, f"redis://127.0.0.1:{redis_port}/{db}",
+            variant_redis = None if args.embedded else f"redis://127.0.0.1:{redis_port}/{db}"
+            variant_url, variant = start_service(stack, workdir, name, variant_redis,
                                                  {**args.service_env, **settings}, source)
-            targets.append(Target(name, variant_url, db, variant.proc.pid))
+            targets.append(Target(name, variant_url, None if args.embedded else db, variant.proc.pid))
         targets.append(Target(FLOOR, None))
         if not args.no_tuned_floor:
             targets.append(Target(FLOOR_TUNED, None, tuned_malloc=True))
-        bench = Bench(args, redis_port, targets, generator, fixtures, service, (workers, threads), redis_pid)
+        bench = Bench(args, redis_port, targets, generator, fixtures, service, (workers, threads), redis_pid,
+                      workdir=workdir)
         gen_name = wrk_version() if generator == "wrk" else "the bench's multi-process socket generator"
         context = [
             f"StoryArt session service benchmark, {time.strftime('%Y-%m-%d %H:%M')}: Python "
