@@ -68,6 +68,12 @@ class _ThenDrain:
             getattr(self.body, "close", lambda: None)()
         if self.left > 0:
             self._drain()
+        sock = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
+        if isinstance(sock, socket.socket):
+            # What is left of a refused body must not be read as the next request of a kept-alive connection
+            # (gunicorn's threaded workers keep it): the connection ends here, its answer already sent.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _drain(self) -> None:
         """From the connection's socket when the server says which (each `recv` returns whatever has arrived,

@@ -145,7 +145,7 @@ return out
 @dataclass(frozen=True, slots=True)
 class RedisFacts:
     cluster: bool  # a Redis Cluster node: the save script's keys cannot share a slot, so it cannot run there
-    eviction: str  # maxmemory-policy: anything but noeviction may drop sessions (they all carry a TTL)
+    eviction: str | None  # maxmemory-policy: all but noeviction may drop sessions (all carry a TTL); None: unknown
     persistent: bool | None  # AOF or RDB snapshots configured (None: not allowed to ask)
 
     def problems(self, allow_eviction: bool) -> tuple[list[str], list[str]]:
@@ -154,7 +154,7 @@ class RedisFacts:
         if self.cluster:
             refuse.append("it is a Redis Cluster node, and the service's atomic save touches keys that cannot "
                           "share a hash slot (use a single Redis, or Sentinel for failover)")
-        if self.eviction != "noeviction":
+        if self.eviction not in ("noeviction", None):
             (warn if allow_eviction else refuse).append(
                 f"its maxmemory-policy is {self.eviction}, which can silently drop sessions when memory is full "
                 "(set it to noeviction, or REDIS_ALLOW_EVICTION=1 to accept that)")
@@ -344,8 +344,12 @@ class RedisStore(SessionStore):
         return any(k.count(b":") == 2 for k in keys)
 
     def facts(self) -> RedisFacts:
-        """What this Redis is, for the checks at start-up and in /health."""
-        info = {**self.probe.info("memory"), **self.probe.info("persistence"), **self.probe.info("cluster")}
+        """What this Redis is, for the checks at start-up and in /health. An ACL user may be denied INFO and
+        CONFIG (the service itself needs neither): then what they would tell is unknown, not a failure."""
+        try:
+            info = {**self.probe.info("memory"), **self.probe.info("persistence"), **self.probe.info("cluster")}
+        except redis.ResponseError:
+            return RedisFacts(False, None, None)
         persistent: bool | None = bool(info.get("aof_enabled"))
         if not persistent:
             try:  # RDB snapshots show only in CONFIG, which an ACL user may be denied: then unknown
