@@ -119,13 +119,30 @@ def test_an_unusable_local_store_path_stops_start_up_with_one_line(tmp_path, kin
     assert str(path.parent if problem != "directory" else path) in lines[0] or str(blocker) in lines[0]
 
 
+def port_with_bus() -> int:
+    """A free port whose port + 10000 is free too."""
+    import socket
+
+    for port in range(21000 + os.getpid() % 1000 * 20, 55000, 7):
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["app", "gunicorn"])
 @pytest.mark.parametrize(("flags", "named"), [(("--maxmemory-policy", "allkeys-lru"), "allkeys-lru"),
                                               (("--cluster-enabled", "yes"), "Cluster")])
 def test_a_redis_that_can_drop_sessions_stops_start_up(kind, flags, named, own_redis, tmp_path) -> None:
-    extra = ("--cluster-config-file", str(tmp_path / "nodes.conf")) if "--cluster-enabled" in flags else ()
-    redis_server = own_redis(*flags, *extra)
+    extra, port = (), None
+    if "--cluster-enabled" in flags:  # a cluster node also listens on its port + 10000 (the cluster bus)
+        extra, port = ("--cluster-config-file", str(tmp_path / "nodes.conf")), port_with_bus()
+    redis_server = own_redis(*flags, *extra, port=port)
     env = {**os.environ, "REDIS_URL": redis_server.url, "LOCAL_STORE_PATH": str(tmp_path / "s.sqlite3"),
            "REDIS_API_PORT": "1"}
     args = ["app.py"] if kind == "app" else ["-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"]
