@@ -16,7 +16,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from allocator import now_ms
-from payload import PayloadError, draft_from, parse_json, parse_session
+from payload import PayloadError, draft_from, parse_json, parse_session, value_limit
 from responses import error, json_response, list_item, session_response, summary_item
 from storage import EVERY, NotASession, Query, RedisState, SessionStorage, StorageUnavailable, session_key
 
@@ -57,10 +57,11 @@ def openapi_json() -> bytes:
 def save() -> Response:
     if request.mimetype != "application/json":
         return error(415, MESSAGES[415])
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
     try:
-        draft = parse_session(_request_body(current_app.config["MAX_CONTENT_LENGTH"]), now_ms())
+        draft = parse_session(_request_body(limit), now_ms(), value_limit(limit))
     except PayloadError as exc:
-        return error(400, str(exc))
+        return error(exc.status, str(exc))
     try:
         timestamp, where = _storage().save(draft)
     except StorageUnavailable as exc:
@@ -145,10 +146,11 @@ def import_sessions() -> Response:
     """One session or an array of them, as exported: each validated like `save`, timestamps kept."""
     if request.mimetype != "application/json":
         return error(415, MESSAGES[415])
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
     try:
-        parsed = parse_json(_request_body(current_app.config["MAX_CONTENT_LENGTH"]))
+        parsed = parse_json(_request_body(limit), value_limit(limit))  # the whole body: all its sessions at once
     except PayloadError as exc:
-        return error(400, str(exc))
+        return error(exc.status, str(exc))
     if not isinstance(parsed, dict | list) or parsed == []:
         return error(400, "The import body must be a session object or a non-empty array of them.")
     items = parsed if isinstance(parsed, list) else [parsed]
