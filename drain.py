@@ -59,6 +59,8 @@ class _ThenDrain:
 
     def __init__(self, body: Iterable[bytes], environ: dict[str, Any], left: int, max_seconds: float) -> None:
         self.body, self.environ, self.left, self.max_seconds = body, environ, left, max_seconds
+        sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+        self.sock = sock if isinstance(sock, socket.socket) else None  # the connection, when the server says
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self.body)
@@ -68,27 +70,24 @@ class _ThenDrain:
             getattr(self.body, "close", lambda: None)()
         if self.left > 0:
             self._drain()
-        sock = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
-        if isinstance(sock, socket.socket):
+        if self.sock is not None:
             # What is left of a refused body must not be read as the next request of a kept-alive connection
             # (gunicorn's threaded workers keep it): the connection ends here, its answer already sent.
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                self.sock.shutdown(socket.SHUT_RDWR)
 
     def _drain(self) -> None:
         """From the connection's socket when the server says which (each `recv` returns whatever has arrived,
         so the deadline holds however slowly the peer trickles), else from `wsgi.input`."""
-        sock = self.environ.get("gunicorn.socket") or self.environ.get("werkzeug.socket")
-        read = self.environ["wsgi.input"].read
-        if isinstance(sock, socket.socket):
-            read = sock.recv
+        sock = self.sock
+        read = sock.recv if sock is not None else self.environ["wsgi.input"].read
         left, deadline = self.left, time.monotonic() + self.max_seconds
         try:
             while left > 0:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
-                if isinstance(sock, socket.socket):
+                if sock is not None:
                     sock.settimeout(remaining)
                 chunk = read(min(CHUNK, left))
                 if not chunk:

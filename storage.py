@@ -40,7 +40,7 @@ from config import Config, ConfigError
 from payload import Draft, content_hash, summarize
 
 if TYPE_CHECKING:
-    from store_redis import RedisStore
+    from store_redis import RedisFacts, RedisStore
 
 log = logging.getLogger("storyart.storage")
 
@@ -260,18 +260,18 @@ class SessionStorage:
     """Redis first, the local store when Redis is absent, failing or refusing writes; reads see both."""
 
     def __init__(self, local: LocalStore, redis_store: RedisStore | None, ttl_seconds: int,
-                 retry_interval: float, allocator: Allocator | None = None) -> None:
+                 retry_interval: float, *, allow_eviction: bool = False) -> None:
         self.local = local
         self.redis = redis_store
         self.ttl_ms = ttl_seconds * 1000
         self.retry_interval = retry_interval
-        self.allocator = allocator or Allocator(local.clock_path)
+        self.allocator = Allocator(local.clock_path)
         self._state = RedisState.CONNECTED if redis_store is not None else RedisState.NOT_CONFIGURED
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._reported: set[int] = set()  # timestamps of records that are not sessions, logged once
         self._index_checked = -REINDEX_CHECK_S
-        self.allow_eviction = False
+        self.allow_eviction = allow_eviction  # an eviction policy only warns (REDIS_ALLOW_EVICTION)
         self.redis_warnings: list[str] = []  # what is wrong with the configured Redis, for /health
         self._inspected = False
         self._worker: threading.Thread | None = None
@@ -517,10 +517,10 @@ class SessionStorage:
             log.warning("write-back: Redis already held another session %d; this one is now %d",
                         record.timestamp, result.timestamp)
 
-    def inspect_redis(self) -> None:
+    def inspect_redis(self, facts: RedisFacts | None = None) -> None:
         """Check the configured Redis once it answers (at start-up, or when it first does): every problem is
         logged loudly and kept for /health. (What refuses start-up was refused by `build_storage` already.)"""
-        refuse, warn = self.redis.facts().problems(self.allow_eviction)
+        refuse, warn = (facts or self.redis.facts()).problems(self.allow_eviction)
         self._inspected = True
         self.redis_warnings = [f"Redis: {problem}" for problem in refuse + warn]
         for warning in self.redis_warnings:
@@ -607,19 +607,18 @@ def build_storage(config: Config) -> SessionStorage:
     else:
         local = store_sqlite.SqliteStore.open(config.local_store_path, limits, synchronous=config.local_store_sync)
     redis_store = store_redis.RedisStore.from_config(config) if config.redis_configured else None
+    facts = None
     if redis_store is not None:
-        try:
-            refuse, _ = redis_store.facts().problems(config.redis_allow_eviction)
-        except redis.RedisError:
-            refuse = []  # not reachable now: inspected when it first answers (see `recover`)
+        with contextlib.suppress(redis.RedisError):  # not reachable now: inspected when it first answers
+            facts = redis_store.facts()
+        refuse = facts.problems(config.redis_allow_eviction)[0] if facts else []
         if refuse:
             redis_store.close()
             local.close()
             raise ConfigError(f"REDIS_URL: this Redis cannot keep sessions safely: {refuse[0]}")
-    storage = SessionStorage(local, redis_store, config.session_ttl_seconds, config.redis_retry_interval)
-    storage.allow_eviction = config.redis_allow_eviction
-    if redis_store is not None:
-        with contextlib.suppress(redis.RedisError):
-            storage.inspect_redis()
+    storage = SessionStorage(local, redis_store, config.session_ttl_seconds, config.redis_retry_interval,
+                             allow_eviction=config.redis_allow_eviction)
+    if facts is not None:
+        storage.inspect_redis(facts)
     return storage
 

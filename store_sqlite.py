@@ -216,13 +216,13 @@ class SqliteStore(LocalStore):
             over_count, over_bytes = over_count - 1, over_bytes - length
         db.executemany("DELETE FROM sessions WHERE timestamp = ?", victims)
         log.warning("local store full: evicted the %d oldest session(s)", len(victims))
-        self._reclaim(db)
+        self._reclaim()
 
     def _purge_expired(self, db: sqlite3.Connection, now: int) -> None:
         if db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount:
-            self._reclaim(db)
+            self._reclaim()
 
-    def _reclaim(self, db: sqlite3.Connection) -> None:
+    def _reclaim(self) -> None:
         """Note that pages were freed: after the commit, `_shrink` may hand some back."""
         self._local.freed = True
 
@@ -239,7 +239,7 @@ class SqliteStore(LocalStore):
         with self._write() as db:
             deleted = db.execute("DELETE FROM sessions WHERE timestamp = ?", (timestamp,)).rowcount > 0
             if deleted:
-                self._reclaim(db)
+                self._reclaim()
             return deleted
 
     # -- reads

@@ -62,10 +62,7 @@ def save() -> Response:
         draft = parse_session(_request_body(limit), now_ms(), value_limit(limit))
     except PayloadError as exc:
         return error(exc.status, str(exc))
-    try:
-        timestamp, where = _storage().save(draft)
-    except StorageUnavailable as exc:
-        return unavailable(exc)
+    timestamp, where = _storage().save(draft)
     return json_response({
         "success": True,
         "message": "Session saved successfully",
@@ -74,13 +71,12 @@ def save() -> Response:
         "storage": where,
     })
 
+
 @api.get("/api/v1/session/latest")
 def latest() -> Response:
-    try:
-        found, partial = _storage().latest()
-    except StorageUnavailable as exc:
-        return unavailable(exc)
+    found, partial = _storage().latest()
     return session_response(found, partial) if found else error(404, "No session found")
+
 
 @api.get("/api/v1/session/list")
 def list_sessions() -> Response:
@@ -105,41 +101,32 @@ def list_sessions() -> Response:
 
     return Response(stream_with_context(generate()), mimetype="application/json")
 
+
 @api.get("/api/v1/session/<session_id:raw>")
 def get_session(raw: str) -> Response:
-    try:
-        found = _storage().get(_timestamp(raw))
-    except StorageUnavailable as exc:
-        return unavailable(exc)
-    except NotASession as exc:
-        return error(422, str(exc))
+    found = _storage().get(_timestamp(raw))
     return session_response(found) if found else error(404, "Session not found")
+
 
 @api.get("/api/v1/session/<session_id:raw>/export")
 def export_session(raw: str) -> Response:
     timestamp = _timestamp(raw)
-    try:
-        found = _storage().get(timestamp)
-    except StorageUnavailable as exc:
-        return unavailable(exc)
-    except NotASession as exc:
-        return error(422, str(exc))
+    found = _storage().get(timestamp)
     if not found:
         return error(404, "Session not found")
     disposition = f'attachment; filename="storyart-session-{timestamp}.json"'
     return Response(found.body, mimetype="application/json", headers={"Content-Disposition": disposition})
 
+
 @api.delete("/api/v1/session/<session_id:raw>")
 def delete_session(raw: str) -> Response:
     timestamp = _timestamp(raw)
-    try:
-        deleted = _storage().delete(timestamp)
-    except StorageUnavailable as exc:
-        return unavailable(exc)
+    deleted = _storage().delete(timestamp)
     if not deleted:
         return error(404, "Session not found")
     return json_response({"success": True, "message": "Session deleted", "sessionKey": session_key(timestamp),
                           "timestamp": timestamp})
+
 
 @api.post("/api/v1/session/import")
 def import_sessions() -> Response:
@@ -158,6 +145,7 @@ def import_sessions() -> Response:
     statuses = [r["status"] for r in results]
     counts = {status: statuses.count(status) for status in ("imported", "replaced", "rejected")}
     return json_response({"success": True, **counts, "results": results})
+
 
 @api.get("/health")
 def health() -> Response:
@@ -182,6 +170,7 @@ def health() -> Response:
         "pid": os.getpid(),
     })
 
+
 @api.get("/health/ready")
 def ready() -> Response:
     """For load balancers: not ready while a configured Redis is unreachable (`/health` stays 200)."""
@@ -191,15 +180,23 @@ def ready() -> Response:
                               "ready": False, "redis": redis_state.value}, 503)
     return json_response({"success": True, "ready": True, "redis": redis_state.value})
 
+
 @api.get("/api/v1/openapi.json")
 def openapi() -> Response:
     """This API described by `openapi.yaml` (OpenAPI 3.1), as JSON."""
     return Response(openapi_json(), mimetype="application/json")
 
 
+@api.errorhandler(StorageUnavailable)
 def unavailable(exc: StorageUnavailable) -> Response:
+    """Whatever a view asked of the storage could not be done safely now: nothing changed, retry later."""
     retry = str(max(1, round(_storage().retry_interval)))
     return error(503, f"Storage is unavailable: {exc}; retry later.", {"Retry-After": retry})
+
+
+@api.errorhandler(NotASession)
+def not_a_session(exc: NotASession) -> Response:
+    return error(422, str(exc))
 
 
 def _import_one(index: int, item: Any) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from chaos import tagged  # noqa: E402
 
-from servers import RedisServer, ServiceProcess, request, save_request  # noqa: E402
+from servers import PeakRss, RedisServer, ServiceProcess, request, save_request  # noqa: E402
 
 MAKER = ROOT.parent / "shared" / "fixtures" / "make_session.py"
 
@@ -42,25 +41,13 @@ def session_of(size: int) -> bytes:
 
 
 def measured(server: ServiceProcess, paths: list[str]) -> tuple[float, int, list[dict]]:
-    """(seconds, the highest worker RSS while `paths` were read concurrently, the answers)."""
-    workers = psutil.Process(server.proc.pid).children()
-    peak, done = 0, threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, *(w.memory_info().rss for w in workers))
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    started = time.perf_counter()
-    with ThreadPoolExecutor(len(paths)) as pool:
-        answers = list(pool.map(lambda p: orjson.loads(request(server.port, "GET", p, timeout=120).body), paths))
-    elapsed = time.perf_counter() - started
-    done.set()
-    sampler.join()
-    return elapsed, peak, answers
+    """(seconds, the highest RSS of the service's processes while `paths` were read concurrently, the answers)."""
+    with PeakRss(server.proc.pid) as rss:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(paths)) as pool:
+            answers = list(pool.map(lambda p: orjson.loads(request(server.port, "GET", p, timeout=120).body), paths))
+        elapsed = time.perf_counter() - started
+    return elapsed, rss.peak, answers
 
 
 def run(count: int, size: int, workdir: Path) -> None:

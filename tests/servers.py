@@ -13,11 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +101,39 @@ class RedisServer:
     def restart(self, *extra: str) -> None:
         self.kill()
         self.start(*extra)
+
+
+class PeakRss:
+    """`with PeakRss(pid) as rss:` samples the resident memory of a process and of all its children (gunicorn's
+    master and workers) every `interval` seconds while the block runs; afterwards `rss.peak` is the highest of
+    any of them and `rss.growth` the largest rise of any one over its size when the block began, in bytes."""
+
+    def __init__(self, pid: int, interval: float = 0.002) -> None:
+        root = psutil.Process(pid)
+        self.procs = [root, *root.children(recursive=True)]
+        self.interval = interval
+        self.peak = self.growth = 0
+
+    def __enter__(self) -> PeakRss:
+        self._base = {p.pid: p.memory_info().rss for p in self.procs}
+        self._high = dict(self._base)
+        self._done = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            for proc in self.procs:
+                with contextlib.suppress(psutil.Error):
+                    self._high[proc.pid] = max(self._high[proc.pid], proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._sampler.join()
+        self.peak = max(self._high.values())
+        self.growth = max(self._high[pid] - self._base[pid] for pid in self._high)
 
 
 def wait_for(check: Any, what: str, timeout: float = 30.0) -> None:

@@ -7,23 +7,19 @@ every storage mode, and the memory on a real gunicorn, where real 1 MB and 3 MB 
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
 from typing import Any
 
 import orjson
-import psutil
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_hostile import stored
 
 import payload
-from servers import request
-from store_redis import INDEX_KEY
+from servers import PeakRss, request
 
 JSON = {"Content-Type": "application/json"}
 VALID = {"scriptText": "INT. LAB - NIGHT", "episodeContext": "{}", "storyUuid": "u-1",
@@ -121,14 +117,6 @@ def small(request: pytest.FixtureRequest, make_app: Callable[..., Flask]) -> Fla
     return make_app(local_store=request.param, max_content_length=LIMIT_BYTES).test_client()
 
 
-def stored(client: FlaskClient) -> int:
-    sessions = client.application.extensions["storyart"]
-    count = sessions.local.count()[0]
-    if sessions.redis is not None:
-        count += sessions.redis.client.zcard(INDEX_KEY)
-    return count
-
-
 def assert_refused(got: Any, limit: int) -> None:
     assert got.status_code == 413, got.data[:300]
     assert got.mimetype == "application/json"
@@ -208,33 +196,6 @@ def three_mb_session(session_1mb: bytes) -> bytes:
     return body
 
 
-@contextmanager
-def peak_rss_growth(master: int) -> Iterator[list[int]]:
-    """Sample the RSS of every worker of `master` (and of itself) while the block runs; yields a list that
-    afterwards holds the largest growth of any one of them, in bytes."""
-    procs = [psutil.Process(master), *psutil.Process(master).children(recursive=True)]
-    base = {p.pid: p.memory_info().rss for p in procs}
-    peak = dict(base)
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            for p in procs:
-                with suppress(psutil.Error):
-                    peak[p.pid] = max(peak[p.pid], p.memory_info().rss)
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    result: list[int] = []
-    try:
-        yield result
-    finally:
-        done.set()
-        sampler.join()
-        result.append(max(peak[pid] - base[pid] for pid in peak))
-
-
 BOMB_33MB = 8_250_000  # one-element arrays: 33 MB, 16.5 million values, over 1 GB per worker once parsed
 REAL_BOMBS: dict[str, tuple[str, Callable[[], bytes]]] = {
     "save: 33 MB of tiny arrays": ("save", lambda: tiny_lists(BOMB_33MB)),
@@ -250,14 +211,14 @@ def test_a_33_mb_bomb_is_refused_on_gunicorn_before_it_costs_memory(service, nam
     endpoint, make = REAL_BOMBS[name]
     body = make()
     server = service("gunicorn", LOG_LEVEL="WARNING")  # the defaults: a 50 MB body limit, 3 workers
-    with peak_rss_growth(server.proc.pid) as growth:
+    with PeakRss(server.proc.pid, interval=0.005) as rss:
         got = request(server.port, "POST", f"/api/v1/session/{endpoint}", body, JSON, timeout=120)
-    grew = f"a worker grew by {growth[0] / MIB:.0f} MB"
+    grew = f"a worker grew by {rss.growth / MIB:.0f} MB"
     assert got.status == 413, (grew, got.body[:300])
     assert got.headers["content-type"] == "application/json"
     assert got.json() == {"success": False, "error": "The request body has more than 3,276,800 JSON values, the "
                           "most accepted (one per 16 bytes of MAX_CONTENT_LENGTH); a real session has far fewer."}
-    assert growth[0] < 200 * MIB, grew
+    assert rss.growth < 200 * MIB, grew
     health = request(server.port, "GET", "/health").json()
     assert health["localStore"]["sessions"] == 0, health
     assert request(server.port, "GET", "/api/v1/session/latest").status == 404

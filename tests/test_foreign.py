@@ -3,15 +3,11 @@ are not sessions, a same-size rewrite under ETag polling, and lists of every ses
 
 from __future__ import annotations
 
-import threading
-import time
-
 import orjson
-import psutil
 import pytest
 from chaos import session, tagged
 
-from servers import ServiceProcess, request, save_request
+from servers import PeakRss, ServiceProcess, request, save_request
 from store_redis import INDEX_KEY
 
 pytestmark = pytest.mark.slow
@@ -71,24 +67,10 @@ def test_a_same_size_rewrite_changes_the_etag(service, own_redis) -> None:
 
 
 def peak_rss_during(server: ServiceProcess, path: str) -> tuple[int, bytes]:
-    """(the highest RSS of any worker while `path` is read, the answer)."""
-    workers = psutil.Process(server.proc.pid).children() or [psutil.Process(server.proc.pid)]
-    peak, done = 0, threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, *(w.memory_info().rss for w in workers))
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    """(the highest RSS of the service's processes while `path` is read, the answer)."""
+    with PeakRss(server.proc.pid) as rss:
         answer = get(server, path).body
-    finally:
-        done.set()
-        sampler.join()
-    return peak, answer
+    return rss.peak, answer
 
 
 @pytest.mark.parametrize("backend", ["redis", "sqlite"])
