@@ -168,9 +168,6 @@ class Query:
     def filters_summaries(self) -> bool:
         return self.story_uuid is not None or self.episode is not None or self.text is not None
 
-    def in_range(self, timestamp: int) -> bool:
-        return self.low <= timestamp <= self.high
-
     def matches(self, summary: dict) -> bool:
         if self.story_uuid is not None and summary.get("storyUuid") != self.story_uuid:
             return False

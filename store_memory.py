@@ -17,7 +17,7 @@ import orjson
 
 from allocator import choose, now_ms
 from payload import Draft
-from storage import Limits, LocalStore, Origin, Query, Record, StorageFull, Stored, WhenFull
+from storage import LOCAL, Limits, LocalStore, Origin, Query, Record, StorageFull, Stored, WhenFull
 
 log = logging.getLogger("storyart.storage")
 
@@ -126,7 +126,7 @@ class MemoryStore(LocalStore):
 
     @staticmethod
     def _stored(record: Record, summaries: bool = False) -> Stored:
-        return Stored(record.timestamp, record.summary if summaries else record.body, "memory", record.summary)
+        return Stored(record.timestamp, record.summary if summaries else record.body, LOCAL, record.summary)
 
     def get(self, timestamp: int) -> Stored | None:
         record = self._live(timestamp)

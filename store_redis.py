@@ -233,7 +233,7 @@ class RedisStore(SessionStore):
 
     def get(self, timestamp: int) -> Stored | None:
         body, summary = self.client.mget(session_key(timestamp), f"{META_PREFIX}{timestamp}")
-        return Stored(timestamp, body, "redis", summary) if body is not None else None
+        return Stored(timestamp, body, self.storage, summary) if body is not None else None
 
     def exists(self, timestamp: int) -> bool:
         return bool(self.client.exists(session_key(timestamp)))
@@ -266,9 +266,9 @@ class RedisStore(SessionStore):
             if summaries:
                 meta = meta or self._backfill(ts)
                 if meta:
-                    found.append(Stored(ts, meta, "redis", meta))
+                    found.append(Stored(ts, meta, self.storage, meta))
             elif bodies[i] is not None:
-                found.append(Stored(ts, bodies[i], "redis", meta))
+                found.append(Stored(ts, bodies[i], self.storage, meta))
         return found
 
     def _filtered(self, query: Query) -> tuple[int, list[tuple[int, bytes]]]:

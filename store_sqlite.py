@@ -247,7 +247,7 @@ class SqliteStore(LocalStore):
     def get(self, timestamp: int) -> Stored | None:
         rows = self._read("SELECT body, summary FROM sessions WHERE timestamp = ? AND +expires_at > ?",
                           (timestamp, now_ms()))
-        return Stored(timestamp, rows[0][0], "memory", rows[0][1]) if rows else None
+        return Stored(timestamp, rows[0][0], self.storage, rows[0][1]) if rows else None
 
     def exists(self, timestamp: int) -> bool:
         return bool(self._read("SELECT 1 FROM sessions WHERE timestamp = ? AND +expires_at > ?",
@@ -256,7 +256,7 @@ class SqliteStore(LocalStore):
     def latest(self) -> Stored | None:
         rows = self._read("SELECT timestamp, body, summary FROM sessions WHERE +expires_at > ? "
                           "ORDER BY timestamp DESC LIMIT 1", (now_ms(),))
-        return Stored(rows[0][0], rows[0][1], "memory", rows[0][2]) if rows else None
+        return Stored(rows[0][0], rows[0][1], self.storage, rows[0][2]) if rows else None
 
     def _matching(self, query: Query) -> tuple[int, list[int]]:
         """(how many match, the page's timestamps newest first)."""
@@ -284,7 +284,7 @@ class SqliteStore(LocalStore):
             for ts, value, summary in self._read(f"SELECT timestamp, {column}, summary FROM sessions "
                                                  f"WHERE timestamp IN ({marks}) AND +expires_at > ?",
                                                  (*batch, now_ms())):
-                found[ts] = Stored(ts, value, "memory", summary)
+                found[ts] = Stored(ts, value, self.storage, summary)
         return [found[ts] for ts in timestamps if ts in found]
 
     def oldest(self) -> Record | None:
