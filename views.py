@@ -16,6 +16,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from allocator import now_ms
+from compare import compare
 from payload import PayloadError, draft_from, parse_json, parse_session, value_limit
 from responses import error, json_response, list_item, session_response, summary_item
 from storage import EVERY, NotASession, Query, RedisState, SessionStorage, StorageUnavailable, session_key
@@ -116,6 +117,19 @@ def export_session(raw: str) -> Response:
         return error(404, "Session not found")
     disposition = f'attachment; filename="storyart-session-{timestamp}.json"'
     return Response(found.body, mimetype="application/json", headers={"Content-Disposition": disposition})
+
+
+@api.get("/api/v1/session/<session_id:raw>/compare/<session_id:other>")
+def compare_sessions(raw: str, other: str) -> Response:
+    """What changed from session `raw` to session `other` (see `compare.py`)."""
+    stamps = (_timestamp(raw), _timestamp(other))
+    found = [_storage().get(timestamp) for timestamp in stamps]
+    missing = [str(timestamp) for timestamp, row in zip(stamps, found, strict=True) if row is None]
+    if missing:
+        return error(404, f"Session {' and '.join(missing)} not found" if len(missing) == 1
+                     else f"Sessions {' and '.join(missing)} not found")
+    before, after = (orjson.loads(row.body) for row in found)
+    return json_response({"success": True, "from": stamps[0], "to": stamps[1], **compare(before, after)})
 
 
 @api.delete("/api/v1/session/<session_id:raw>")

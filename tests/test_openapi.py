@@ -135,6 +135,11 @@ def test_save_get_list_export_delete_import_conform(make_app, document, redis_se
             assert listed.get_json()["count"] == 1
             conforms(document, "/api/v1/session/list", "GET", listed)
         conforms(document, "/api/v1/session/{timestamp}/export", "GET", client.get(f"/api/v1/session/{ts}/export"))
+        changed = client.post("/api/v1/session/save", headers=JSON, data=orjson.dumps(session(
+            promptMode="manual", analyzedEpisode={"scenes": [{"beats": [{"prompts": {"x": "y"}}, {"beatId": "b"}]}]})))
+        compared = client.get(f"/api/v1/session/{ts}/compare/{changed.get_json()['timestamp']}")
+        assert all(compared.get_json()["beats"][part] for part in ("added", "removed", "changed"))
+        conforms(document, "/api/v1/session/{timestamp}/compare/{other}", "GET", compared)
         imported = client.post("/api/v1/session/import", headers=JSON, data=orjson.dumps(
             [session(timestamp=ts), session(), {"scriptText": ""}, 7]))
         assert imported.get_json()["replaced"] == 1 and imported.get_json()["rejected"] == 2
@@ -157,6 +162,8 @@ def test_errors_conform(make_app, document) -> None:
         ("/api/v1/session/{timestamp}", "DELETE", client.delete("/api/v1/session/x"), 400),
         ("/api/v1/session/{timestamp}/export", "GET", client.get("/api/v1/session/123/export"), 404),
         ("/api/v1/session/{timestamp}/export", "GET", client.get("/api/v1/session/-1/export"), 400),
+        ("/api/v1/session/{timestamp}/compare/{other}", "GET", client.get("/api/v1/session/1/compare/2"), 404),
+        ("/api/v1/session/{timestamp}/compare/{other}", "GET", client.get("/api/v1/session/1/compare/x"), 400),
         ("/api/v1/session/list", "GET", client.get("/api/v1/session/list?limit=101"), 400),
         ("/api/v1/session/list", "GET", client.get("/api/v1/session/list?view=all"), 400),
         ("/api/v1/session/save", "POST", client.post("/api/v1/session/save", data=b"{}", headers=JSON), 400),
