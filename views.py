@@ -16,6 +16,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from allocator import now_ms
+from backup import default_name, stream
 from compare import compare
 from payload import PayloadError, draft_from, parse_json, parse_session, value_limit
 from responses import error, json_response, list_item, session_response, summary_item
@@ -159,6 +160,16 @@ def import_sessions() -> Response:
     statuses = [r["status"] for r in results]
     counts = {status: statuses.count(status) for status in ("imported", "replaced", "rejected")}
     return json_response({"success": True, **counts, "results": results})
+
+
+@api.get("/api/v1/backup")
+def download_backup() -> Response:
+    """Every live session as one ZIP file, the format of `flask --app app sessions backup` (see `backup.py`),
+    streamed while the sessions are read: a worker holds a few of them at a time, whatever their number."""
+    backup = stream(_storage())
+    disposition = f'attachment; filename="{default_name()}"'
+    return Response(stream_with_context(backup.chunks), mimetype="application/zip",
+                    headers={"Content-Disposition": disposition})
 
 
 @api.get("/health")
