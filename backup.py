@@ -111,10 +111,10 @@ def stream(storage: SessionStorage, on_step: OnStep | None = None) -> Backup:
     def chunks() -> Iterator[bytes]:
         pipe = _Pipe()
         entries = []
-        with zipfile.ZipFile(pipe, "w", zipfile.ZIP_DEFLATED, compresslevel=COMPRESS_LEVEL) as archive:
+        with zipfile.ZipFile(pipe, "w", zipfile.ZIP_DEFLATED) as archive:
             for row in listing.rows:
                 name = f"sessions/{row.timestamp}.json"
-                archive.writestr(_member(name, row.timestamp), row.body)
+                archive.writestr(_member(name, row.timestamp), row.body, compresslevel=COMPRESS_LEVEL)
                 entries.append({"timestamp": row.timestamp, "file": name, "bytes": len(row.body),
                                 "sha256": hashlib.sha256(row.body).hexdigest(), "pinned": row.pinned})
                 backup.count += 1
