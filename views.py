@@ -127,8 +127,7 @@ def compare_sessions(raw: str, other: str) -> Response:
     found = [_storage().get(timestamp) for timestamp in stamps]
     missing = [str(timestamp) for timestamp, row in zip(stamps, found, strict=True) if row is None]
     if missing:
-        return error(404, f"Session {' and '.join(missing)} not found" if len(missing) == 1
-                     else f"Sessions {' and '.join(missing)} not found")
+        return error(404, f"Session{'s' if len(missing) > 1 else ''} {' and '.join(missing)} not found")
     before, after = (orjson.loads(row.body) for row in found)
     return json_response({"success": True, "from": stamps[0], "to": stamps[1], **compare(before, after)})
 
