@@ -31,7 +31,7 @@ import orjson
 
 from allocator import now_ms
 from payload import Draft, PayloadError, draft_from, head_of, summarize
-from storage import EVERY, Query, SessionStorage, StorageUnavailable, session_key
+from storage import EVERY, Query, RedisState, SessionStorage, StorageUnavailable, session_key
 
 FORMAT = "storyart-backup"
 VERSION = 1
@@ -211,7 +211,11 @@ class Restored:
 
 def restore(storage: SessionStorage, path: Path, max_bytes: int, on_step: OnStep | None = None) -> Restored:
     """Restore every session of the backup at `path`; sessions larger than `max_bytes` (MAX_CONTENT_LENGTH,
-    what a save could have stored) are rejected unread. Raises `BackupError` when `path` is not a backup."""
+    what a save could have stored) are rejected unread. Raises `BackupError` when `path` is not a backup, and
+    `StorageUnavailable` when a configured Redis is unreachable (pins need it, and so does replacing a session
+    it holds) before anything is restored."""
+    if storage.redis is not None and storage.check(when_down=True) is RedisState.DOWN:
+        raise StorageUnavailable("Redis is configured but unreachable; restore when it answers again")
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as error:
@@ -273,10 +277,13 @@ def _restore_one(storage: SessionStorage, archive: zipfile.ZipFile, entry: dict[
         draft = _exact_draft(body, timestamp)
         existed = storage.exists(timestamp)
         stored, where = storage.save(draft)
-        if entry["pinned"]:
-            storage.pin(stored, True)
     except (PayloadError, StorageUnavailable) as error:
         return {**rejected, "error": str(error)}
+    if entry["pinned"]:
+        try:
+            storage.pin(stored, True)
+        except StorageUnavailable as error:
+            return {**rejected, "error": f"stored, but it could not be pinned ({error}); restore again to pin it"}
     return {"status": "replaced" if existed else "imported", "timestamp": stored, "sessionKey": session_key(stored),
             "storage": where, "pinned": entry["pinned"]}
 

@@ -67,6 +67,8 @@ def restore_backup(path: Path) -> None:
         except BackupError as error:
             click.echo(f"Error: {error}", err=True)
             raise click.exceptions.Exit(2) from None
+        except StorageUnavailable as error:
+            raise click.ClickException(f"nothing restored: {error}") from None
     for result in report.results:
         if result["status"] == "rejected":
             click.echo(f"  {result['timestamp']}  rejected: {result['error']}")

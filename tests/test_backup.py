@@ -318,11 +318,17 @@ def test_a_backup_read_in_memory_is_what_the_file_holds(make_app, tmp_path, sess
     assert written.count == 1 and not list(tmp_path.glob(".*partial"))
 
 
-def test_no_backup_while_redis_is_unreachable(make_app, tmp_path) -> None:
-    """It would miss what Redis holds: one line, no file (the download's 503 is in tests/test_openapi.py)."""
+def test_no_backup_or_restore_while_redis_is_unreachable(make_app, tmp_path) -> None:
+    """A backup would miss what Redis holds, a restore could not pin: one line each, nothing written (the
+    download's 503 is in tests/test_openapi.py)."""
     app = make_app(redis_url="redis://127.0.0.1:1/0", redis_connect_timeout=0.2, backup_dir=tmp_path / "backups")
     done = cli(app, "backup")
     assert done.exit_code == 1
     assert done.stderr == ("Error: no backup written: Redis is unreachable, so a backup would miss the sessions it "
                            "holds\n")
     assert list((tmp_path / "backups").iterdir()) == []
+    manifest_zip(tmp_path / "empty.zip", {"format": "storyart-backup", "version": 1, "sessions": []})
+    done = cli(app, "restore", str(tmp_path / "empty.zip"))
+    assert done.exit_code == 1
+    assert done.stderr == ("Error: nothing restored: Redis is configured but unreachable; restore when it answers "
+                           "again\n")
