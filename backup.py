@@ -40,6 +40,7 @@ NAME_PREFIX = "storyart-backup-"
 _NAME = re.compile(r"^storyart-backup-\d{8}T\d{6}\.\d{3}Z\.zip$")  # what rotation may remove
 _ENTRY = re.compile(r"^sessions/\d{1,16}\.json$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+LAST_ZIP_SECOND = 4_354_819_198  # 2107-12-31 23:59:58, the last time a ZIP entry can carry
 COMPRESS_LEVEL = 6  # zlib's default: see the README's "Backups" for what levels 1 and 9 cost
 
 
@@ -138,8 +139,9 @@ def stream(storage: SessionStorage, on_step: OnStep | None = None) -> Backup:
 
 
 def _member(name: str, timestamp: int) -> zipfile.ZipInfo:
-    """An entry dated by its session's timestamp (ZIP dates start in 1980), readable by everyone on unpack."""
-    when = max(time.gmtime(timestamp / 1000)[:6], (1980, 1, 1, 0, 0, 0))
+    """An entry dated by its session's timestamp (as far as ZIP dates go: 1980 to 2107; another tool may have
+    written any number of ms under a session key), readable by everyone on unpack."""
+    when = max(time.gmtime(min(timestamp / 1000, LAST_ZIP_SECOND))[:6], (1980, 1, 1, 0, 0, 0))
     info = zipfile.ZipInfo(name, date_time=when)
     info.compress_type = zipfile.ZIP_DEFLATED
     info.external_attr = 0o644 << 16

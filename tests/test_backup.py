@@ -332,3 +332,17 @@ def test_no_backup_or_restore_while_redis_is_unreachable(make_app, tmp_path) -> 
     assert done.exit_code == 1
     assert done.stderr == ("Error: nothing restored: Redis is configured but unreachable; restore when it answers "
                            "again\n")
+
+
+def test_timestamps_beyond_zip_dates_are_backed_up(make_app, redis_server, redis_db, tmp_path) -> None:
+    """Another tool may write any number of ms under a session key: the backup still holds it, dated 2107."""
+    far = 5_000_000_000_000  # the year 2128
+    body = orjson.dumps({"scriptText": "x", "episodeContext": "{}", "storyUuid": "u", "analyzedEpisode": {},
+                         "timestamp": far})
+    redis_db.set(f"storyart:session:{far}", body)
+    redis_db.zadd("storyart:sessions:index", {f"storyart:session:{far}": far})
+    app = make_app(redis_url=redis_server.url)
+    written = backup.write_file(storage_of(app), tmp_path / "far.zip")
+    with zipfile.ZipFile(tmp_path / "far.zip") as archive:
+        assert archive.read(f"sessions/{far}.json") == body and written.count == 1
+        assert archive.getinfo(f"sessions/{far}.json").date_time[0] == 2107
