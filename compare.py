@@ -41,7 +41,8 @@ class Changes:
 
 def compare(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """The report of what changed from `before` to `after` (both parsed sessions); `identical` is true when
-    nothing but the timestamp differs."""
+    nothing but the timestamp differs (the order of scenes or beats included, which the sections do not
+    report)."""
     fields = diff_fields(before, after, depth=1, skip=OWN_SECTIONS)
     script = _script(before.get("scriptText"), after.get("scriptText"))
     context = _context(before.get("episodeContext"), after.get("episodeContext"))
@@ -50,11 +51,8 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     scenes_before, scenes_after = _scenes(episode_before), _scenes(episode_after)
     scenes = _compare_scenes(scenes_before, scenes_after)
     beats = _compare_beats(_beats(scenes_before), _beats(scenes_after))
-    identical = not (fields or script["changed"] or context["changed"] or episode or scenes["added"]
-                     or scenes["removed"] or scenes["changed"] or beats["added"] or beats["removed"]
-                     or beats["changed"])
     return {
-        "identical": identical,
+        "identical": _without_timestamp(before) == _without_timestamp(after),
         "fields": fields.report(),
         "scriptText": script,
         "episodeContext": context,
@@ -213,6 +211,10 @@ def _prompts(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[st
 def _prompt_text(prompt: Any) -> str | None:
     text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
     return text if isinstance(text, str) else None
+
+
+def _without_timestamp(session: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in session.items() if name != "timestamp"}
 
 
 def _object(value: Any) -> dict[str, Any]:
