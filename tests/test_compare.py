@@ -162,3 +162,15 @@ def test_a_record_that_is_not_a_session_is_422(make_app, redis_server, redis_db,
     got = compared(client, FIRST, SECOND)
     assert got.status_code == 422 and got.get_json()["success"] is False
     assert str(SECOND) in got.get_json()["error"]
+
+
+def test_reordered_beats_are_not_identical(client: FlaskClient, session_10kb: bytes) -> None:
+    """Same beats, other order: every beat matches its twin, yet the sessions are not the same."""
+    base = orjson.loads(session_10kb)
+    swapped = copy.deepcopy(base)
+    swapped["analyzedEpisode"]["scenes"][0]["beats"].reverse()
+    save(client, base, FIRST)
+    save(client, swapped, SECOND)
+    report = compared(client, FIRST, SECOND).get_json()
+    assert report["identical"] is False
+    assert report["beats"] == {"added": [], "removed": [], "changed": [], "unchanged": len(beats_of(base))}
