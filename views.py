@@ -18,6 +18,8 @@ from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from allocator import now_ms
+from backup import default_name, stream
+from compare import compare
 from payload import PayloadError, content_hash, draft_from, parse_json, parse_session, value_limit
 from responses import error, json_response, list_item, session_response, summary_item
 from storage import EVERY, NotASession, Query, RedisState, SessionStorage, StorageUnavailable, session_key
@@ -120,6 +122,18 @@ def export_session(raw: str) -> Response:
     return Response(found.body, mimetype="application/json", headers={"Content-Disposition": disposition})
 
 
+@api.get("/api/v1/session/<session_id:raw>/compare/<session_id:other>")
+def compare_sessions(raw: str, other: str) -> Response:
+    """What changed from session `raw` to session `other` (see `compare.py`)."""
+    stamps = (_timestamp(raw), _timestamp(other))
+    found = [_storage().get(timestamp) for timestamp in stamps]
+    missing = [str(timestamp) for timestamp, row in zip(stamps, found, strict=True) if row is None]
+    if missing:
+        return error(404, f"Session{'s' if len(missing) > 1 else ''} {' and '.join(missing)} not found")
+    before, after = (orjson.loads(row.body) for row in found)
+    return json_response({"success": True, "from": stamps[0], "to": stamps[1], **compare(before, after)})
+
+
 @api.delete("/api/v1/session/<session_id:raw>")
 def delete_session(raw: str) -> Response:
     timestamp = _timestamp(raw)
@@ -176,6 +190,16 @@ def import_sessions() -> Response:
     statuses = [r["status"] for r in results]
     counts = {status: statuses.count(status) for status in ("imported", "replaced", "rejected", "skipped")}
     return json_response({"success": True, "complete": not counts["skipped"], **counts, "results": results})
+
+
+@api.get("/api/v1/backup")
+def download_backup() -> Response:
+    """Every live session as one ZIP file, the format of `flask --app app sessions backup` (see `backup.py`),
+    streamed while the sessions are read: a worker holds a few of them at a time, whatever their number."""
+    backup = stream(_storage())
+    disposition = f'attachment; filename="{default_name()}"'
+    return Response(stream_with_context(backup.chunks), mimetype="application/zip",
+                    headers={"Content-Disposition": disposition})
 
 
 @api.get("/health")
