@@ -21,7 +21,6 @@ of this are written down in `docs/contract.md`.
 from __future__ import annotations
 
 import abc
-import contextlib
 import enum
 import logging
 import threading
@@ -288,13 +287,14 @@ class SessionStorage:
 
     def _redis_failed(self, error: redis.RedisError) -> None:
         """Skip Redis until the background thread finds it again. An error Redis answered with (READONLY,
-        OOM) only stops saves: what it holds stays readable."""
+        OOM, too few replicas) only stops saves: what it holds stays readable, also when it was down before
+        (a new master that has no replica yet)."""
         state = RedisState.READ_ONLY if isinstance(error, redis.ResponseError) else RedisState.DOWN
         with self._lock:
             if self._state is RedisState.CONNECTED:
                 log.error("Redis unavailable (%s: %s); saving to the local %s store and retrying every %gs",
                           type(error).__name__, error, self.local.kind, self.retry_interval)
-            if self._state is not RedisState.DOWN:
+            if self._state is not RedisState.DOWN or state is RedisState.READ_ONLY:
                 self._state = state
 
     def _readable(self) -> bool:
@@ -606,13 +606,16 @@ def build_storage(config: Config) -> SessionStorage:
     redis_store = store_redis.RedisStore.from_config(config) if config.redis_configured else None
     facts = None
     if redis_store is not None:
-        with contextlib.suppress(redis.RedisError):  # not reachable now: inspected when it first answers
+        try:
             facts = redis_store.facts()
+        except redis.RedisError as error:  # not reachable now (or a TLS handshake failed): inspected when it answers
+            log.warning("Redis does not answer at start-up (%s: %s); the local store takes saves until it does",
+                        type(error).__name__, error)
         refuse = facts.problems(config.redis_allow_eviction)[0] if facts else []
         if refuse:
             redis_store.close()
             local.close()
-            raise ConfigError(f"REDIS_URL: this Redis cannot keep sessions safely: {refuse[0]}")
+            raise ConfigError(f"{config.redis_setting}: this Redis cannot keep sessions safely: {refuse[0]}")
     storage = SessionStorage(local, redis_store, config.session_ttl_seconds, config.redis_retry_interval,
                              allow_eviction=config.redis_allow_eviction)
     if facts is not None:
