@@ -448,14 +448,19 @@ class RedisStore(SessionStore):
                           persistent)
 
     def ping(self) -> None:
-        """Raises unless Redis answers; with Sentinel, unless it is still the master (HELLO names the role, and
-        any ACL user may send it); with `REDIS_WAIT_REPLICAS`, unless that many replicas are online (WAIT on a
-        connection that never wrote answers at once with them)."""
+        """Raises unless Redis answers. With Sentinel, asks the Sentinels for the master first (a new one makes
+        both pools drop their idle connections to the old, which may still take writes until it is demoted),
+        then raises unless that node says it is the master (HELLO names the role, and any ACL user may send
+        it). With `REDIS_WAIT_REPLICAS`, raises unless that many replicas are online (WAIT on a connection that
+        never wrote answers at once with them)."""
         if self.sentinel is None:
             self.probe.ping()
-        elif self.probe.execute_command("HELLO").get(b"role") != b"master":
-            self.probe.connection_pool.disconnect()  # ask the Sentinels again next time
-            raise redis.ReadOnlyError(f"{self.master} is no longer the master")
+        else:
+            for client in (self.client, self.probe):
+                client.connection_pool.get_master_address()
+            if self.probe.execute_command("HELLO").get(b"role") != b"master":
+                self.probe.connection_pool.disconnect()  # connect again where the Sentinels say
+                raise redis.ReadOnlyError(f"{self.master} is no longer the master")
         wanted = self.replication.replicas
         if wanted and (online := self.probe.wait(wanted, 1)) < wanted:
             raise NotReplicated(f"{online} of {wanted} replica(s) online")
