@@ -609,8 +609,8 @@ def build_storage(config: Config) -> SessionStorage:
         try:
             facts = redis_store.facts()
         except redis.RedisError as error:  # not reachable now (or a TLS handshake failed): inspected when it answers
-            log.warning("Redis does not answer at start-up (%s: %s); the local store takes saves until it does",
-                        type(error).__name__, error)
+            log.warning("Redis does not answer at start-up (%s: %s)%s; the local store takes saves until it does",
+                        type(error).__name__, error, redis_store.hint(error))
         refuse = facts.problems(config.redis_allow_eviction)[0] if facts else []
         if refuse:
             redis_store.close()

@@ -447,6 +447,17 @@ class RedisStore(SessionStore):
         return RedisFacts(bool(info.get("cluster_enabled")), str(info.get("maxmemory_policy", "noeviction")),
                           persistent)
 
+    def hint(self, error: redis.RedisError) -> str:
+        """A likely cause of `error` an operator can act on, for the log (else ""): a TLS server that requires
+        client certificates hangs up on a client without one, which the client only sees as the connection
+        ending mid-handshake."""
+        pool = self.probe.connection_pool
+        if issubclass(pool.connection_class, redis.SSLConnection) and not pool.connection_kwargs.get("ssl_certfile") \
+                and any(sign in str(error) for sign in ("EOF occurred", "Connection reset")):
+            return " (a TLS server that requires client certificates hangs up on a client without one: add " \
+                   "ssl_certfile and ssl_keyfile to REDIS_URL)"
+        return ""
+
     def ping(self) -> None:
         """Raises unless Redis answers. With Sentinel, asks the Sentinels for the master first (a new one makes
         both pools drop their idle connections to the old, which may still take writes until it is demoted),
