@@ -294,6 +294,8 @@ class SessionStorage:
             if self._state is RedisState.CONNECTED:
                 log.error("Redis unavailable (%s: %s); saving to the local %s store and retrying every %gs",
                           type(error).__name__, error, self.local.kind, self.retry_interval)
+            elif self._state is RedisState.DOWN and state is RedisState.READ_ONLY:
+                log.warning("Redis answers again, but takes no saves yet (%s: %s)", type(error).__name__, error)
             if self._state is not RedisState.DOWN or state is RedisState.READ_ONLY:
                 self._state = state
 
@@ -502,9 +504,18 @@ class SessionStorage:
                 if record.expires_at > now:
                     self._log_move(record, self.redis.write_back(record, now=now))
                     moved += 1
+                    if moved == 1:  # Redis takes writes: new saves go there while the rest follows
+                        self._accepting()
                 self.local.delete(record.timestamp)
             time.sleep(MOVE_PAUSE_S)  # between moves the lock is free: a save waiting for it gets its turn
         return moved
+
+    def _accepting(self) -> None:
+        """Redis took a write (or answers again and nothing is pending): saves go to it again."""
+        with self._lock:
+            was, self._state = self._state, RedisState.CONNECTED
+        if was is RedisState.READ_ONLY:
+            log.warning("Redis accepts writes again")
 
     @staticmethod
     def _log_move(record: Record, result: Moved) -> None:
@@ -537,10 +548,7 @@ class SessionStorage:
                 self._state = RedisState.CONNECTED
                 log.warning("Redis is reachable again; writing back %d pending session(s)", pending)
         moved = self.write_back() if pending else 0
-        with self._lock:
-            was, self._state = self._state, RedisState.CONNECTED
-        if was is RedisState.READ_ONLY:
-            log.warning("Redis accepts writes again")
+        self._accepting()
         if moved:
             log.warning("write-back: %d session(s) moved from the local store to Redis", moved)
         return moved
