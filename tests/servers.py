@@ -89,9 +89,10 @@ class TlsFiles:
             issued.private_key_pem.write_to_path(str(key))
         return files
 
-    def server_flags(self) -> tuple[str, ...]:
-        return ("--tls-cert-file", str(self.server_cert), "--tls-key-file", str(self.server_key),
-                "--tls-ca-cert-file", str(self.ca))
+    def server_settings(self) -> dict[str, str]:
+        """A TLS server's settings (conf file names; `--name value` on the command line)."""
+        return {"tls-cert-file": str(self.server_cert), "tls-key-file": str(self.server_key),
+                "tls-ca-cert-file": str(self.ca)}
 
     def query(self, client_cert: bool = True) -> str:
         """The REDIS_URL query string for these files."""
@@ -116,13 +117,16 @@ class RedisServer:
             f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, db: int = 0) -> redis.Redis:
-        tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca), "ssl_certfile": str(self.tls.client_cert),
-               "ssl_keyfile": str(self.tls.client_key)} if self.tls else {}
-        return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=5, **tls)
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=5, **self.tls_options())
+
+    def tls_options(self) -> dict[str, Any]:
+        return {"ssl": True, "ssl_ca_certs": str(self.tls.ca), "ssl_certfile": str(self.tls.client_cert),
+                "ssl_keyfile": str(self.tls.client_key)} if self.tls else {}
 
     def command(self, *extra: str) -> list[str]:
-        ports = ("--port", "0", "--tls-port", str(self.port), *self.tls.server_flags()) if self.tls else \
-            ("--port", str(self.port))
+        ports = ("--port", "0", "--tls-port", str(self.port),
+                 *(item for name, value in self.tls.server_settings().items() for item in (f"--{name}", value))) \
+            if self.tls else ("--port", str(self.port))
         return [redis_server_binary(), *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir",
                 str(self.workdir), *redis_server_options(), *extra]
 
@@ -161,11 +165,12 @@ class RedisServer:
 
 class SentinelServer(RedisServer):
     """A Sentinel (`redis-server <conf> --sentinel`, no package beyond redis-server) with its own conf file,
-    which it rewrites as it learns, monitoring the master at `master_port` under `name` with quorum 2."""
+    which it rewrites as it learns, monitoring the master at `master_port` under `name` with quorum 2; with
+    `tls`, it serves TLS only and reaches the data nodes over TLS too."""
 
     def __init__(self, workdir: Path, master_port: int, name: str = "storyart", *, down_after_ms: int = 1000,
-                 failover_timeout_ms: int = 4000, password: str | None = None) -> None:
-        super().__init__(workdir)
+                 failover_timeout_ms: int = 4000, password: str | None = None, tls: TlsFiles | None = None) -> None:
+        super().__init__(workdir, tls=tls)
         self.name = name
         self.password = password
         self.conf = [f"sentinel monitor {name} 127.0.0.1 {master_port} 2",
@@ -174,12 +179,16 @@ class SentinelServer(RedisServer):
                      *((f"requirepass {password}", f"sentinel sentinel-pass {password}") if password else ())]
 
     def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5,
+                           **self.tls_options())
 
     def command(self, *extra: str) -> list[str]:
         conf = self.workdir / "sentinel.conf"
         if not conf.exists():
-            conf.write_text("\n".join([f"port {self.port}", "bind 127.0.0.1", f"dir {self.workdir}", *self.conf, ""]))
+            ports = ["port 0", f"tls-port {self.port}", "tls-replication yes",
+                     *(f"{name} {value}" for name, value in self.tls.server_settings().items())] if self.tls else \
+                [f"port {self.port}"]
+            conf.write_text("\n".join([*ports, "bind 127.0.0.1", f"dir {self.workdir}", *self.conf, ""]))
         return [redis_server_binary(), str(conf), "--sentinel", *extra]
 
     def master(self) -> tuple[str, int] | None:

@@ -16,7 +16,7 @@ import pytest
 from chaos import session
 
 from config import Config, ConfigError
-from servers import ROOT, RedisServer, TlsFiles, redis_tls_missing, request, save_request
+from servers import ROOT, RedisServer, SentinelServer, TlsFiles, redis_tls_missing, request, save_request
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,19 @@ def test_sessions_are_saved_and_read_over_tls_with_a_client_certificate(tls_redi
     assert tls_redis.client().exists(answer["sessionKey"])
     state = request(server.port, "GET", "/health").json()
     assert (state["redis"], state["redisMaster"]) == ("connected", f"127.0.0.1:{tls_redis.port}")
+
+
+@pytest.mark.slow
+def test_a_rediss_url_reaches_the_sentinels_and_the_master_over_tls(tls, tls_redis, service, tmp_path) -> None:
+    sentinel = SentinelServer(tmp_path / "sentinel", tls_redis.port, tls=tls).start()
+    try:
+        server = service("app", REDIS_SENTINELS=f"127.0.0.1:{sentinel.port}", REDIS_SENTINEL_MASTER=sentinel.name,
+                         REDIS_URL=f"rediss:///0?{tls.query()}", REDIS_WAIT_REPLICAS="0")  # this master has no replica
+        assert save_request(server.port, session("via-sentinel")).json()["storage"] == "redis"
+        state = request(server.port, "GET", "/health").json()
+        assert (state["redis"], state["redisMaster"]) == ("connected", f"127.0.0.1:{tls_redis.port}")
+    finally:
+        sentinel.kill_all()
 
 
 @pytest.mark.slow
