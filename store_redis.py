@@ -263,13 +263,11 @@ class RedisStore(SessionStore):
         """`host:port` of the Redis saves go to: with Sentinel, the master it named last (None before it
         named one)."""
         pool = self.probe.connection_pool
-        if self.sentinel is not None:
-            address = pool.master_address
-        else:
-            options = pool.connection_kwargs
-            address = (options.get("host", "localhost"), options.get("port", 6379)) if "path" not in options else None
-            if address is None:
-                return options["path"]
+        options = pool.connection_kwargs
+        if self.sentinel is None and "path" in options:
+            return options["path"]  # unix://
+        address = pool.master_address if self.sentinel is not None else \
+            (options.get("host", "localhost"), options.get("port", 6379))
         if address is None:
             return None
         host, port = address
