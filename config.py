@@ -62,6 +62,8 @@ class Config:
     redis_sentinel_username: str | None = None
     redis_sentinel_password: str | None = field(default=None, repr=False)
     redis_wait_replicas: int = 0  # replicas that must confirm a save (Redis WAIT) before it counts as in Redis
+    import_max_items: int = 1000
+    import_time_limit: float = 20.0  # seconds: under gunicorn's worker timeout (30 s), with room for the reply
     allowed_hosts: tuple[str, ...] = ()  # beyond the loopback names, which are always allowed; "*": any
     api_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
 
@@ -91,7 +93,7 @@ class Config:
             host=_host(env),
             port=_int(env, "REDIS_API_PORT", 7802, 1, 65535),
             app_env=_text(env, "APP_ENV", env.get("NODE_ENV") or "development").lower(),
-            session_ttl_seconds=_int(env, "SESSION_TTL_SECONDS", 604_800, 1, 10 * 365 * 86_400),
+            session_ttl_seconds=_int(env, "SESSION_TTL_SECONDS", 604_800, 0, 10 * 365 * 86_400),
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 50 * 1024 * 1024, 1024, 2**40),
             cors_origins=_origins(env),
             log_level=_choice(env, "LOG_LEVEL", "INFO", LOG_LEVELS),
@@ -116,6 +118,8 @@ class Config:
             redis_sentinel_username=_sentinel_setting(env, "REDIS_SENTINEL_USERNAME", sentinels),
             redis_sentinel_password=_sentinel_setting(env, "REDIS_SENTINEL_PASSWORD", sentinels),
             redis_wait_replicas=_int(env, "REDIS_WAIT_REPLICAS", 1 if sentinels else 0, 0, 16),
+            import_max_items=_int(env, "IMPORT_MAX_ITEMS", 1000, 1, 1_000_000),
+            import_time_limit=_float(env, "IMPORT_TIME_LIMIT_SECONDS", 20.0, 0.1, 3600),
             api_token=_token(env),
         )
 
