@@ -9,17 +9,23 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from dotenv import dotenv_values
-from redis.connection import parse_url
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOCAL_STORES = ("SQLITE", "MEMORY")
 LOCAL_STORE_SYNCS = ("FULL", "NORMAL")  # SQLite's `synchronous`: see the README's "Local store"
+# What redis-py takes from a REDIS_URL query string (anything else would fail on the first connection, not here);
+# the `ssl_` ones only on rediss://, where the files they name are loaded at start-up.
+URL_OPTIONS = frozenset(URL_QUERY_ARGUMENT_PARSERS) | {
+    "client_name", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_cert_reqs",
+    "ssl_ciphers"}
 
 
 class ConfigError(ValueError):
@@ -51,6 +57,11 @@ class Config:
     threads: int = 0
     trusted_proxy_hops: int = 0
     redis_allow_eviction: bool = False
+    redis_sentinels: tuple[tuple[str, int], ...] = ()  # (host, port) of each Sentinel; empty: REDIS_URL's host
+    redis_sentinel_master: str | None = None  # the name the Sentinels monitor the master under
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: str | None = field(default=None, repr=False)
+    redis_wait_replicas: int = 0  # replicas that must confirm a save (Redis WAIT) before it counts as in Redis
     import_max_items: int = 1000
     import_time_limit: float = 20.0  # seconds: under gunicorn's worker timeout (30 s), with room for the reply
     backup_dir: Path = Path("instance/backups")
@@ -60,7 +71,12 @@ class Config:
 
     @property
     def redis_configured(self) -> bool:
-        return self.redis_url is not None
+        return self.redis_url is not None or bool(self.redis_sentinels)
+
+    @property
+    def redis_setting(self) -> str:
+        """The variable that says where Redis is, for messages about that Redis."""
+        return "REDIS_SENTINELS" if self.redis_sentinels else "REDIS_URL"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | Path | None = ".env") -> Config:
@@ -73,8 +89,9 @@ class Config:
         if dotenv_path is not None and Path(dotenv_path).is_file():
             env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
         env.update(os.environ if environ is None else environ)
+        sentinels = _sentinels(env)
         return cls(
-            redis_url=_redis_url(env),
+            redis_url=_redis_url(env, sentinels),
             host=_host(env),
             port=_int(env, "REDIS_API_PORT", 7802, 1, 65535),
             app_env=_text(env, "APP_ENV", env.get("NODE_ENV") or "development").lower(),
@@ -100,6 +117,11 @@ class Config:
             backup_dir=_folder(env, "BACKUP_DIR", "instance/backups"),
             backup_keep=_int(env, "BACKUP_KEEP", 7, 1, 100_000),
             redis_allow_eviction=_flag(env, "REDIS_ALLOW_EVICTION"),
+            redis_sentinels=sentinels,
+            redis_sentinel_master=_sentinel_master(env, sentinels),
+            redis_sentinel_username=_sentinel_setting(env, "REDIS_SENTINEL_USERNAME", sentinels),
+            redis_sentinel_password=_sentinel_setting(env, "REDIS_SENTINEL_PASSWORD", sentinels),
+            redis_wait_replicas=_int(env, "REDIS_WAIT_REPLICAS", 1 if sentinels else 0, 0, 16),
             import_max_items=_int(env, "IMPORT_MAX_ITEMS", 1000, 1, 1_000_000),
             import_time_limit=_float(env, "IMPORT_TIME_LIMIT_SECONDS", 20.0, 0.1, 3600),
             api_token=_token(env),
@@ -149,11 +171,8 @@ def _folder(env: Mapping[str, str], name: str, default: str) -> Path:
 def _host(env: Mapping[str, str]) -> str:
     """An IP address or a host name to listen on."""
     host = _text(env, "HOST", "127.0.0.1")
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        if not _HOSTNAME.match(host):
-            raise ConfigError(f"HOST: expected an IP address or host name, got {host!r}") from None
+    if not _is_ip(host.strip("[]")) and not _HOSTNAME.match(host):
+        raise ConfigError(f"HOST: expected an IP address or host name, got {host!r}")
     return host.strip("[]")
 
 
@@ -187,28 +206,124 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     return value
 
 
-def _redis_url(env: Mapping[str, str]) -> str | None:
-    """`REDIS_URL`, else `redis://REDIS_HOST:REDIS_PORT/0` when either is set, else no Redis (memory mode)."""
+def _redis_url(env: Mapping[str, str], sentinels: tuple[tuple[str, int], ...]) -> str | None:
+    """`REDIS_URL`, else `redis://REDIS_HOST:REDIS_PORT/0` when either is set, else no Redis (memory mode).
+    With `REDIS_SENTINELS` the Sentinels name the master, so REDIS_URL may only carry what the data nodes need
+    (user, password, database, TLS): a host there, or REDIS_HOST/REDIS_PORT, would contradict them."""
     url = env.get("REDIS_URL", "").strip()
     if url:
         parts = urlsplit(url)
         shown = url.replace(f":{parts.password}@", ":***@") if parts.password else url  # never log a password
-        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path or sentinels):
             raise ConfigError(f"REDIS_URL: expected redis://host:port/db, got {shown!r}")
         db = parts.path.lstrip("/")
         if parts.scheme != "unix" and db and not db.isdigit():
             raise ConfigError(f"REDIS_URL: the database must be a number, got {shown!r}")
         try:
             _ = parts.port  # raises for a port that is not a number from 0 to 65535
-            parse_url(url)  # what redis-py will do with it, query options included
+            options = parse_url(url)  # what redis-py will do with it, query options included
         except ValueError as error:
             raise ConfigError(f"REDIS_URL: {error}, got {shown!r}") from None
+        if sentinels and (parts.scheme == "unix" or parts.hostname or parts.port):
+            raise ConfigError(f"REDIS_URL: names a host, but with REDIS_SENTINELS the Sentinels name the master; "
+                              f"leave it out (redis://user:password@/0), got {shown!r}")
+        _check_url_options(parts.scheme, parse_qs(parts.query), options)
         return url
     host, port = env.get("REDIS_HOST", "").strip(), env.get("REDIS_PORT", "").strip()
     if not host and not port:
         return None
+    if sentinels:
+        name = "REDIS_HOST" if host else "REDIS_PORT"
+        raise ConfigError(f"{name}: contradicts REDIS_SENTINELS (the Sentinels name the master); unset it")
     port_number = _int(env, "REDIS_PORT", 6379, 1, 65535)
     return f"redis://{host or '127.0.0.1'}:{port_number}/0"
+
+
+def _check_url_options(scheme: str, query: dict[str, list[str]], options: dict) -> None:
+    """Refuse now what redis-py would refuse on every connection: an option it does not know, TLS options
+    without TLS, and CA or client certificate files it cannot load (checked the way the TLS handshake will
+    load them, so an unreadable or wrong file is named at start-up)."""
+    for name in query:
+        if name not in URL_OPTIONS:
+            raise ConfigError(f"REDIS_URL: unknown option {name!r} in the query string")
+        if name.startswith("ssl_") and scheme != "rediss":
+            raise ConfigError(f"REDIS_URL: {name} needs a rediss:// URL (TLS), got {scheme}://")
+    if scheme != "rediss":
+        return
+    if options.get("ssl_cert_reqs", "required") not in ("none", "optional", "required"):
+        raise ConfigError(f"REDIS_URL: ssl_cert_reqs must be none, optional or required, got "
+                          f"{options['ssl_cert_reqs']!r}")
+    context = ssl.create_default_context()
+    ca_file, ca_path = options.get("ssl_ca_certs"), options.get("ssl_ca_path")
+    if ca_path and not os.path.isdir(ca_path):
+        raise ConfigError(f"REDIS_URL: ssl_ca_path: {ca_path!r} is not a directory")
+    try:
+        if ca_file or ca_path:
+            context.load_verify_locations(cafile=ca_file, capath=ca_path)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"REDIS_URL: ssl_ca_certs: cannot load CA certificates from {ca_file!r} "
+                          f"({_reason(error)})") from None
+    cert, key = options.get("ssl_certfile"), options.get("ssl_keyfile")
+    if key and not cert:
+        raise ConfigError("REDIS_URL: ssl_keyfile needs ssl_certfile (the client certificate it belongs to)")
+    try:
+        if cert:
+            context.load_cert_chain(cert, key, password=options.get("ssl_password"))
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"REDIS_URL: ssl_certfile: cannot load the client certificate {cert!r}"
+                          f"{f' with the key {key!r}' if key else ''} ({_reason(error)})") from None
+
+
+def _reason(error: OSError) -> str:
+    """The short cause: `No such file or directory`, or an `ssl.SSLError`'s reason (`PEM lib`, ...)."""
+    return getattr(error, "reason", None) or error.strerror or str(error)
+
+
+_ADDRESS = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]\s]+)):(?P<port>\d{1,5})$")
+
+
+def _sentinels(env: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    """`REDIS_SENTINELS`: comma-separated `host:port` (`[v6]:port` for an IPv6 address) of the Sentinels."""
+    found: list[tuple[str, int]] = []
+    for item in (part.strip() for part in env.get("REDIS_SENTINELS", "").split(",")):
+        if not item:
+            continue
+        match = _ADDRESS.match(item)
+        host = match and (match["v6"] or match["host"])
+        if not match or not (_is_ip(host) or _HOSTNAME.match(host)) or not 0 < int(match["port"]) < 65536:
+            raise ConfigError(f"REDIS_SENTINELS: expected host:port[,host:port...], got {item!r}")
+        if (host, int(match["port"])) in found:
+            raise ConfigError(f"REDIS_SENTINELS: {item!r} is listed twice")
+        found.append((host, int(match["port"])))
+    return tuple(found)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _sentinel_setting(env: Mapping[str, str], name: str, sentinels: tuple[tuple[str, int], ...]) -> str | None:
+    """A setting that only means something with `REDIS_SENTINELS`: refused without it (it would be silently
+    ignored)."""
+    value = env.get(name, "").strip()
+    if value and not sentinels:
+        raise ConfigError(f"{name}: set, but REDIS_SENTINELS is not (it applies to Sentinel only)")
+    return value or None
+
+
+def _sentinel_master(env: Mapping[str, str], sentinels: tuple[tuple[str, int], ...]) -> str | None:
+    """`REDIS_SENTINEL_MASTER`: required with `REDIS_SENTINELS`; one word, as Sentinel's `monitor` takes it."""
+    name = _sentinel_setting(env, "REDIS_SENTINEL_MASTER", sentinels)
+    if sentinels and not name:
+        raise ConfigError("REDIS_SENTINEL_MASTER: required with REDIS_SENTINELS (the name the Sentinels monitor "
+                          "the master under)")
+    if name and any(c.isspace() or not c.isprintable() for c in name):
+        raise ConfigError(f"REDIS_SENTINEL_MASTER: must be one word without control characters, got {name!r}")
+    return name
 
 
 def _token(env: Mapping[str, str]) -> str | None:

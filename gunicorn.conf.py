@@ -64,13 +64,16 @@ if _config.redis_configured:
 
     from store_redis import RedisStore
 
+    _store = RedisStore.from_config(_config)  # through the Sentinels when they are configured
     try:
-        _refuse, _ = RedisStore.from_config(_config).facts().problems(_config.redis_allow_eviction)
+        _refuse, _ = _store.facts().problems(_config.redis_allow_eviction)
     except RedisError:
         _refuse = []
+    finally:
+        _store.close()  # the workers open their own connections
     if _refuse:
-        print(f"storyart: configuration error: REDIS_URL: this Redis cannot keep sessions safely: {_refuse[0]}",
-              file=sys.stderr)
+        print(f"storyart: configuration error: {_config.redis_setting}: this Redis cannot keep sessions safely: "
+              f"{_refuse[0]}", file=sys.stderr)
         sys.exit(2)
 
 timeout = 60  # a 50 MB body on a slow link still fits

@@ -21,7 +21,6 @@ of this are written down in `docs/contract.md`.
 from __future__ import annotations
 
 import abc
-import contextlib
 import enum
 import logging
 import threading
@@ -317,13 +316,16 @@ class SessionStorage:
 
     def _redis_failed(self, error: redis.RedisError) -> None:
         """Skip Redis until the background thread finds it again. An error Redis answered with (READONLY,
-        OOM) only stops saves: what it holds stays readable."""
+        OOM, too few replicas) only stops saves: what it holds stays readable, also when it was down before
+        (a new master that has no replica yet)."""
         state = RedisState.READ_ONLY if isinstance(error, redis.ResponseError) else RedisState.DOWN
         with self._lock:
             if self._state is RedisState.CONNECTED:
                 log.error("Redis unavailable (%s: %s); saving to the local %s store and retrying every %gs",
                           type(error).__name__, error, self.local.kind, self.retry_interval)
-            if self._state is not RedisState.DOWN:
+            elif self._state is RedisState.DOWN and state is RedisState.READ_ONLY:
+                log.warning("Redis answers again, but takes no saves yet (%s: %s)", type(error).__name__, error)
+            if self._state is not RedisState.DOWN or state is RedisState.READ_ONLY:
                 self._state = state
 
     def _readable(self) -> bool:
@@ -543,9 +545,18 @@ class SessionStorage:
                 if record.expires_at > now:
                     self._log_move(record, self.redis.write_back(record, now=now))
                     moved += 1
+                    if moved == 1:  # Redis takes writes: new saves go there while the rest follows
+                        self._accepting()
                 self.local.delete(record.timestamp)
             time.sleep(MOVE_PAUSE_S)  # between moves the lock is free: a save waiting for it gets its turn
         return moved
+
+    def _accepting(self) -> None:
+        """Redis took a write (or answers again and nothing is pending): saves go to it again."""
+        with self._lock:
+            was, self._state = self._state, RedisState.CONNECTED
+        if was is RedisState.READ_ONLY:
+            log.warning("Redis accepts writes again")
 
     @staticmethod
     def _log_move(record: Record, result: Moved) -> None:
@@ -578,10 +589,7 @@ class SessionStorage:
                 self._state = RedisState.CONNECTED
                 log.warning("Redis is reachable again; writing back %d pending session(s)", pending)
         moved = self.write_back() if pending else 0
-        with self._lock:
-            was, self._state = self._state, RedisState.CONNECTED
-        if was is RedisState.READ_ONLY:
-            log.warning("Redis accepts writes again")
+        self._accepting()
         if moved:
             log.warning("write-back: %d session(s) moved from the local store to Redis", moved)
         return moved
@@ -647,13 +655,16 @@ def build_storage(config: Config) -> SessionStorage:
     redis_store = store_redis.RedisStore.from_config(config) if config.redis_configured else None
     facts = None
     if redis_store is not None:
-        with contextlib.suppress(redis.RedisError):  # not reachable now: inspected when it first answers
+        try:
             facts = redis_store.facts()
+        except redis.RedisError as error:  # not reachable now (or a TLS handshake failed): inspected when it answers
+            log.warning("Redis does not answer at start-up (%s: %s)%s; the local store takes saves until it does",
+                        type(error).__name__, error, redis_store.hint(error))
         refuse = facts.problems(config.redis_allow_eviction)[0] if facts else []
         if refuse:
             redis_store.close()
             local.close()
-            raise ConfigError(f"REDIS_URL: this Redis cannot keep sessions safely: {refuse[0]}")
+            raise ConfigError(f"{config.redis_setting}: this Redis cannot keep sessions safely: {refuse[0]}")
     storage = SessionStorage(local, redis_store, config.session_ttl_seconds, config.redis_retry_interval,
                              allow_eviction=config.redis_allow_eviction)
     if facts is not None:

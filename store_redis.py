@@ -18,18 +18,27 @@ The service's own, outside the public pattern `storyart:session:*`:
 
 A request that needs several commands runs them in one Lua script: one round trip, and atomic across every
 thread, worker and host that shares the Redis.
+
+With `REDIS_SENTINELS` the master is found, and followed through a failover, by redis-py's own
+`redis.sentinel.Sentinel` pools: a connection asks the Sentinels for the master before it connects, and one
+that meets a demoted master (`READONLY`) is dropped as a connection error, so the caller falls back to the local
+store until the new master is known. With `REDIS_WAIT_REPLICAS` a save counts as stored in Redis only once that
+many replicas confirmed it (`WAIT`), so a failover cannot take an acknowledged session with the old master.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 import redis
 from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.connection import parse_url
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from allocator import REDIS_ASSIGN, now_ms
 from config import Config
@@ -287,15 +296,36 @@ def _script(source: str) -> str:
     return source
 
 
+class NotReplicated(redis.ResponseError):
+    """Fewer replicas than `REDIS_WAIT_REPLICAS` confirmed a write (or are online): Redis answers, but a
+    failover now could lose what it holds, so saves go to the local store (like a Redis refusing writes)."""
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+    """Sentinel's pool with the blocking pool's wait for a free connection, as without Sentinel: a thread
+    waits for a connection instead of counting Redis as down when all are in use."""
+
+
+@dataclass(frozen=True)
+class Replication:
+    """How many replicas must confirm each write, and how long to wait for them (ms)."""
+
+    replicas: int = 0
+    wait_ms: int = 1000
+
+
 class RedisStore(SessionStore):
     """The operations of `SessionStore` on the layout above."""
 
     storage = "redis"
     SCAN_BATCH = 500  # summaries fetched per round trip when a list filters on them
 
-    def __init__(self, client: redis.Redis, probe: redis.Redis | None = None) -> None:
+    def __init__(self, client: redis.Redis, probe: redis.Redis | None = None, *,
+                 replication: Replication = Replication(), sentinel: Sentinel | None = None) -> None:
         self.client = client
         self.probe = probe or client  # pings: answers within the connect timeout, or Redis counts as down
+        self.replication = replication
+        self.sentinel = sentinel
         self._save = client.register_script(_script(_SAVE))
         self._latest = client.register_script(_script(_LATEST))
         self._page = client.register_script(_script(_PAGE))
@@ -307,18 +337,44 @@ class RedisStore(SessionStore):
     @classmethod
     def from_config(cls, config: Config) -> RedisStore:
         """One pool per process, sized for its threads; no redis-py retries, so a dead Redis costs one
-        connect timeout and the caller decides what happens next (the local store)."""
-        pool = redis.BlockingConnectionPool.from_url(
-            config.redis_url,
-            max_connections=config.redis_max_connections,
-            timeout=config.redis_socket_timeout,
-            socket_connect_timeout=config.redis_connect_timeout,
-            socket_timeout=config.redis_socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
-        probe = redis.Redis.from_url(config.redis_url, socket_connect_timeout=config.redis_connect_timeout,
-                                     socket_timeout=config.redis_connect_timeout, retry=Retry(NoBackoff(), 0))
-        return cls(redis.Redis(connection_pool=pool), probe)
+        connect timeout and the caller decides what happens next (the local store). With Sentinels, both
+        clients are Sentinel-managed pools of the master (options in REDIS_URL win over the service's own,
+        as `from_url` has them)."""
+        limits = {"socket_connect_timeout": config.redis_connect_timeout, "retry": Retry(NoBackoff(), 0)}
+        pool_size = {"max_connections": config.redis_max_connections, "timeout": config.redis_socket_timeout}
+        replication = Replication(config.redis_wait_replicas, max(1, round(config.redis_connect_timeout * 1000)))
+        if not config.redis_sentinels:
+            pool = redis.BlockingConnectionPool.from_url(config.redis_url, socket_timeout=config.redis_socket_timeout,
+                                                         **pool_size, **limits)
+            probe = redis.Redis.from_url(config.redis_url, socket_timeout=config.redis_connect_timeout, **limits)
+            return cls(redis.Redis(connection_pool=pool), probe, replication=replication)
+        node = parse_url(config.redis_url or "redis://")
+        tls = {k: v for k, v in node.items() if k.startswith("ssl_")}
+        if node.pop("connection_class", None) is redis.SSLConnection:
+            node["ssl"] = tls["ssl"] = True  # the Sentinels are reached over TLS when the data nodes are
+        sentinel = Sentinel(config.redis_sentinels, sentinel_kwargs={
+            "socket_timeout": config.redis_connect_timeout, "username": config.redis_sentinel_username,
+            "password": config.redis_sentinel_password, **limits, **tls})
+        name = config.redis_sentinel_master
+        client = sentinel.master_for(name, connection_pool_class=_BlockingSentinelPool,
+                                     **{"socket_timeout": config.redis_socket_timeout, **pool_size, **limits, **node})
+        probe = sentinel.master_for(name, **{"socket_timeout": config.redis_connect_timeout, **limits, **node})
+        return cls(client, probe, replication=replication, sentinel=sentinel)
+
+    @property
+    def master(self) -> str | None:
+        """`host:port` of the Redis saves go to: with Sentinel, the master it named last (None before it
+        named one)."""
+        pool = self.probe.connection_pool
+        options = pool.connection_kwargs
+        if self.sentinel is None and "path" in options:
+            return options["path"]  # unix://
+        address = pool.master_address if self.sentinel is not None else \
+            (options.get("host", "localhost"), options.get("port", 6379))
+        if address is None:
+            return None
+        host, port = address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     # -- writes
 
@@ -326,8 +382,30 @@ class RedisStore(SessionStore):
                   pin: bool = False) -> Moved:
         args = (draft.head, draft.summary, now, ttl_ms, "" if draft.timestamp is None else draft.timestamp, proposal,
                 origin.value if origin else "", draft.save_id, "1" if pin else "", _facets_json(draft.summary))
-        outcome, stored_as = self._save(keys=(INDEX_KEY, EXPIRY_KEY, CLOCK_KEY, PINNED_KEY), args=args)
+        outcome, stored_as = self._write(self._save, (INDEX_KEY, EXPIRY_KEY, CLOCK_KEY, PINNED_KEY), args)
         return Moved(Outcome(outcome.decode()), int(stored_as))
+
+    def _write(self, script: Script, keys: tuple[str, ...], args: tuple = ()) -> Any:
+        """Run a writing script; with `REDIS_WAIT_REPLICAS`, followed by WAIT on the same connection (WAIT
+        counts the writes of its own connection), in one pipeline: one round trip. Raises `NotReplicated`
+        when too few replicas confirmed: the write may be in Redis, unconfirmed (a save's write-back later
+        removes such a copy by its save id)."""
+        wanted = self.replication.replicas
+        if not wanted:
+            return script(keys=keys, args=args)
+        for _ in range(2):  # a new master's script cache may be empty: load it, then once more
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.evalsha(script.sha, len(keys), *keys, *args).wait(wanted, self.replication.wait_ms)
+                try:
+                    reply, confirmed = pipe.execute()
+                except redis.exceptions.NoScriptError:
+                    self.client.script_load(script.script)
+                    continue
+            if confirmed < wanted:
+                raise NotReplicated(f"{confirmed} of {wanted} replica(s) confirmed the write within "
+                                    f"{self.replication.wait_ms} ms")
+            return reply
+        raise redis.exceptions.NoScriptError("the script could not be loaded")
 
     def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int) -> int:
         return self._run_save(draft, now, ttl_ms, proposal, None).timestamp
@@ -339,10 +417,10 @@ class RedisStore(SessionStore):
         return self._run_save(record.draft, now, ttl_ms, record.timestamp, record.origin, record.pinned)
 
     def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
-        return bool(self._pin(keys=(EXPIRY_KEY, PINNED_KEY), args=(timestamp, int(pinned), now, ttl_ms)))
+        return bool(self._write(self._pin, (EXPIRY_KEY, PINNED_KEY), (timestamp, int(pinned), now, ttl_ms)))
 
     def delete(self, timestamp: int) -> bool:
-        return bool(self._delete(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY), args=(timestamp,)))
+        return bool(self._write(self._delete, (INDEX_KEY, EXPIRY_KEY, PINNED_KEY), (timestamp,)))
 
     # -- reads
 
@@ -501,10 +579,38 @@ class RedisStore(SessionStore):
         return RedisFacts(bool(info.get("cluster_enabled")), str(info.get("maxmemory_policy", "noeviction")),
                           persistent)
 
+    def hint(self, error: redis.RedisError) -> str:
+        """A likely cause of `error` an operator can act on, for the log (else ""): a TLS server that requires
+        client certificates hangs up on a client without one, which the client only sees as the connection
+        ending mid-handshake."""
+        pool = self.probe.connection_pool
+        if issubclass(pool.connection_class, redis.SSLConnection) and not pool.connection_kwargs.get("ssl_certfile") \
+                and any(sign in str(error) for sign in ("EOF occurred", "Connection reset")):
+            return " (a TLS server that requires client certificates hangs up on a client without one: add " \
+                   "ssl_certfile and ssl_keyfile to REDIS_URL)"
+        return ""
+
     def ping(self) -> None:
-        self.probe.ping()
+        """Raises unless Redis answers. With Sentinel, asks the Sentinels for the master first (a new one makes
+        both pools drop their idle connections to the old, which may still take writes until it is demoted),
+        then raises unless that node says it is the master (HELLO names the role, and any ACL user may send
+        it). With `REDIS_WAIT_REPLICAS`, raises unless that many replicas are online (WAIT on a connection that
+        never wrote answers at once with them)."""
+        if self.sentinel is None:
+            self.probe.ping()
+        else:
+            for client in (self.client, self.probe):
+                client.connection_pool.get_master_address()
+            if self.probe.execute_command("HELLO").get(b"role") != b"master":
+                self.probe.connection_pool.disconnect()  # connect again where the Sentinels say
+                raise redis.ReadOnlyError(f"{self.master} is no longer the master")
+        wanted = self.replication.replicas
+        if wanted and (online := self.probe.wait(wanted, 1)) < wanted:
+            raise NotReplicated(f"{online} of {wanted} replica(s) online")
 
     def close(self) -> None:
         for client in {id(c): c for c in (self.client, self.probe)}.values():
             client.close()
             client.connection_pool.disconnect()
+        if self.sentinel is not None:
+            self.sentinel.close()

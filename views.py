@@ -216,6 +216,7 @@ def health() -> Response:
         "success": True,
         "status": "degraded" if degraded else "healthy",
         "redis": redis_state.value,
+        **_master(sessions),
         "storage": sessions.saves_go_to,
         "memorySessions": held,
         "localStore": {"kind": sessions.local.kind, "path": sessions.local.location, "sessions": held,
@@ -229,11 +230,17 @@ def health() -> Response:
 @api.get("/health/ready")
 def ready() -> Response:
     """For load balancers: not ready while a configured Redis is unreachable (`/health` stays 200)."""
-    redis_state = _storage().check()
+    sessions = _storage()
+    redis_state = sessions.check()
     if redis_state is RedisState.DOWN:
         return json_response({"success": False, "error": "Redis is configured but unreachable.",
-                              "ready": False, "redis": redis_state.value}, 503)
-    return json_response({"success": True, "ready": True, "redis": redis_state.value})
+                              "ready": False, "redis": redis_state.value, **_master(sessions)}, 503)
+    return json_response({"success": True, "ready": True, "redis": redis_state.value, **_master(sessions)})
+
+
+def _master(sessions: SessionStorage) -> dict[str, str | None]:
+    """`redisMaster` for the health answers: the Redis saves go to (with Sentinel, the master it named last)."""
+    return {"redisMaster": sessions.redis.master} if sessions.redis is not None else {}
 
 
 @api.get("/api/v1/openapi.json")

@@ -49,6 +49,7 @@ class Call:
     tag: str | None = None
     storage: str | None = None
     error: str | None = None  # the error sentence of a 5xx
+    retry_after: bool = False  # a 5xx that said when to retry (a 503 with Retry-After)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Soak:
             call = Call(kind, started, time.monotonic() - started, status, tag=tag)
             if status >= 500:
                 call.error = got.body[:200].decode(errors="replace")
+                call.retry_after = "retry-after" in got.headers
             if kind == "save" and status == 200:
                 answer = got.json()
                 call.timestamp, call.storage = answer["timestamp"], answer["storage"]

