@@ -1,5 +1,5 @@
 // Building the page from data without ever parsing data as HTML: every text goes in as a text node, so a
-// session's `<script>` or `onerror=` stays text (the page never uses innerHTML or its kin).
+// session's `<script>` or `onerror=` stays text (no HTML parsing sink is used anywhere in the page).
 
 /** `h("p", {class: "x", onclick: fn}, "text", child)`: an element; strings become text nodes, null is skipped. */
 export function h(tag, attrs, ...children) {
