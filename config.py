@@ -74,7 +74,7 @@ class Config:
             host=_host(env),
             port=_int(env, "REDIS_API_PORT", 7802, 1, 65535),
             app_env=_text(env, "APP_ENV", env.get("NODE_ENV") or "development").lower(),
-            session_ttl_seconds=_int(env, "SESSION_TTL_SECONDS", 604_800, 1, 10 * 365 * 86_400),
+            session_ttl_seconds=_int(env, "SESSION_TTL_SECONDS", 604_800, 0, 10 * 365 * 86_400),
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 50 * 1024 * 1024, 1024, 2**40),
             cors_origins=_origins(env),
             log_level=_choice(env, "LOG_LEVEL", "INFO", LOG_LEVELS),

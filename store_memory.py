@@ -12,12 +12,13 @@ import heapq
 import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import orjson
 
 from allocator import choose, now_ms
 from payload import Draft
-from storage import LOCAL, Limits, LocalStore, Origin, Query, Record, StorageFull, Stored, WhenFull
+from storage import LOCAL, NEVER, Limits, LocalStore, Origin, Query, Record, StorageFull, Stored, WhenFull, expiry
 
 log = logging.getLogger("storyart.storage")
 
@@ -63,9 +64,22 @@ class MemoryStore(LocalStore):
             if timestamp is None:
                 timestamp = choose(proposal, self._last_assigned, self._records.__contains__)
                 self._last_assigned, origin = max(self._last_assigned, timestamp), Origin.SERVICE
-            self._put(Record(timestamp, draft.render(timestamp), draft.summary, now + ttl_ms, origin, draft.save_id),
-                      now)
+            old = self._records.get(timestamp)
+            pinned = old is not None and old.pinned
+            self._put(Record(timestamp, draft.render(timestamp), draft.summary,
+                             NEVER if pinned else expiry(now, ttl_ms), origin, draft.save_id, pinned), now)
             return timestamp
+
+    def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
+        with self._lock:
+            record = self._live(timestamp)
+            if record is None:
+                return False
+            if record.pinned != pinned:
+                record = replace(record, pinned=pinned, expires_at=NEVER if pinned else expiry(now, ttl_ms))
+                self._records[timestamp] = record
+                heapq.heappush(self._expiry, (record.expires_at, timestamp))
+            return True
 
     def _put(self, record: Record, now: int) -> None:
         """Insert or replace; room is made (or refused) before anything changes, so a failed replace keeps the
@@ -91,12 +105,14 @@ class MemoryStore(LocalStore):
         if limits.when_full is WhenFull.REFUSE:
             raise StorageFull("the local store is full of sessions waiting for Redis")
         victims = []
-        for oldest in self._order:  # never the one being replaced
+        for oldest in self._order:  # never the one being replaced, never a pinned one
             if over_count <= 0 and over_bytes <= 0:
                 break
-            if oldest != record.timestamp:
+            if oldest != record.timestamp and not self._records[oldest].pinned:
                 victims.append(oldest)
                 over_count, over_bytes = over_count - 1, over_bytes - len(self._records[oldest].body)
+        if over_count > 0 or over_bytes > 0:
+            raise StorageFull("the local store is full of pinned sessions")
         for victim in victims:
             self._drop(victim)
         log.warning("local store full: evicted the %d oldest session(s)", len(victims))
@@ -126,7 +142,8 @@ class MemoryStore(LocalStore):
 
     @staticmethod
     def _stored(record: Record, summaries: bool = False) -> Stored:
-        return Stored(record.timestamp, record.summary if summaries else record.body, LOCAL, record.summary)
+        return Stored(record.timestamp, record.summary if summaries else record.body, LOCAL, record.summary,
+                      record.pinned)
 
     def get(self, timestamp: int) -> Stored | None:
         record = self._live(timestamp)

@@ -128,6 +128,26 @@ def delete_session(raw: str) -> Response:
                           "timestamp": timestamp})
 
 
+@api.post("/api/v1/session/<session_id:raw>/pin")
+def pin_session(raw: str) -> Response:
+    """Keep the session forever (until unpinned): caps and pruning never drop it."""
+    return _pin(raw, pinned=True)
+
+
+@api.delete("/api/v1/session/<session_id:raw>/pin")
+def unpin_session(raw: str) -> Response:
+    """Let the session expire again: its TTL starts now."""
+    return _pin(raw, pinned=False)
+
+
+def _pin(raw: str, *, pinned: bool) -> Response:
+    timestamp = _timestamp(raw)
+    if not _storage().pin(timestamp, pinned):
+        return error(404, "Session not found")
+    return json_response({"success": True, "timestamp": timestamp, "sessionKey": session_key(timestamp),
+                          "pinned": pinned})
+
+
 @api.post("/api/v1/session/import")
 def import_sessions() -> Response:
     """One session or an array of them, as exported: each validated like `save`, timestamps kept."""
