@@ -173,9 +173,9 @@ async function showCompare(a, b) {
   const body = $("compare-body");
   fill(body, h("p", { class: "muted" }, "Comparing…"));
   try {
-    const [report, left, right] = await Promise.all([
-      call(`/api/v1/session/${a}/compare/${b}`), summaryOf(a), summaryOf(b)]);
-    fill(body, renderCompare(report, left, right));
+    const [report, before, after] = await Promise.all([call(`/api/v1/session/${a}/compare/${b}`),
+      call(`/api/v1/session/${a}`), call(`/api/v1/session/${b}`)]);
+    fill(body, renderCompare(report, before.data, after.data));
   } catch (err) {
     fill(body, h("p", { class: "error", role: "alert" }, `The sessions could not be compared: ${err.message}`));
   }
@@ -441,7 +441,7 @@ function wire() {
   $("pick-cancel").addEventListener("click", () => $("pick-dialog").close());
   $("pick-form").addEventListener("submit", (event) => event.preventDefault());
   $("token-cancel").addEventListener("click", () => $("token-dialog").close());
-  $("backup").addEventListener("click", () => download("/api/v1/backup", "storyart-backup.json")
+  $("backup").addEventListener("click", () => download("/api/v1/backup", "storyart-backup.zip")
     .then(() => toast("Backup downloaded."))
     .catch((err) => toast(`The backup could not be downloaded: ${err.message}`, "error")));
 

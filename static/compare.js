@@ -1,92 +1,159 @@
-// What changed between two sessions, as the service's compare endpoint reports it: top-level fields, scenes
-// added or removed, beats added, removed or changed (each changed field, a prompt's text included, before and
-// after, side by side).
+// What changed from one session to another, from the service's compare report (`GET
+// /api/v1/session/<a>/compare/<b>`, see compare.py): the report names what changed as dotted paths, and the two
+// sessions themselves give each path's value before and after, shown side by side.
 
 import { anyValue, asText, h, timeOf } from "./dom.js";
 
-const list = (value) => (Array.isArray(value) ? value : []);
+const isObject = (value) => value !== null && typeof value === "object" && !Array.isArray(value);
+const ABSENT = Symbol("absent");
 
-/** `[{field, before, after}]` from either a list of such records or an object `{field: {before, after}}`. */
-function changesOf(value) {
-  if (Array.isArray(value)) return value;
-  if (value && typeof value === "object") {
-    return Object.entries(value).map(([field, change]) => ({ field, ...change }));
+/** The value at a dotted `path` inside `value`, or ABSENT. */
+function at(value, path) {
+  let node = value;
+  for (const part of path.split(".")) {
+    if (!isObject(node) || !(part in node)) return ABSENT;
+    node = node[part];
   }
-  return [];
+  return node;
 }
 
-function fieldName(change) {
-  return asText(change.field ?? change.path ?? change.name ?? "–");
+function side(label, value) {
+  return h("div", { class: label === "Before" ? "before" : "after" }, h("p", { class: "label" }, label),
+    value === ABSENT || value === null || value === undefined
+      ? h("p", { class: "muted" }, value === ABSENT ? "(absent)" : "(none)") : anyValue(value));
 }
 
-function beforeAfter(change) {
-  return h("div", { class: "before-after" },
-    h("div", { class: "before" }, h("p", { class: "label" }, "Before"),
-      change.before === undefined ? h("p", { class: "muted" }, "(absent)") : h("div", null, anyValue(change.before))),
-    h("div", { class: "after" }, h("p", { class: "label" }, "After"),
-      change.after === undefined ? h("p", { class: "muted" }, "(absent)") : h("div", null, anyValue(change.after))));
+/** Every added, removed and changed path of `changes`, each with its value before and after. */
+function pathList(changes, before, after, prefix = "") {
+  const paths = [
+    ...(changes.changed || []).map((path) => [path, "changed"]),
+    ...(changes.added || []).map((path) => [path, "added"]),
+    ...(changes.removed || []).map((path) => [path, "removed"]),
+  ];
+  if (!paths.length) return null;
+  return h("ul", { class: "changes" }, paths.map(([path, kind]) => h("li", { class: "change", "data-path": path },
+    h("p", { class: "field" }, `${prefix}${path} `, h("span", { class: `badge ${kind}` }, kind)),
+    h("div", { class: "before-after" }, side("Before", at(before, path)), side("After", at(after, path))))));
 }
 
-function changeList(changes) {
-  return h("ul", { class: "changes" }, changes.map((change) => h("li", { class: "change" },
-    h("p", { class: "field" }, fieldName(change)), beforeAfter(change))));
+function count(changes) {
+  return ["added", "removed", "changed"].reduce((sum, kind) => sum + (changes?.[kind]?.length || 0), 0);
 }
 
-function sceneLabel(scene) {
-  if (!scene || typeof scene !== "object") return asText(scene);
-  const number = scene.sceneNumber ?? scene.number;
-  return [number !== undefined ? `Scene ${asText(number)}` : "Scene", scene.title ? ` · ${asText(scene.title)}` : ""]
-    .join("");
+function section(title, body, empty = "No change.") {
+  return h("section", { class: "card" }, h("h2", null, title), body || h("p", { class: "muted" }, empty));
 }
 
-function beatLabel(beat) {
-  if (!beat || typeof beat !== "object") return asText(beat);
-  const where = beat.sceneNumber !== undefined ? `Scene ${asText(beat.sceneNumber)}, ` : "";
-  const id = beat.beatId ?? beat.beat_number ?? beat.beatNumber;
-  const title = beat.beat_title ?? beat.title;
-  return `${where}beat ${asText(id ?? "?")}${title ? ` · ${asText(title)}` : ""}`;
+function parsedContext(session) {
+  try {
+    return JSON.parse(session.episodeContext);
+  } catch {
+    return {};
+  }
 }
 
-function section(title, count, body) {
-  return h("section", { class: "card" }, h("h2", null, `${title} (${count})`),
-    count ? body : h("p", { class: "muted" }, "None."));
+function scenesOf(session) {
+  const scenes = isObject(session.analyzedEpisode) ? session.analyzedEpisode.scenes : null;
+  return Array.isArray(scenes) ? scenes.filter(isObject) : [];
 }
 
-function sessionHead(label, summary, timestamp) {
+function sceneTitle(session, number) {
+  const scene = scenesOf(session).find((s) => s.sceneNumber === number);
+  return `Scene ${asText(number)}${scene && scene.title ? ` · ${asText(scene.title)}` : ""}`;
+}
+
+/** The beat a report names: by `beatId`, else by its scene and position. */
+function findBeat(session, ident) {
+  for (const scene of scenesOf(session)) {
+    const beats = Array.isArray(scene.beats) ? scene.beats : [];
+    if (ident.beatId !== null && ident.beatId !== undefined) {
+      const found = beats.find((b) => isObject(b) && b.beatId === ident.beatId);
+      if (found) return found;
+    } else if (scene.sceneNumber === ident.sceneNumber && isObject(beats[ident.index])) {
+      return beats[ident.index];
+    }
+  }
+  return {};
+}
+
+function beatName(beat, ident) {
+  const id = ident.beatId ?? `#${(ident.index ?? 0) + 1}`;
+  const title = beat.beat_title ? ` · ${asText(beat.beat_title)}` : "";
+  return `Scene ${asText(ident.sceneNumber)}, beat ${asText(id)}${title}`;
+}
+
+function beatList(kind, idents, session) {
+  if (!idents.length) return null;
+  return h("ul", { class: "plain" }, idents.map((ident) => h("li", { class: kind },
+    beatName(findBeat(session, ident), ident))));
+}
+
+function changedBeat(item, before, after) {
+  const old = findBeat(before, item);
+  const now = findBeat(after, item);
+  const prompts = Object.entries(item.prompts || {});
+  const promptPaths = new Set(prompts.map(([format]) => `prompts.${format}.prompt`));
+  const rest = {
+    added: item.added || [],
+    removed: item.removed || [],
+    changed: (item.changed || []).filter((path) => !promptPaths.has(path)),
+  };
+  return h("li", { class: "changed-beat", "data-beat": item.beatId ?? "" },
+    h("h3", null, beatName(now, item)),
+    item.movedFrom !== undefined ? h("p", { class: "note" }, `Moved from scene ${asText(item.movedFrom)}.`) : null,
+    prompts.map(([format, texts]) => h("div", { class: "prompt-change", "data-kind": format },
+      h("p", { class: "field" }, `${format} prompt`),
+      h("div", { class: "before-after" },
+        side("Before", texts.before ?? ABSENT), side("After", texts.after ?? ABSENT)))),
+    pathList(rest, old, now));
+}
+
+function sessionHead(label, session, timestamp) {
+  const episode = isObject(session.analyzedEpisode) ? session.analyzedEpisode : {};
   return h("div", { class: "side" }, h("p", { class: "label" }, label),
-    h("p", { class: "title" }, summary?.title || "Untitled session"),
-    h("p", { class: "muted" }, `episode ${summary?.episodeNumber ?? "–"} · `,
-      timestamp ? timeOf(timestamp) : "–"));
+    h("p", { class: "title" }, h("a", { href: `#/session/${timestamp}` }, asText(episode.title || "Untitled session"))),
+    h("p", { class: "muted" }, `episode ${asText(episode.episodeNumber ?? "–")} · `, timeOf(timestamp)));
 }
 
-/** The readable report; `left` and `right` are the two sessions' summaries (null when unknown). */
-export function renderCompare(report, left, right) {
+/** The readable report of `report` (the compare answer) between the sessions `before` and `after`. */
+export function renderCompare(report, before, after) {
+  const script = report.scriptText || {};
+  const context = report.episodeContext || {};
   const scenes = report.scenes || {};
   const beats = report.beats || {};
-  const top = changesOf(report.changes ?? report.topLevel ?? report.fields);
-  const addedScenes = list(scenes.added);
-  const removedScenes = list(scenes.removed);
-  const addedBeats = list(beats.added);
-  const removedBeats = list(beats.removed);
-  const changedBeats = list(beats.changed);
-  const a = report.a?.timestamp ?? report.from ?? left?.timestamp;
-  const b = report.b?.timestamp ?? report.to ?? right?.timestamp;
-  const same = !top.length && !addedScenes.length && !removedScenes.length && !addedBeats.length
-    && !removedBeats.length && !changedBeats.length;
+  const episodeBefore = before.analyzedEpisode;
+  const episodeAfter = after.analyzedEpisode;
+  const sceneChanges = (scenes.changed || []).map((scene) => h("li", null,
+    h("h3", null, sceneTitle(after, scene.sceneNumber)),
+    pathList(scene, scenesOf(before).find((s) => s.sceneNumber === scene.sceneNumber),
+      scenesOf(after).find((s) => s.sceneNumber === scene.sceneNumber))));
+  const sceneLines = [
+    ...(scenes.added || []).map((s) => h("li", { class: "added" }, sceneTitle(after, s.sceneNumber))),
+    ...(scenes.removed || []).map((s) => h("li", { class: "removed" }, sceneTitle(before, s.sceneNumber))),
+  ];
+  const beatCounts = `${beats.added?.length || 0} added, ${beats.removed?.length || 0} removed, `
+    + `${beats.changed?.length || 0} changed, ${beats.unchanged ?? 0} unchanged`;
   return h("div", { class: "compare" },
-    h("div", { class: "card sides" }, sessionHead("Before", left, a), h("p", { class: "arrow", "aria-hidden": "true" },
-      "→"), sessionHead("After", right, b)),
-    same ? h("p", { class: "note" }, "The two sessions hold the same analysis.") : null,
-    section("Top-level changes", top.length, changeList(top)),
-    section("Scenes added", addedScenes.length,
-      h("ul", { class: "plain" }, addedScenes.map((s) => h("li", { class: "added" }, sceneLabel(s))))),
-    section("Scenes removed", removedScenes.length,
-      h("ul", { class: "plain" }, removedScenes.map((s) => h("li", { class: "removed" }, sceneLabel(s))))),
-    section("Beats added", addedBeats.length,
-      h("ul", { class: "plain" }, addedBeats.map((x) => h("li", { class: "added" }, beatLabel(x))))),
-    section("Beats removed", removedBeats.length,
-      h("ul", { class: "plain" }, removedBeats.map((x) => h("li", { class: "removed" }, beatLabel(x))))),
-    section("Beats changed", changedBeats.length, h("ol", { class: "plain" }, changedBeats.map((beat) =>
-      h("li", { class: "changed-beat" }, h("h3", null, beatLabel(beat)),
-        changeList(changesOf(beat.changes ?? beat.fields)))))));
+    h("div", { class: "card sides" }, sessionHead("Before", before, report.from),
+      h("p", { class: "arrow", "aria-hidden": "true" }, "→"), sessionHead("After", after, report.to)),
+    report.identical ? h("p", { class: "note" }, "The two sessions hold the same analysis: only the time differs.")
+      : null,
+    section(`Session fields (${count(report.fields) + count(report.episode)})`, (count(report.fields)
+      || count(report.episode)) ? [pathList(report.fields || {}, before, after),
+      pathList(report.episode || {}, episodeBefore, episodeAfter, "analyzedEpisode.")] : null),
+    section("Script", script.changed ? h("p", null,
+      `${script.linesBefore} lines → ${script.linesAfter} lines: `,
+      h("span", { class: "added-count" }, `+${script.linesAdded}`), " ",
+      h("span", { class: "removed-count" }, `−${script.linesRemoved}`)) : null),
+    section("Episode context", !context.changed ? null : context.parsed
+      ? pathList(context.fields || {}, parsedContext(before), parsedContext(after))
+      : h("p", null, "The text changed (it is not a JSON object on both sides).")),
+    section(`Scenes (${sceneLines.length + sceneChanges.length} changed)`, sceneLines.length || sceneChanges.length
+      ? [sceneLines.length ? h("ul", { class: "plain" }, sceneLines) : null,
+        sceneChanges.length ? h("ul", { class: "plain" }, sceneChanges) : null] : null),
+    h("section", { class: "card beats-report" }, h("h2", null, "Beats"), h("p", { class: "muted" }, beatCounts),
+      beatList("added", beats.added || [], after),
+      beatList("removed", beats.removed || [], before),
+      (beats.changed || []).length
+        ? h("ol", { class: "plain" }, beats.changed.map((item) => changedBeat(item, before, after))) : null));
 }

@@ -452,6 +452,33 @@ def test_the_csp_is_enforced_and_nothing_inline_runs(tab: Tab, sessions: Session
     assert [p for p in tab.problems if "CSP" in p and "inline" not in p] == []
 
 
+@pytest.mark.slow
+def test_a_pinned_session_outlives_a_ttl_that_expires_the_others(tab: Tab, own_redis, service) -> None:
+    from playwright.sync_api import expect
+
+    ttl = 2
+    app = service("gunicorn", REDIS_URL=own_redis().url, SESSION_TTL_SECONDS=str(ttl))
+    seeded = Sessions(app.port)
+    kept, lost = seeded.save("Keep Forever"), seeded.save("Let Expire")
+    page = tab.page
+    page.goto(f"{seeded.url}#/session/{kept}")
+    pin = page.locator("#session-pin")
+    expect(pin).to_have_attribute("aria-pressed", "false")
+    pin.click()
+    expect(pin).to_have_attribute("aria-pressed", "true")
+    expect(pin).to_have_text("Unpin")
+    expect(page.locator("#session-pinned")).to_be_visible()
+    page.click("a.back")
+    expect(rows(page)).to_have_count(2)
+    expect(page.locator(f"#session-rows tr[data-ts='{kept}'] .badge.pin")).to_have_text("Pinned")
+    expect(page.locator(f"#session-rows tr[data-ts='{lost}'] .badge.pin")).to_have_count(0)
+    time.sleep(max(0.0, lost / 1000 + ttl + 0.5 - time.time()))  # past the TTL of both saves
+    page.reload()
+    expect(rows(page)).to_have_count(1)
+    assert listed(page) == [kept]
+    assert seeded.get(lost).status == 404 and seeded.get(kept).status == 200
+
+
 class HostilePage(http.server.BaseHTTPRequestHandler):
     """A site on another origin whose page tries to read, delete and write sessions through the visitor's
     browser, to frame the history page and to load its script."""
