@@ -148,7 +148,8 @@ export function renderCompare(report, before, after) {
     section("Episode context", !context.changed ? null : context.parsed
       ? pathList(context.fields || {}, parsedContext(before), parsedContext(after))
       : h("p", null, "The text changed (it is not a JSON object on both sides).")),
-    section(`Scenes (${sceneLines.length + sceneChanges.length} changed)`, sceneLines.length || sceneChanges.length
+    section(`Scenes: ${scenes.added?.length || 0} added, ${scenes.removed?.length || 0} removed, `
+      + `${sceneChanges.length} changed`, sceneLines.length || sceneChanges.length
       ? [sceneLines.length ? h("ul", { class: "plain" }, sceneLines) : null,
         sceneChanges.length ? h("ul", { class: "plain" }, sceneChanges) : null] : null),
     h("section", { class: "card beats-report" }, h("h2", null, "Beats"), h("p", { class: "muted" }, beatCounts),

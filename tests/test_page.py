@@ -479,6 +479,62 @@ def test_a_pinned_session_outlives_a_ttl_that_expires_the_others(tab: Tab, own_r
     assert seeded.get(lost).status == 404 and seeded.get(kept).status == 200
 
 
+@pytest.mark.slow
+@requires("/api/v1/session/{}/compare/{}")
+def test_compare_shows_a_changed_prompt_before_and_after(tab: Tab, sessions: Sessions) -> None:
+    from playwright.sync_api import expect
+
+    first = sessions.save("Undertow")
+    episode = copy.deepcopy(FIXTURE["analyzedEpisode"])
+    beat = episode["scenes"][0]["beats"][0]
+    was = beat["prompts"]["cinematic"]["prompt"]
+    beat["prompts"]["cinematic"]["prompt"] = "wide shot, rain-slick rooftop at dusk, one figure"
+    second = sessions.save("Undertow", analyzedEpisode={**episode, "title": "Undertow"}, promptMode="manual")
+    sessions.save("Unrelated")
+    page = tab.page
+    open_list(page, sessions.url, 3)
+    page.check(f"#session-rows tr[data-ts='{second}'] input[type=checkbox]")
+    expect(page.locator("#compare-go")).to_be_disabled()  # one more to pick
+    page.check(f"#session-rows tr[data-ts='{first}'] input[type=checkbox]")
+    page.click("#compare-go")
+    expect(page).to_have_url(re.compile(rf"#/compare/{first}/{second}$"))  # older first: before -> after
+    change = page.locator(f".changed-beat[data-beat='{beat['beatId']}'] .prompt-change[data-kind=cinematic]")
+    expect(change.locator(".before")).to_contain_text(was)
+    expect(change.locator(".after")).to_contain_text("wide shot, rain-slick rooftop at dusk, one figure")
+    field = page.locator(".change[data-path=promptMode]")
+    expect(field.locator(".before")).to_contain_text(FIXTURE["promptMode"])
+    expect(field.locator(".after")).to_contain_text("manual")
+    expect(page.locator(".beats-report > p.muted")).to_have_text("0 added, 0 removed, 1 changed, 1 unchanged")
+
+    page.goto(f"{sessions.url}#/session/{first}")  # the same through "Compare with…" on a session
+    expect(page.locator("#session-title")).to_have_text("Undertow")
+    page.click("#session-compare")
+    expect(page.locator("#pick-list a")).to_have_count(2)
+    page.locator("#pick-list a", has_text="Undertow").click()
+    expect(page).to_have_url(re.compile(rf"#/compare/{first}/{second}$"))
+    expect(change.locator(".after")).to_contain_text("one figure")
+
+
+@pytest.mark.slow
+@requires("/api/v1/backup")
+def test_a_backup_downloads_every_session(tab: Tab, sessions: Sessions) -> None:
+    import zipfile
+
+    from playwright.sync_api import expect
+
+    saved = [sessions.save("One"), sessions.save("Two")]
+    page = tab.page
+    open_list(page, sessions.url, 2)
+    with page.expect_download() as download:
+        page.click("#backup")
+    assert re.fullmatch(r"storyart-backup-.+\.zip", download.value.suggested_filename)
+    with zipfile.ZipFile(download.value.path()) as backup:
+        assert sorted(n for n in backup.namelist() if n.startswith("sessions/")) == [
+            f"sessions/{ts}.json" for ts in sorted(saved)]
+        assert backup.read(f"sessions/{saved[0]}.json") == sessions.export(saved[0])
+    expect(page.locator("#toast")).to_have_text("Backup downloaded.")
+
+
 class HostilePage(http.server.BaseHTTPRequestHandler):
     """A site on another origin whose page tries to read, delete and write sessions through the visitor's
     browser, to frame the history page and to load its script."""
