@@ -1,7 +1,7 @@
 """StoryArt session service: the application factory (docs/contract.md §1).
 
-`create_app` builds the Flask app from a `Config`: the storage (`storage.py`), the views (`views.py`), CORS,
-the request hooks and the error handlers that keep every answer JSON. `gunicorn app:app` serves the
+`create_app` builds the Flask app from a `Config`: the storage (`storage.py`), the views (`views.py`), the
+history page (`page.py`), CORS, the request hooks and the error handlers that keep every other answer JSON. `gunicorn app:app` serves the
 module-level `app`; `python app.py` runs the development server (`devserver.py`).
 """
 
