@@ -1,8 +1,8 @@
 """StoryArt session service: the application factory (docs/contract.md §1).
 
 `create_app` builds the Flask app from a `Config`: the storage (`storage.py`), the views (`views.py`), the
-history page (`page.py`), CORS, the request hooks and the error handlers that keep every other answer JSON. `gunicorn app:app` serves the
-module-level `app`; `python app.py` runs the development server (`devserver.py`).
+history page (`page.py`), CORS, the request hooks and the error handlers that keep every other answer JSON.
+`gunicorn app:app` serves the module-level `app`; `python app.py` runs the development server (`devserver.py`).
 """
 
 from __future__ import annotations

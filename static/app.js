@@ -27,25 +27,30 @@ function storageName(wire) {
   return wire === "redis" ? "Redis" : "the local store";
 }
 
+/** Set `text` only when it changed: a live region announces every change, and health is polled. */
+function say(node, text) {
+  if (node.textContent !== text) node.textContent = text;
+}
+
 function showHealth(health, failure) {
   const pill = $("health");
   const banner = $("degraded");
   if (!health) {
     pill.dataset.state = "down";
-    pill.textContent = "Service unreachable";
+    say(pill, "Service unreachable");
     banner.hidden = false;
-    fill(banner, h("strong", null, "The session service cannot be reached. "), failure.message);
+    say(banner, `The session service cannot be reached. ${failure.message}`);
     return;
   }
   const redis = health.redis;
   pill.dataset.state = health.status === "degraded" ? "degraded" : "ok";
-  pill.textContent = redis === "connected" ? "Redis connected"
-    : redis === "not configured" ? "Local store (no Redis)" : `Redis ${redis}`;
+  say(pill, redis === "connected" ? "Redis connected"
+    : redis === "not configured" ? "Local store (no Redis)" : `Redis ${redis}`);
   pill.title = `New saves go to ${storageName(health.storage)}.`;
   banner.hidden = health.status !== "degraded";
   if (health.status === "degraded") {
-    fill(banner, h("strong", null, "Degraded: "), `Redis is ${redis}. New saves go to ${storageName(health.storage)}`,
-      " and are written back to Redis when it answers again; lists may be incomplete meanwhile.");
+    say(banner, `Degraded: Redis is ${redis}. New saves go to ${storageName(health.storage)} and are written `
+      + "back to Redis when it answers again; lists may be incomplete meanwhile.");
   }
 }
 

@@ -443,7 +443,8 @@ def test_the_csp_is_enforced_and_nothing_inline_runs(tab: Tab, sessions: Session
     expect(page.locator("body")).to_be_visible()
     wait_for(lambda: any("CSP violation" in p for p in tab.problems), what="the CSP violation report", timeout=5)
     assert page.evaluate("window.inlineRan") is None
-    page.click("#session-rows a.title")
+    page.focus("#session-rows a.title")  # keyboard only: a title is a link, Enter opens the session
+    page.keyboard.press("Enter")
     expect(page.locator("li.beat")).to_have_count(2)
     page.click("#import-open")
     expect(page.locator("#import-dialog")).to_be_visible()
@@ -457,7 +458,7 @@ def test_a_pinned_session_outlives_a_ttl_that_expires_the_others(tab: Tab, own_r
     from playwright.sync_api import expect
 
     ttl = 2
-    app = service("gunicorn", REDIS_URL=own_redis().url, SESSION_TTL_SECONDS=str(ttl))
+    app = service("app", REDIS_URL=own_redis().url, SESSION_TTL_SECONDS=str(ttl))
     seeded = Sessions(app.port)
     kept, lost = seeded.save("Keep Forever"), seeded.save("Let Expire")
     page = tab.page
