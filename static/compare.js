@@ -17,10 +17,68 @@ function at(value, path) {
   return node;
 }
 
-function side(label, value) {
-  return h("div", { class: label === "Before" ? "before" : "after" }, h("p", { class: "label" }, label),
-    value === ABSENT || value === null || value === undefined
-      ? h("p", { class: "muted" }, value === ABSENT ? "(absent)" : "(none)") : anyValue(value));
+const DIFF_MAX_PIECES = 1200; // words and spaces; a longer text is shown unmarked (the table grows as a product)
+const DIFF_MIN_SHARED = 0.4; // texts sharing fewer of their words were rewritten, not edited: no marks
+const SPACE = /^\s+$/;
+
+/** `[marked, text]` pieces as runs: a space between two marked words is marked with them. */
+function runs(pieces, tag) {
+  const out = [];
+  pieces.forEach(([marked, text], k) => {
+    const mark = marked || (SPACE.test(text) && Boolean(pieces[k - 1]?.[0]) && Boolean(pieces[k + 1]?.[0]));
+    const last = out.at(-1);
+    if (last && last[0] === mark) last[1] += text;
+    else out.push([mark, text]);
+  });
+  return out.map(([mark, text]) => (mark ? h(tag, null, text) : text));
+}
+
+/** Two texts with what only `before` has marked `del` and what only `after` has marked `ins` (a longest common
+ * subsequence of words); null when they are too long, or too different for marks to help. */
+function wordDiff(before, after) {
+  const a = before.split(/(\s+)/);
+  const b = after.split(/(\s+)/);
+  if (a.length > DIFF_MAX_PIECES || b.length > DIFF_MAX_PIECES) return null;
+  const width = b.length + 1;
+  const common = new Uint32Array((a.length + 1) * width);
+  for (let i = a.length - 1; i >= 0; i--) {
+    for (let j = b.length - 1; j >= 0; j--) {
+      common[i * width + j] = a[i] === b[j] ? common[(i + 1) * width + j + 1] + 1
+        : Math.max(common[(i + 1) * width + j], common[i * width + j + 1]);
+    }
+  }
+  const old = [];
+  const now = [];
+  let shared = 0;
+  let i = 0;
+  let j = 0;
+  while (i < a.length || j < b.length) {
+    if (i < a.length && j < b.length && a[i] === b[j]) {
+      if (!SPACE.test(a[i]) && a[i]) shared++;
+      old.push([false, a[i++]]);
+      now.push([false, b[j++]]);
+    } else if (j < b.length && (i === a.length || common[i * width + j + 1] >= common[(i + 1) * width + j])) {
+      now.push([!SPACE.test(b[j]), b[j++]]);
+    } else {
+      old.push([!SPACE.test(a[i]), a[i++]]);
+    }
+  }
+  const words = Math.min(...[a, b].map((pieces) => pieces.filter((p) => p && !SPACE.test(p)).length));
+  return words && shared / words >= DIFF_MIN_SHARED ? [runs(old, "del"), runs(now, "ins")] : null;
+}
+
+function side(label, value, marked) {
+  const shown = marked ? h("span", { class: "value" }, marked)
+    : value === ABSENT || value === null || value === undefined
+      ? h("p", { class: "muted" }, value === ABSENT ? "(absent)" : "(none)") : anyValue(value);
+  return h("div", { class: label === "Before" ? "before" : "after" }, h("p", { class: "label" }, label), shown);
+}
+
+/** Before and after side by side; two texts with the words that differ marked. */
+function beforeAfter(before, after) {
+  const marks = typeof before === "string" && typeof after === "string" ? wordDiff(before, after) : null;
+  return h("div", { class: "before-after" }, side("Before", before, marks && marks[0]),
+    side("After", after, marks && marks[1]));
 }
 
 /** Every added, removed and changed path of `changes`, each with its value before and after. */
@@ -33,7 +91,7 @@ function pathList(changes, before, after, prefix = "") {
   if (!paths.length) return null;
   return h("ul", { class: "changes" }, paths.map(([path, kind]) => h("li", { class: "change", "data-path": path },
     h("p", { class: "field" }, `${prefix}${path} `, h("span", { class: `badge ${kind}` }, kind)),
-    h("div", { class: "before-after" }, side("Before", at(before, path)), side("After", at(after, path))))));
+    beforeAfter(at(before, path), at(after, path)))));
 }
 
 function count(changes) {
@@ -103,8 +161,7 @@ function changedBeat(item, before, after) {
     item.movedFrom !== undefined ? h("p", { class: "note" }, `Moved from scene ${asText(item.movedFrom)}.`) : null,
     prompts.map(([format, texts]) => h("div", { class: "prompt-change", "data-kind": format },
       h("p", { class: "field" }, `${format} prompt`),
-      h("div", { class: "before-after" },
-        side("Before", texts.before ?? ABSENT), side("After", texts.after ?? ABSENT)))),
+      beforeAfter(texts.before ?? ABSENT, texts.after ?? ABSENT))),
     pathList(rest, old, now));
 }
 

@@ -489,7 +489,7 @@ def test_compare_shows_a_changed_prompt_before_and_after(tab: Tab, sessions: Ses
     episode = copy.deepcopy(FIXTURE["analyzedEpisode"])
     beat = episode["scenes"][0]["beats"][0]
     was = beat["prompts"]["cinematic"]["prompt"]
-    beat["prompts"]["cinematic"]["prompt"] = "wide shot, rain-slick rooftop at dusk, one figure"
+    beat["prompts"]["cinematic"]["prompt"] = f"{was}, rain-slick rooftop at dusk"
     second = sessions.save("Undertow", analyzedEpisode={**episode, "title": "Undertow"}, promptMode="manual")
     sessions.save("Unrelated")
     page = tab.page
@@ -501,7 +501,9 @@ def test_compare_shows_a_changed_prompt_before_and_after(tab: Tab, sessions: Ses
     expect(page).to_have_url(re.compile(rf"#/compare/{first}/{second}$"))  # older first: before -> after
     change = page.locator(f".changed-beat[data-beat='{beat['beatId']}'] .prompt-change[data-kind=cinematic]")
     expect(change.locator(".before")).to_contain_text(was)
-    expect(change.locator(".after")).to_contain_text("wide shot, rain-slick rooftop at dusk, one figure")
+    expect(change.locator(".after")).to_contain_text(f"{was}, rain-slick rooftop at dusk")
+    marked = change.locator(".after ins").all_inner_texts()  # what was added, and only that, is marked
+    assert len(marked) == 1 and marked[0].endswith(", rain-slick rooftop at dusk"), marked
     field = page.locator(".change[data-path=promptMode]")
     expect(field.locator(".before")).to_contain_text(FIXTURE["promptMode"])
     expect(field.locator(".after")).to_contain_text("manual")
@@ -513,7 +515,7 @@ def test_compare_shows_a_changed_prompt_before_and_after(tab: Tab, sessions: Ses
     expect(page.locator("#pick-list a")).to_have_count(2)
     page.locator("#pick-list a", has_text="Undertow").click()
     expect(page).to_have_url(re.compile(rf"#/compare/{first}/{second}$"))
-    expect(change.locator(".after")).to_contain_text("one figure")
+    expect(change.locator(".after")).to_contain_text("rain-slick rooftop at dusk")
 
 
 @pytest.mark.slow

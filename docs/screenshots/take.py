@@ -45,8 +45,9 @@ def seed(port: int) -> tuple[int, int]:
     before = save(port, large)
     again = copy.deepcopy(large)
     beat = again["analyzedEpisode"]["scenes"][0]["beats"][0]
-    beat["prompts"]["cinematic"]["prompt"] = ("wide establishing shot, rain-slick rooftop at dusk, neon signs "
-                                              "reflected in puddles, a lone figure at the edge, cinematic color grade")
+    cinematic = beat["prompts"]["cinematic"]
+    added = ", rain-slick rooftop at dusk, neon reflections"
+    cinematic["prompt"] = cinematic["prompt"].replace(", cinematic color grade", f"{added}, cinematic color grade")
     again["analyzedEpisode"]["scenes"][0]["beats"][1]["beat_title"] = "Door Slams Shut"
     again["promptMode"] = "manual"
     return before, save(port, again)
