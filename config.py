@@ -51,6 +51,8 @@ class Config:
     threads: int = 0
     trusted_proxy_hops: int = 0
     redis_allow_eviction: bool = False
+    import_max_items: int = 1000
+    import_time_limit: float = 20.0  # seconds: under gunicorn's worker timeout (30 s), with room for the reply
     allowed_hosts: tuple[str, ...] = ()  # beyond the loopback names, which are always allowed; "*": any
     api_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
 
@@ -94,6 +96,8 @@ class Config:
             trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 0, 0, 10),
             allowed_hosts=_hosts(env),
             redis_allow_eviction=_flag(env, "REDIS_ALLOW_EVICTION"),
+            import_max_items=_int(env, "IMPORT_MAX_ITEMS", 1000, 1, 1_000_000),
+            import_time_limit=_float(env, "IMPORT_TIME_LIMIT_SECONDS", 20.0, 0.1, 3600),
             api_token=_token(env),
         )
 

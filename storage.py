@@ -103,6 +103,7 @@ class Outcome(enum.Enum):
     STORED = "stored"  # Redis holds it under its timestamp now
     SUPERSEDED = "superseded"  # Redis holds a copy of that client timestamp acknowledged later: that one stays
     RENUMBERED = "renumbered"  # Redis held another session under its (service-assigned) timestamp: both kept
+    ALREADY = "already"  # a save of these bytes under this save id was applied before: nothing stored again
 
 
 class Moved(NamedTuple):
@@ -191,7 +192,10 @@ class Query:
         return self.story_uuid is not None or self.episode is not None or self.text is not None
 
     def matches(self, summary: dict) -> bool:
-        story, episode, title = Facets.of(summary)
+        return self.matches_facets(Facets.of(summary))
+
+    def matches_facets(self, facets: Facets) -> bool:
+        story, episode, title = facets
         return ((self.story_uuid is None or story == self.story_uuid)
                 and (self.episode is None or episode == self.episode)
                 and (self.text is None or (title is not None and self.text.casefold() in title)))

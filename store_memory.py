@@ -36,6 +36,7 @@ class MemoryStore(LocalStore):
         self._records: dict[int, Record] = {}
         self._order: list[int] = []  # timestamps, ascending
         self._expiry: list[tuple[int, int]] = []  # heap of (expires_at, timestamp); replaced pairs are skipped
+        self._saves: dict[str, int] = {}  # save id -> timestamp
         self._bytes = 0
         self._last_assigned = 0
         self.configure(limits or Limits())
@@ -46,6 +47,7 @@ class MemoryStore(LocalStore):
     def clear(self) -> None:
         with self._lock:
             self._records.clear()
+            self._saves.clear()
             self._order.clear()
             self._expiry.clear()
             self._bytes = 0
@@ -61,6 +63,10 @@ class MemoryStore(LocalStore):
     def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int) -> int:
         with self._lock:
             timestamp, origin = draft.timestamp, Origin.CLIENT
+            earlier = self._records.get(self._saves.get(draft.save_id, -1))
+            if timestamp is None and earlier and earlier.expires_at > now \
+                    and earlier.body == draft.render(earlier.timestamp):
+                return earlier.timestamp  # this very save was applied before (a retried import)
             if timestamp is None:
                 timestamp = choose(proposal, self._last_assigned, self._records.__contains__)
                 self._last_assigned, origin = max(self._last_assigned, timestamp), Origin.SERVICE
@@ -91,6 +97,7 @@ class MemoryStore(LocalStore):
             self._drop(record.timestamp)
         bisect.insort(self._order, record.timestamp)
         self._records[record.timestamp] = record
+        self._saves[record.save_id] = record.timestamp
         self._bytes += len(record.body)
         heapq.heappush(self._expiry, (record.expires_at, record.timestamp))
 
@@ -132,6 +139,8 @@ class MemoryStore(LocalStore):
     def _drop(self, timestamp: int) -> Record | None:
         record = self._records.pop(timestamp, None)
         if record is not None:
+            if self._saves.get(record.save_id) == timestamp:
+                del self._saves[record.save_id]
             self._order.pop(bisect.bisect_left(self._order, timestamp))
             self._bytes -= len(record.body)
         return record

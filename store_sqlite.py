@@ -100,6 +100,7 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS sessions_by_story ON sessions (story_uuid, timestamp, expires_at)",
     "CREATE INDEX IF NOT EXISTS sessions_by_episode ON sessions (episode, timestamp, expires_at)",
     "CREATE INDEX IF NOT EXISTS sessions_by_title ON sessions (timestamp, expires_at, title)",
+    "CREATE INDEX IF NOT EXISTS sessions_by_save ON sessions (save_id)",  # a retried import finds its first copy
 )
 
 # A save replaces whatever holds its timestamp; a pinned session stays pinned.
@@ -228,6 +229,10 @@ class SqliteStore(LocalStore):
             self._purge_expired(db, now)
             timestamp, origin = draft.timestamp, Origin.CLIENT
             if timestamp is None:
+                for earlier, body in db.execute("SELECT timestamp, body FROM sessions WHERE save_id = ?",
+                                                (draft.save_id,)):
+                    if body == draft.render(earlier):  # this very save was applied before (a retried import)
+                        return earlier
                 last = db.execute("SELECT last_assigned FROM state").fetchone()[0]
                 timestamp = choose(proposal, last, lambda ts: bool(
                     db.execute("SELECT 1 FROM sessions WHERE timestamp = ?", (ts,)).fetchone()))
