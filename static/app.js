@@ -337,9 +337,12 @@ function openImport(files) {
 }
 
 function reportOf(file, answer) {
-  const counts = `${answer.imported} imported, ${answer.replaced} replaced, ${answer.rejected} rejected`;
+  const counts = `${answer.imported} imported, ${answer.replaced} replaced, ${answer.rejected} rejected`
+    + (answer.skipped ? `, ${answer.skipped} skipped` : "");
   return h("section", { class: "report" },
     h("h3", null, file.name, " ", h("span", { class: "muted" }, counts)),
+    answer.complete === false ? h("p", { class: "note" }, "The service stopped before the last items "
+      + "(IMPORT_TIME_LIMIT_SECONDS). Import this file again: what is already stored is not stored twice.") : null,
     h("table", null,
       h("thead", null, h("tr", null, ["Item", "Result", "Session", "Stored in"].map((label) =>
         h("th", { scope: "col" }, label)))),

@@ -397,13 +397,17 @@ def test_import_of_picked_and_dropped_files_shows_the_report(tab: Tab, sessions:
     page.locator("#import-files").set_input_files([
         {"name": "good.json", "mimeType": "application/json", "buffer": good},
         {"name": "mixed.json", "mimeType": "application/json", "buffer": mixed},
+        {"name": "broken.json", "mimeType": "application/json", "buffer": b'{"scriptText": "INT. LAB'},
         {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a session"},
     ])
-    expect(page.locator("#import-chosen li")).to_have_count(3)
-    expect(page.locator("#import-chosen li").nth(2)).to_contain_text("skipped: not a .json file")
+    expect(page.locator("#import-chosen li")).to_have_count(4)
+    expect(page.locator("#import-chosen li").nth(3)).to_contain_text("skipped: not a .json file")
+    tab.allow(r"status of 400 \(BAD REQUEST\)")  # the broken file's answer
     page.click("#import-go")
     reports = page.locator("#import-report .report")
-    expect(reports).to_have_count(2)
+    expect(reports).to_have_count(3)
+    expect(reports.nth(2)).to_contain_text("broken.json")
+    expect(reports.nth(2).locator(".error")).to_contain_text("Not imported: The request body is not valid JSON")
     expect(reports.nth(0).locator("h3")).to_have_text("good.json 1 imported, 0 replaced, 0 rejected")
     expect(reports.nth(0).locator("tbody tr")).to_have_text(
         re.compile(rf"#1\s*imported\s*{exported['timestamp']}\s*Redis"))
