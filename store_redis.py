@@ -50,7 +50,8 @@ T = TypeVar("T")
 
 # A session that is gone leaves every structure of the service: the index, the expiry and pinned sets, and the
 # list filters' facets (`storyart:sessions:facets` says which story and episode sets hold it). `facet` records
-# a session's facets (a JSON array: story, episode, casefolded title; "" for none), replacing older ones.
+# a session's facets, replacing older ones: given as a JSON array (story, episode, casefolded title; "" for
+# none), stored with the timestamp appended, so a title search reads every session's facets with one HVALS.
 _FORGET = """
 local function unfacet(key, id)
   local facets = redis.call('HGET', '{FACETS}', id)
@@ -61,6 +62,7 @@ local function unfacet(key, id)
   redis.call('HDEL', '{FACETS}', id)
 end
 local function facet(key, id, facets)
+  facets = string.sub(facets, 1, -2) .. ',' .. id .. ']'
   if redis.call('HGET', '{FACETS}', id) == facets then return end
   unfacet(key, id)
   local f = cjson.decode(facets)
@@ -367,7 +369,7 @@ class RedisStore(SessionStore):
         wide = query.widened()
         if query.filters_summaries:
             total, matched = self._filtered(query)
-            return total, [ts for ts, _ in matched[: wide.limit]]
+            return total, matched[: wide.limit]
         out = self._page(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY),
                          args=(wide.offset, wide.limit, wide.low, wide.high, now_ms()))
         return int(out[0]), [int(ts) for ts in out[1:]]
@@ -391,10 +393,11 @@ class RedisStore(SessionStore):
                 found.append(Stored(ts, bodies[0][i], self.storage, meta, bool(pinned)))
         return found
 
-    def _filtered(self, query: Query) -> tuple[int, list[tuple[int, bytes]]]:
-        """Every (timestamp, facets) in the range matching the filters, newest first. A story or episode filter
-        reads that story's (or episode's) set, then the facets of its members: O(its sessions). A title search
-        alone reads the facets of every session (~60 bytes each) with HSCAN: O(sessions), in C-speed steps."""
+    def _filtered(self, query: Query) -> tuple[int, list[int]]:
+        """Every timestamp in the range matching the filters, newest first. A story or episode filter reads that
+        story's (or episode's) set, then the facets of its members: O(its sessions). A title search alone reads
+        the facets of every session (~70 bytes each, the timestamp among them) with one HVALS: O(sessions), and
+        only those whose bytes contain the search text are decoded."""
         self._prune_now(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY), args=(now_ms(),))
         self._complete_facets()
         if query.story_uuid is not None or query.episode is not None:
@@ -402,14 +405,18 @@ class RedisStore(SessionStore):
                 else f"{EPISODE_PREFIX}{query.episode}"
             stamps = [int(score) for _, score in self.client.zrevrangebyscore(source, query.high, query.low,
                                                                               withscores=True)]
-            candidates: Iterable[tuple[int, bytes | None]] = (
-                pair for batch in _batches(stamps, self.SCAN_BATCH)
-                for pair in zip(batch, self.client.hmget(FACETS_KEY, batch), strict=True))
+            candidates: Iterable[bytes | None] = (facets for batch in _batches(stamps, self.SCAN_BATCH)
+                                                  for facets in self.client.hmget(FACETS_KEY, batch))
         else:
-            candidates = ((int(ts), facets) for ts, facets in self.client.hscan_iter(FACETS_KEY, count=5000)
-                          if query.low <= int(ts) <= query.high)
-        matched = [(ts, facets) for ts, facets in candidates
-                   if facets is not None and query.matches_facets(Facets(*(f or None for f in orjson.loads(facets))))]
+            candidates = self.client.hvals(FACETS_KEY)
+        needle = orjson.dumps(query.text.casefold())[1:-1] if query.text is not None else b""  # as JSON writes it
+        matched = []
+        for facets in candidates:
+            if facets is not None and needle in facets:
+                story, episode, title, ts = orjson.loads(facets)
+                if query.low <= ts <= query.high and query.matches_facets(Facets(story or None, episode or None,
+                                                                                 title or None)):
+                    matched.append(ts)
         matched.sort(reverse=True)
         return len(matched), matched
 
