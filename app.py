@@ -1,8 +1,8 @@
 """StoryArt session service: the application factory (docs/contract.md §1).
 
-`create_app` builds the Flask app from a `Config`: the storage (`storage.py`), the views (`views.py`), CORS,
-the request hooks and the error handlers that keep every answer JSON. `gunicorn app:app` serves the
-module-level `app`; `python app.py` runs the development server (`devserver.py`).
+`create_app` builds the Flask app from a `Config`: the storage (`storage.py`), the views (`views.py`), the
+history page (`page.py`), CORS, the request hooks and the error handlers that keep every other answer JSON.
+`gunicorn app:app` serves the module-level `app`; `python app.py` runs the development server (`devserver.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from cli import sessions
 from config import Config, ConfigError
 from drain import DrainRefusedBody
+from page import page
 from responses import OrjsonProvider, error
 from storage import SessionStorage, build_storage
 from views import MESSAGES, SessionIdConverter, api
@@ -77,6 +78,7 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
     _register_hooks(app, config.api_token, (*LOOPBACK_HOSTS, *config.allowed_hosts))
     _register_error_handlers(app)
     app.register_blueprint(api)
+    app.register_blueprint(page)  # the history page at `/` (README, "History page")
     app.cli.add_command(sessions)
     if config.api_token is None and config.app_env == "production":
         log.warning("APP_ENV=production and no API_TOKEN: the session API is open to anyone who can reach it")
