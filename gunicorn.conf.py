@@ -30,9 +30,14 @@ bind = [f"{_host}:{_config.port}"]
 # its poller (`keepalive` seconds, then closed), so they cost no thread; a request that has begun holds a thread
 # until it is answered, and a body gets REQUEST_BODY_TIMEOUT (deadline.py), so 32 threads per worker take 20
 # byte-a-second uploads with room to spare. Measured with 50 idle and 20 slow-body connections open
-# (tests/test_slow_clients.py, bench/slowclients.py): other clients answered within BENCH-IDLE.
-# 1 MB throughput against the 3 sync workers before, same session (bench/run.py --variant, BENCH-ROUNDS):
-# BENCH-FIGURES
+# (tests/test_slow_clients.py): other clients' health check + save + read answered within 0.01-0.08 s (sync: 15 s
+# and more, 3 x 4 gthread: 30 s). 1 MB throughput against what ran before, same session each, bench/run.py
+# --variant, 5 and 3 rounds x 3 s, 8 clients, req/s and CPU ms per request (README: Slow and idle clients):
+#   Redis, 3 sync -> 3 x 32: latest 283 -> 476 req/s (1.94 -> 2.08 ms), save 52 -> 62 (9.3 -> 10.0 ms); again:
+#   latest 123 -> 308 (2.77 -> 2.75), save 32 -> 60 (12.0 -> 12.8): keep-alive outweighs the shared GIL.
+#   SQLite, 3 x 4 -> 3 x 32: latest 543 -> 428 (1.79 -> 1.72), save 59 -> 47 (12.7 -> 15.4); again: latest
+#   479 -> 593 (1.78 -> 1.87), save 83 -> 85 (11.9 -> 14.0): req/s within the machine's noise, saves cost
+#   10-20% more CPU (more writers at once per worker).
 # gevent, also measured, did as well on 1 MB requests, but it turns the SQLite store's per-thread connections
 # into one per connection (never closed) and every lock into a greenlet's. Only the volatile memory store
 # without Redis runs one worker: a second worker would hold sessions the first cannot see.
