@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+import time
+from pathlib import Path
+
 import click
 import redis
 from flask import current_app
 from flask.cli import AppGroup
+
+from backup import BackupError, Step, default_name, restore, rotate, write_file
+from config import Config
+from storage import SessionStorage, StorageUnavailable
 
 sessions = AppGroup("sessions", help="Housekeeping for the stored StoryArt sessions.")
 
@@ -22,3 +30,98 @@ def reindex() -> None:
     except redis.RedisError as error:
         raise click.ClickException(f"Redis could not be reached: {error}") from None
     click.echo(f"Indexed {indexed} session(s) in storyart:sessions:index.")
+
+
+@sessions.command("backup")
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+def backup(path: Path | None) -> None:
+    """Write every live session (pinned ones included) to one ZIP file: PATH (a file, or a folder to put a new
+    one in), else a new file in BACKUP_DIR, where only the newest BACKUP_KEEP backups are kept."""
+    config: Config = current_app.config["STORYART"]
+    storage = _shared_storage()
+    target = config.backup_dir / default_name() if path is None else path / default_name() if path.is_dir() else path
+    started = time.monotonic()
+    with Progress("backed up") as progress:
+        try:
+            written = write_file(storage, target, progress)
+        except (BackupError, StorageUnavailable) as error:
+            raise click.ClickException(f"no backup written: {error}") from None
+    removed = rotate(config.backup_dir, config.backup_keep) if path is None else []
+    click.echo(f"Backed up {written.count} session(s) ({written.pinned} pinned, {_size(written.bytes)}) to {target} "
+               f"({_size(target.stat().st_size)}) in {time.monotonic() - started:.1f} s"
+               + (f"; removed {len(removed)} older backup(s)" if removed else "")
+               + (f"; skipped {written.skipped} record(s) that are not sessions" if written.skipped else "") + ".")
+
+
+@sessions.command("restore")
+@click.argument("path", type=click.Path(path_type=Path))
+def restore_backup(path: Path) -> None:
+    """Restore every session of the backup at PATH under its own timestamp, byte for byte, pinned if it was.
+    Exit status 1 when any session was rejected, 2 when PATH is not a backup."""
+    config: Config = current_app.config["STORYART"]
+    storage = _shared_storage()
+    started = time.monotonic()
+    with Progress("restored") as progress:
+        try:
+            report = restore(storage, path, config.max_content_length, progress)
+        except BackupError as error:
+            click.echo(f"Error: {error}", err=True)
+            raise click.exceptions.Exit(2) from None
+        except StorageUnavailable as error:
+            raise click.ClickException(f"nothing restored: {error}") from None
+    for result in report.results:
+        if result["status"] == "rejected":
+            click.echo(f"  {result['timestamp']}  rejected: {result['error']}")
+        else:
+            pinned = ", pinned" if result["pinned"] else ""
+            click.echo(f"  {result['timestamp']}  {result['status']} ({result['storage']}{pinned})")
+    counts = report.counts()
+    click.echo(f"Restored {counts['imported'] + counts['replaced']} of {len(report.results)} session(s) from {path}: "
+               f"{counts['imported']} imported, {counts['replaced']} replaced, {counts['rejected']} rejected, in "
+               f"{time.monotonic() - started:.1f} s.")
+    if counts["rejected"]:
+        raise click.exceptions.Exit(1)
+
+
+def _shared_storage() -> SessionStorage:
+    """The storage, unless it lives only in this command's own process (LOCAL_STORE=memory without Redis): a
+    backup of it would be empty and a restore into it would end with the command."""
+    storage: SessionStorage = current_app.extensions["storyart"]
+    if storage.redis is None and storage.local.kind == "memory":
+        raise click.ClickException("LOCAL_STORE=memory keeps sessions inside the running service's process, "
+                                   "out of this command's reach: use GET /api/v1/backup, or the SQLite store")
+    return storage
+
+
+class Progress:
+    """`backed up 12/50 sessions, 36.0 MB, about 4 s left` on stderr, rewritten in place, at most 10 times a
+    second; only when stderr is a terminal (a cron job's log gets the summary line alone)."""
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.shown = sys.stderr.isatty()
+        self.started = self.last = time.monotonic()
+        self.width = 0
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __call__(self, step: Step) -> None:
+        now = time.monotonic()
+        if not self.shown or (now - self.last < 0.1 and step.done < step.total):
+            return
+        self.last = now
+        left = (now - self.started) / step.done * (step.total - step.done)
+        line = f"{self.verb} {step.done}/{step.total} sessions, {_size(step.bytes)}, about {left:.0f} s left"
+        sys.stderr.write("\r" + line.ljust(self.width))
+        sys.stderr.flush()
+        self.width = len(line)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.shown and self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
+
+
+def _size(count: int) -> str:
+    return f"{count / 1_000_000:.1f} MB"

@@ -52,6 +52,10 @@ class Config:
     threads: int = 0
     trusted_proxy_hops: int = 0
     redis_allow_eviction: bool = False
+    import_max_items: int = 1000
+    import_time_limit: float = 20.0  # seconds: under gunicorn's worker timeout (30 s), with room for the reply
+    backup_dir: Path = Path("instance/backups")
+    backup_keep: int = 7
     allowed_hosts: tuple[str, ...] = ()  # beyond the loopback names, which are always allowed; "*": any
     api_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
 
@@ -75,7 +79,7 @@ class Config:
             host=_host(env),
             port=_int(env, "REDIS_API_PORT", 7802, 1, 65535),
             app_env=_text(env, "APP_ENV", env.get("NODE_ENV") or "development").lower(),
-            session_ttl_seconds=_int(env, "SESSION_TTL_SECONDS", 604_800, 1, 10 * 365 * 86_400),
+            session_ttl_seconds=_int(env, "SESSION_TTL_SECONDS", 604_800, 0, 10 * 365 * 86_400),
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 50 * 1024 * 1024, 1024, 2**40),
             body_timeout=_float(env, "REQUEST_BODY_TIMEOUT", 60.0, 0.1, 3600),
             cors_origins=_origins(env),
@@ -95,7 +99,11 @@ class Config:
             threads=_int(env, "GUNICORN_THREADS", 0, 0, 256),
             trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 0, 0, 10),
             allowed_hosts=_hosts(env),
+            backup_dir=_folder(env, "BACKUP_DIR", "instance/backups"),
+            backup_keep=_int(env, "BACKUP_KEEP", 7, 1, 100_000),
             redis_allow_eviction=_flag(env, "REDIS_ALLOW_EVICTION"),
+            import_max_items=_int(env, "IMPORT_MAX_ITEMS", 1000, 1, 1_000_000),
+            import_time_limit=_float(env, "IMPORT_TIME_LIMIT_SECONDS", 20.0, 0.1, 3600),
             api_token=_token(env),
         )
 
@@ -129,6 +137,15 @@ def _path(env: Mapping[str, str], name: str, default: str) -> Path:
     if "\0" in raw:
         raise ConfigError(f"{name}: not a usable path, got {raw!r}")
     return Path(raw).expanduser()
+
+
+def _folder(env: Mapping[str, str], name: str, default: str) -> Path:
+    """A folder path (created when first written to): a file of that name already there is refused now rather
+    than at the first backup."""
+    path = _path(env, name, default)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{name}: {str(path)!r} is a file, not a folder")
+    return path
 
 
 def _host(env: Mapping[str, str]) -> str:

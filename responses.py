@@ -69,4 +69,4 @@ def summary_item(found: Stored) -> bytes:
     saved_at = datetime.fromtimestamp(found.timestamp / 1000, UTC).isoformat(timespec="milliseconds")
     return orjson.dumps({"timestamp": found.timestamp, "sessionKey": session_key(found.timestamp),
                          **orjson.loads(found.body), "savedAt": saved_at.replace("+00:00", "Z"),
-                         "storage": found.storage})
+                         "storage": found.storage, "pinned": found.pinned})

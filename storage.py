@@ -49,6 +49,7 @@ LOCAL = "memory"  # the wire name of the local fallback in `storage` fields, whi
 MOVE_PAUSE_S = 0.002
 ROWS_PER_READ = 4  # sessions read from a store at once while a list is sent (a few MB, not the whole page)
 EVERY = 2**31  # `Query.limit` of a list that asked for no limit
+NEVER = 2**62  # the `expires_at` of a session that does not expire (pinned, or SESSION_TTL_SECONDS=0)
 REINDEX_CHECK_S = 10.0
 
 T = TypeVar("T")
@@ -58,11 +59,17 @@ def session_key(timestamp: int) -> str:
     return f"{KEY_PREFIX}{timestamp}"
 
 
+def expiry(now: int, ttl_ms: int) -> int:
+    """When a session saved (or unpinned) at `now` expires: `NEVER` with no TTL (SESSION_TTL_SECONDS=0)."""
+    return now + ttl_ms if ttl_ms else NEVER
+
+
 class Stored(NamedTuple):
     timestamp: int
     body: bytes  # the session JSON, or its summary JSON where a summary was asked for
     storage: str  # "redis" or "memory" (the local store): where this copy was read from
     summary: bytes | None = None  # the summary JSON next to a body, when the store has one
+    pinned: bool = False  # kept forever until unpinned
 
 
 class Origin(enum.Enum):
@@ -80,9 +87,10 @@ class Record:
     timestamp: int
     body: bytes
     summary: bytes
-    expires_at: int  # wall clock, ms
+    expires_at: int  # wall clock, ms; `NEVER` when it does not expire
     origin: Origin
     save_id: str = ""  # the save's id (`payload.Draft.save_id`)
+    pinned: bool = False
 
     @property
     def draft(self) -> Draft:
@@ -95,6 +103,7 @@ class Outcome(enum.Enum):
     STORED = "stored"  # Redis holds it under its timestamp now
     SUPERSEDED = "superseded"  # Redis holds a copy of that client timestamp acknowledged later: that one stays
     RENUMBERED = "renumbered"  # Redis held another session under its (service-assigned) timestamp: both kept
+    ALREADY = "already"  # a save of these bytes under this save id was applied before: nothing stored again
 
 
 class Moved(NamedTuple):
@@ -140,6 +149,20 @@ class Limits:
     when_full: WhenFull = WhenFull.EVICT_OLDEST
 
 
+class Facets(NamedTuple):
+    """What a list filters on, from a summary: what the stores index."""
+
+    story_uuid: str | None
+    episode: str | None  # the episode number as text, as the `episode` filter is given
+    title: str | None  # casefolded, for the case-insensitive title search
+
+    @classmethod
+    def of(cls, summary: dict) -> Facets:
+        number, title = summary.get("episodeNumber"), summary.get("title")
+        return cls(summary.get("storyUuid"), None if number is None else str(number),
+                   title.casefold() if isinstance(title, str) else None)
+
+
 @dataclass(frozen=True, slots=True)
 class Query:
     """Which sessions a list page wants: a timestamp range, optional summary filters, then offset/limit.
@@ -169,12 +192,13 @@ class Query:
         return self.story_uuid is not None or self.episode is not None or self.text is not None
 
     def matches(self, summary: dict) -> bool:
-        if self.story_uuid is not None and summary.get("storyUuid") != self.story_uuid:
-            return False
-        if self.episode is not None and str(summary.get("episodeNumber")) != self.episode:
-            return False
-        title = summary.get("title")
-        return self.text is None or (isinstance(title, str) and self.text.casefold() in title.casefold())
+        return self.matches_facets(Facets.of(summary))
+
+    def matches_facets(self, facets: Facets) -> bool:
+        story, episode, title = facets
+        return ((self.story_uuid is None or story == self.story_uuid)
+                and (self.episode is None or episode == self.episode)
+                and (self.text is None or (title is not None and self.text.casefold() in title)))
 
     def widened(self) -> Query:
         """The same selection from the start, as long as needed to cut this page from a merge of two stores."""
@@ -214,6 +238,11 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     def delete(self, timestamp: int) -> bool: ...
+
+    @abc.abstractmethod
+    def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
+        """Keep the session forever (`pinned`), or let it expire `ttl_ms` from `now`; False when there is none.
+        A later save of a pinned session keeps it pinned."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -451,21 +480,33 @@ class SessionStorage:
         return found._replace(summary=summary)
 
     def delete(self, timestamp: int) -> bool:
-        """Delete everywhere, or not at all: with Redis configured but away, a copy there would come back.
-        Inside the local store's write lock, so a write-back of the same session cannot slip in between."""
+        """Delete everywhere, or not at all: with Redis configured but away, a copy there would come back."""
+        return self._everywhere("deleted", lambda store: store.delete(timestamp))
+
+    def pin(self, timestamp: int, pinned: bool) -> bool:
+        """Pin or unpin everywhere, or not at all (a copy left unchanged in Redis would undo it). A pending copy
+        is written back with its pin; one that is not pinned leaves the pin Redis has."""
+        now = now_ms()
+        return self._everywhere("pinned" if pinned else "unpinned",
+                                lambda store: store.pin(timestamp, pinned, now=now, ttl_ms=self.ttl_ms))
+
+    def _everywhere(self, done: str, change: Callable[[SessionStore], bool]) -> bool:
+        """`change` applied to Redis and the local store, inside the local store's write lock (so a write-back
+        of the same session cannot slip in between); True when either held the session. Raises
+        `StorageUnavailable` when a configured Redis cannot be reached, before changing anything."""
         if self.redis is None:
             with self.local.exclusive():
-                return self.local.delete(timestamp)
+                return change(self.local)
+        unreachable = f"Redis is unreachable, so the session cannot be {done} everywhere"
         if self._state is RedisState.DOWN and self.check(when_down=True) is RedisState.DOWN:  # rare: ask now
-            raise StorageUnavailable("Redis is unreachable, so the session cannot be deleted everywhere")
+            raise StorageUnavailable(unreachable)
         with self.local.exclusive():
             try:
-                in_redis = self.redis.delete(timestamp)
+                in_redis = change(self.redis)
             except redis.RedisError as error:
                 self._redis_failed(error)
-                raise StorageUnavailable("Redis is unreachable, so the session cannot be deleted everywhere") \
-                    from error
-            return self.local.delete(timestamp) or in_redis
+                raise StorageUnavailable(unreachable) from error
+            return change(self.local) or in_redis
 
     def check(self, *, when_down: bool = False) -> RedisState:
         """Health probe: ping Redis, unless it is known to be down (no wait on a dead Redis) and `when_down` is

@@ -12,12 +12,13 @@ import heapq
 import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import orjson
 
 from allocator import choose, now_ms
 from payload import Draft
-from storage import LOCAL, Limits, LocalStore, Origin, Query, Record, StorageFull, Stored, WhenFull
+from storage import LOCAL, NEVER, Limits, LocalStore, Origin, Query, Record, StorageFull, Stored, WhenFull, expiry
 
 log = logging.getLogger("storyart.storage")
 
@@ -35,6 +36,7 @@ class MemoryStore(LocalStore):
         self._records: dict[int, Record] = {}
         self._order: list[int] = []  # timestamps, ascending
         self._expiry: list[tuple[int, int]] = []  # heap of (expires_at, timestamp); replaced pairs are skipped
+        self._saves: dict[str, int] = {}  # save id -> timestamp
         self._bytes = 0
         self._last_assigned = 0
         self.configure(limits or Limits())
@@ -45,6 +47,7 @@ class MemoryStore(LocalStore):
     def clear(self) -> None:
         with self._lock:
             self._records.clear()
+            self._saves.clear()
             self._order.clear()
             self._expiry.clear()
             self._bytes = 0
@@ -60,12 +63,29 @@ class MemoryStore(LocalStore):
     def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int) -> int:
         with self._lock:
             timestamp, origin = draft.timestamp, Origin.CLIENT
+            earlier = self._records.get(self._saves.get(draft.save_id, -1))
+            if timestamp is None and earlier and earlier.expires_at > now \
+                    and earlier.body == draft.render(earlier.timestamp):
+                return earlier.timestamp  # this very save was applied before (a retried import)
             if timestamp is None:
                 timestamp = choose(proposal, self._last_assigned, self._records.__contains__)
                 self._last_assigned, origin = max(self._last_assigned, timestamp), Origin.SERVICE
-            self._put(Record(timestamp, draft.render(timestamp), draft.summary, now + ttl_ms, origin, draft.save_id),
-                      now)
+            old = self._records.get(timestamp)
+            pinned = old is not None and old.pinned
+            self._put(Record(timestamp, draft.render(timestamp), draft.summary,
+                             NEVER if pinned else expiry(now, ttl_ms), origin, draft.save_id, pinned), now)
             return timestamp
+
+    def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
+        with self._lock:
+            record = self._live(timestamp)
+            if record is None:
+                return False
+            if record.pinned != pinned:
+                record = replace(record, pinned=pinned, expires_at=NEVER if pinned else expiry(now, ttl_ms))
+                self._records[timestamp] = record
+                heapq.heappush(self._expiry, (record.expires_at, timestamp))
+            return True
 
     def _put(self, record: Record, now: int) -> None:
         """Insert or replace; room is made (or refused) before anything changes, so a failed replace keeps the
@@ -77,6 +97,7 @@ class MemoryStore(LocalStore):
             self._drop(record.timestamp)
         bisect.insort(self._order, record.timestamp)
         self._records[record.timestamp] = record
+        self._saves[record.save_id] = record.timestamp
         self._bytes += len(record.body)
         heapq.heappush(self._expiry, (record.expires_at, record.timestamp))
 
@@ -91,12 +112,14 @@ class MemoryStore(LocalStore):
         if limits.when_full is WhenFull.REFUSE:
             raise StorageFull("the local store is full of sessions waiting for Redis")
         victims = []
-        for oldest in self._order:  # never the one being replaced
+        for oldest in self._order:  # never the one being replaced, never a pinned one
             if over_count <= 0 and over_bytes <= 0:
                 break
-            if oldest != record.timestamp:
+            if oldest != record.timestamp and not self._records[oldest].pinned:
                 victims.append(oldest)
                 over_count, over_bytes = over_count - 1, over_bytes - len(self._records[oldest].body)
+        if over_count > 0 or over_bytes > 0:
+            raise StorageFull("the local store is full of pinned sessions")
         for victim in victims:
             self._drop(victim)
         log.warning("local store full: evicted the %d oldest session(s)", len(victims))
@@ -116,6 +139,8 @@ class MemoryStore(LocalStore):
     def _drop(self, timestamp: int) -> Record | None:
         record = self._records.pop(timestamp, None)
         if record is not None:
+            if self._saves.get(record.save_id) == timestamp:
+                del self._saves[record.save_id]
             self._order.pop(bisect.bisect_left(self._order, timestamp))
             self._bytes -= len(record.body)
         return record
@@ -126,7 +151,8 @@ class MemoryStore(LocalStore):
 
     @staticmethod
     def _stored(record: Record, summaries: bool = False) -> Stored:
-        return Stored(record.timestamp, record.summary if summaries else record.body, LOCAL, record.summary)
+        return Stored(record.timestamp, record.summary if summaries else record.body, LOCAL, record.summary,
+                      record.pinned)
 
     def get(self, timestamp: int) -> Stored | None:
         record = self._live(timestamp)

@@ -10,6 +10,7 @@ The service's own, outside the public pattern `storyart:session:*`:
 * `storyart:meta:<ms>`: the session's summary JSON, same TTL (list views and ETags read it, not the body);
 * `storyart:sessions:expiry`: a sorted set of session keys by expiry time, so expired members leave the index;
 * `storyart:sessions:clock`: the last timestamp the service assigned (`allocator.py`);
+* `storyart:sessions:pinned`: a set of the session keys kept forever (their keys and summaries carry no TTL);
 * `storyart:save:<id>`: the timestamp a save (`payload.Draft.save_id`) was stored under, with the session's TTL.
   A save whose reply was lost (Redis died after applying it) fell back to the local store under a timestamp of
   its own; its write-back finds the unconfirmed copy by this key and removes it, so the session exists once,
@@ -33,25 +34,59 @@ from redis.retry import Retry
 from allocator import REDIS_ASSIGN, now_ms
 from config import Config
 from payload import Draft, head_of, summarize
-from storage import KEY_PREFIX, Moved, Origin, Outcome, Query, Record, SessionStore, Stored, session_key
+from storage import KEY_PREFIX, NEVER, Facets, Moved, Origin, Outcome, Query, Record, SessionStore, Stored, session_key
 
 META_PREFIX = "storyart:meta:"
 SAVE_PREFIX = "storyart:save:"
 INDEX_KEY = "storyart:sessions:index"
 EXPIRY_KEY = "storyart:sessions:expiry"
 CLOCK_KEY = "storyart:sessions:clock"
+PINNED_KEY = "storyart:sessions:pinned"
+FACETS_KEY = "storyart:sessions:facets"
+STORY_PREFIX = "storyart:sessions:story:"
+EPISODE_PREFIX = "storyart:sessions:episode:"
+SAVE_ID_TTL_MS = 30 * 86_400_000  # how long a save id is kept when its session has no TTL
 T = TypeVar("T")
 
-# Index members whose session expired leave the index (and the expiry set); run by every save, latest and
-# list page. The work is the number of sessions that expired since the last run.
-_PRUNE = """
-local function prune(index, expiry, now)
+# A session that is gone leaves every structure of the service: the index, the expiry and pinned sets, and the
+# list filters' facets (`storyart:sessions:facets` says which story and episode sets hold it). `facet` records
+# a session's facets, replacing older ones: given as a JSON array (story, episode, casefolded title; "" for
+# none), stored with the timestamp appended, so a title search reads every session's facets with one HVALS.
+_FORGET = """
+local function unfacet(key, id)
+  local facets = redis.call('HGET', '{FACETS}', id)
+  if not facets then return end
+  local f = cjson.decode(facets)
+  if f[1] ~= '' then redis.call('ZREM', '{STORY}' .. f[1], key) end
+  if f[2] ~= '' then redis.call('ZREM', '{EPISODE}' .. f[2], key) end
+  redis.call('HDEL', '{FACETS}', id)
+end
+local function facet(key, id, facets)
+  facets = string.sub(facets, 1, -2) .. ',' .. id .. ']'
+  if redis.call('HGET', '{FACETS}', id) == facets then return end
+  unfacet(key, id)
+  local f = cjson.decode(facets)
+  redis.call('HSET', '{FACETS}', id, facets)
+  if f[1] ~= '' then redis.call('ZADD', '{STORY}' .. f[1], id, key) end
+  if f[2] ~= '' then redis.call('ZADD', '{EPISODE}' .. f[2], id, key) end
+end
+local function forget(index, expiry, pinned, key)
+  redis.call('ZREM', index, key)
+  redis.call('ZREM', expiry, key)
+  redis.call('SREM', pinned, key)
+  unfacet(key, string.sub(key, {ID_AT}))
+end
+"""
+
+# Index members whose session expired are forgotten; run by every save, latest and list page. The work is the
+# number of sessions that expired since the last run.
+_PRUNE = _FORGET + """
+local function prune(index, expiry, pinned, now)
   local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', now)
   for _, k in ipairs(due) do
     local left = redis.call('PTTL', k)
     if left == -2 then
-      redis.call('ZREM', index, k)
-      redis.call('ZREM', expiry, k)
+      forget(index, expiry, pinned, k)
     elseif left == -1 then
       redis.call('ZREM', expiry, k)
     else
@@ -61,32 +96,37 @@ local function prune(index, expiry, now)
 end
 """
 
-# Save one session atomically; returns {outcome, timestamp}. KEYS: index, expiry, clock.
-# ARGV: head, summary, now (ms), TTL (ms), the client's timestamp or "", the allocator's proposal, for a
-# write-back the session's origin ("client" or "service"; "" for a save), and the save's id.
+# Save one session atomically; returns {outcome, timestamp}. KEYS: index, expiry, clock, pinned.
+# ARGV: head, summary, now (ms), TTL (ms; 0: none), the client's timestamp or "", the allocator's proposal,
+# for a write-back the session's origin ("client" or "service"; "" for a save), the save's id, "1" to pin it
+# (a write-back of a pinned session), and its facets. A pinned session saved again stays pinned, without a TTL.
+# A save without a timestamp whose id was applied before to these very bytes (a retried import: its id comes
+# from its content) is not stored again: 'already' and that timestamp.
 # A save replaces whatever holds its timestamp. A write-back that meets a *different* session there: for a
 # client timestamp, the copy acknowledged later wins (the later expiry; 'superseded' when Redis's copy
-# outlives the pending one, which only a save through another host can cause); for a service-assigned one
-# (two processes chose the same millisecond) both are kept and the written-back one takes the next free
-# timestamp ('renumbered').
+# outlives the pending one, which only a save through another host can cause; a pending copy without expiry
+# wins); for a service-assigned one (two processes chose the same millisecond) both are kept and the
+# written-back one takes the next free timestamp ('renumbered').
 _SAVE = _PRUNE + """
 local function fmt(n) return string.format('%d', n) end
 local head, summary, now, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local ts, proposal, origin = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 local clock, save = KEYS[3], '{SAVE}' .. ARGV[8]
 local outcome = 'stored'
+local applied = redis.call('GET', save)
+if origin == '' and not ts and applied and redis.call('GET', '{SESSION}' .. applied) == head .. applied .. '}' then
+  return {'already', applied}
+end
 if origin ~= '' then
-  local applied = redis.call('GET', save)
   if applied and tonumber(applied) ~= ts and redis.call('GET', '{SESSION}' .. applied) == head .. applied .. '}' then
     redis.call('DEL', '{SESSION}' .. applied, '{META}' .. applied)  -- applied, never confirmed to anyone
-    redis.call('ZREM', KEYS[1], '{SESSION}' .. applied)
-    redis.call('ZREM', KEYS[2], '{SESSION}' .. applied)
+    forget(KEYS[1], KEYS[2], KEYS[4], '{SESSION}' .. applied)
   end
   local current = redis.call('GET', '{SESSION}' .. fmt(ts))
   if current and current ~= head .. fmt(ts) .. '}' then
     if origin == 'service' then
       proposal, ts, outcome = ts, nil, 'renumbered'
-    elseif redis.call('PTTL', '{SESSION}' .. fmt(ts)) > ttl then
+    elseif ttl > 0 and redis.call('PTTL', '{SESSION}' .. fmt(ts)) > ttl then
       return {'superseded', fmt(ts)}
     end
   end
@@ -96,42 +136,51 @@ if not ts then
 end
 local id = fmt(ts)
 local key = '{SESSION}' .. id
-redis.call('SET', key, head .. id .. '}', 'PX', fmt(ttl))
-redis.call('SET', '{META}' .. id, summary, 'PX', fmt(ttl))
-redis.call('SET', save, id, 'PX', fmt(ttl))
+if ARGV[9] == '1' or redis.call('SISMEMBER', KEYS[4], key) == 1 then
+  redis.call('SADD', KEYS[4], key)
+  ttl = 0
+end
+if ttl > 0 then
+  redis.call('SET', key, head .. id .. '}', 'PX', fmt(ttl))
+  redis.call('SET', '{META}' .. id, summary, 'PX', fmt(ttl))
+  redis.call('ZADD', KEYS[2], fmt(now + ttl), key)
+else
+  redis.call('SET', key, head .. id .. '}')
+  redis.call('SET', '{META}' .. id, summary)
+  redis.call('ZREM', KEYS[2], key)
+end
+redis.call('SET', save, id, 'PX', fmt(ttl > 0 and ttl or {SAVE_ID_TTL}))
 redis.call('ZADD', KEYS[1], id, key)
-redis.call('ZADD', KEYS[2], fmt(now + ttl), key)
-prune(KEYS[1], KEYS[2], now)
+facet(key, id, ARGV[10])
+prune(KEYS[1], KEYS[2], KEYS[4], now)
 return {outcome, id}
 """
 
-# The newest session's timestamp, or false. ARGV: now. Members whose key is gone without an expiry entry
-# (written by another tool, then deleted) are pruned on the way. The body is fetched with a plain MGET after
-# it: a 1 MB value returned through Lua costs Redis 2.5 ms of copying (measured), a GET 0.3 ms.
+# The newest session's timestamp, or false. KEYS: index, expiry, pinned. ARGV: now. Members whose key is gone
+# without an expiry entry (written by another tool, then deleted) are pruned on the way. The body is fetched
+# with a plain MGET after it: a 1 MB value returned through Lua costs Redis 2.5 ms of copying (measured), a GET 0.3 ms.
 _LATEST = _PRUNE + """
-prune(KEYS[1], KEYS[2], tonumber(ARGV[1]))
+prune(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]))
 while true do
   local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   if #top == 0 then return false end
   if redis.call('EXISTS', top[1]) == 1 then return top[2] end
-  redis.call('ZREM', KEYS[1], top[1])
-  redis.call('ZREM', KEYS[2], top[1])
+  forget(KEYS[1], KEYS[2], KEYS[3], top[1])
 end
 """
 
-# The timestamps of one page newest first within a score range: {total, score1, score2, ...}. ARGV: offset,
-# limit, min, max, now. Dead members in the window are removed first, so a page is never short while matches
-# remain.
+# The timestamps of one page newest first within a score range: {total, score1, score2, ...}. KEYS: index,
+# expiry, pinned. ARGV: offset, limit, min, max, now. Dead members in the window are forgotten first, so a
+# page is never short while matches remain.
 _PAGE = _PRUNE + """
-prune(KEYS[1], KEYS[2], tonumber(ARGV[5]))
+prune(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[5]))
 local rows, dead
 repeat
   rows = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[4], ARGV[3], 'WITHSCORES', 'LIMIT', ARGV[1], ARGV[2])
   dead = 0
   for i = 1, #rows, 2 do
     if redis.call('EXISTS', rows[i]) == 0 then
-      redis.call('ZREM', KEYS[1], rows[i])
-      redis.call('ZREM', KEYS[2], rows[i])
+      forget(KEYS[1], KEYS[2], KEYS[3], rows[i])
       dead = dead + 1
     end
   end
@@ -139,6 +188,56 @@ until dead == 0
 local out = {redis.call('ZCOUNT', KEYS[1], ARGV[3], ARGV[4])}
 for i = 2, #rows, 2 do out[#out + 1] = rows[i] end
 return out
+"""
+
+# Pin (ARGV[2] "1") or unpin one session; 1 if it exists, else 0. KEYS: expiry, pinned. ARGV: timestamp, pin,
+# now, TTL (ms; 0: none). Unpinning starts the TTL again from now; unpinning a session that was not pinned
+# changes nothing.
+_PIN = """
+local key, meta = '{SESSION}' .. ARGV[1], '{META}' .. ARGV[1]
+if redis.call('EXISTS', key) == 0 then return 0 end
+local ttl = tonumber(ARGV[4])
+if ARGV[2] == '1' then
+  redis.call('PERSIST', key)
+  redis.call('PERSIST', meta)
+  redis.call('ZREM', KEYS[1], key)
+  redis.call('SADD', KEYS[2], key)
+elseif redis.call('SREM', KEYS[2], key) == 1 and ttl > 0 then
+  redis.call('PEXPIRE', key, ttl)
+  redis.call('PEXPIRE', meta, ttl)
+  redis.call('ZADD', KEYS[1], string.format('%d', tonumber(ARGV[3]) + ttl), key)
+end
+return 1
+"""
+
+# Delete one session; 1 if it existed. KEYS: index, expiry, pinned. ARGV: timestamp.
+_DELETE = _FORGET + """
+local key = '{SESSION}' .. ARGV[1]
+local existed = redis.call('DEL', key)
+redis.call('DEL', '{META}' .. ARGV[1])
+forget(KEYS[1], KEYS[2], KEYS[3], key)
+return existed
+"""
+
+# Record a session's summary and facets with its remaining TTL (none when it has none); 0 if it is gone.
+# ARGV: timestamp, summary, facets.
+_SUMMARY = _FORGET + """
+local key = '{SESSION}' .. ARGV[1]
+local left = redis.call('PTTL', key)
+if left == -2 then return 0 end
+if left > 0 then
+  redis.call('SET', '{META}' .. ARGV[1], ARGV[2], 'PX', left)
+else
+  redis.call('SET', '{META}' .. ARGV[1], ARGV[2])
+end
+facet(key, ARGV[1], ARGV[3])
+return 1
+"""
+
+# Forget the sessions that expired, before a filtered list reads the facets. KEYS: index, expiry, pinned.
+_PRUNE_NOW = _PRUNE + """
+prune(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]))
+return 0
 """
 
 
@@ -174,8 +273,18 @@ def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
+def _facets_json(summary: bytes) -> bytes:
+    """A summary's `Facets` as the save script records them: a JSON array, "" for none."""
+    return orjson.dumps([value or "" for value in Facets.of(orjson.loads(summary))])
+
+
 def _script(source: str) -> str:
-    return source.replace("{SESSION}", KEY_PREFIX).replace("{META}", META_PREFIX).replace("{SAVE}", SAVE_PREFIX)
+    names = {"{SESSION}": KEY_PREFIX, "{META}": META_PREFIX, "{SAVE}": SAVE_PREFIX, "{FACETS}": FACETS_KEY,
+             "{STORY}": STORY_PREFIX, "{EPISODE}": EPISODE_PREFIX, "{SAVE_ID_TTL}": str(SAVE_ID_TTL_MS),
+             "{ID_AT}": str(len(KEY_PREFIX) + 1)}
+    for name, value in names.items():
+        source = source.replace(name, value)
+    return source
 
 
 class RedisStore(SessionStore):
@@ -190,6 +299,10 @@ class RedisStore(SessionStore):
         self._save = client.register_script(_script(_SAVE))
         self._latest = client.register_script(_script(_LATEST))
         self._page = client.register_script(_script(_PAGE))
+        self._pin = client.register_script(_script(_PIN))
+        self._delete = client.register_script(_script(_DELETE))
+        self._summary = client.register_script(_script(_SUMMARY))
+        self._prune_now = client.register_script(_script(_PRUNE_NOW))
 
     @classmethod
     def from_config(cls, config: Config) -> RedisStore:
@@ -209,38 +322,42 @@ class RedisStore(SessionStore):
 
     # -- writes
 
-    def _run_save(self, draft: Draft, now: int, ttl_ms: int, proposal: int, origin: Origin | None) -> Moved:
+    def _run_save(self, draft: Draft, now: int, ttl_ms: int, proposal: int, origin: Origin | None,
+                  pin: bool = False) -> Moved:
         args = (draft.head, draft.summary, now, ttl_ms, "" if draft.timestamp is None else draft.timestamp, proposal,
-                origin.value if origin else "", draft.save_id)
-        outcome, stored_as = self._save(keys=(INDEX_KEY, EXPIRY_KEY, CLOCK_KEY), args=args)
+                origin.value if origin else "", draft.save_id, "1" if pin else "", _facets_json(draft.summary))
+        outcome, stored_as = self._save(keys=(INDEX_KEY, EXPIRY_KEY, CLOCK_KEY, PINNED_KEY), args=args)
         return Moved(Outcome(outcome.decode()), int(stored_as))
 
     def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int) -> int:
         return self._run_save(draft, now, ttl_ms, proposal, None).timestamp
 
     def write_back(self, record: Record, *, now: int) -> Moved:
-        """Recreate a pending session from the local store with its timestamp and remaining TTL. Writing the
-        same bytes twice changes nothing, so a write-back cut short and repeated stores one copy."""
-        return self._run_save(record.draft, now, record.expires_at - now, record.timestamp, record.origin)
+        """Recreate a pending session from the local store with its timestamp, remaining TTL and pin. Writing
+        the same bytes twice changes nothing, so a write-back cut short and repeated stores one copy."""
+        ttl_ms = 0 if record.expires_at == NEVER else record.expires_at - now
+        return self._run_save(record.draft, now, ttl_ms, record.timestamp, record.origin, record.pinned)
+
+    def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
+        return bool(self._pin(keys=(EXPIRY_KEY, PINNED_KEY), args=(timestamp, int(pinned), now, ttl_ms)))
 
     def delete(self, timestamp: int) -> bool:
-        key = session_key(timestamp)
-        with self.client.pipeline() as pipe:
-            deleted = pipe.delete(key, f"{META_PREFIX}{timestamp}").zrem(INDEX_KEY, key).zrem(EXPIRY_KEY, key).execute()
-        return bool(deleted[0])
+        return bool(self._delete(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY), args=(timestamp,)))
 
     # -- reads
 
     def get(self, timestamp: int) -> Stored | None:
-        body, summary = self.client.mget(session_key(timestamp), f"{META_PREFIX}{timestamp}")
-        return Stored(timestamp, body, self.storage, summary) if body is not None else None
+        key = session_key(timestamp)
+        with self.client.pipeline(transaction=False) as pipe:
+            (body, summary), pinned = pipe.mget(key, f"{META_PREFIX}{timestamp}").sismember(PINNED_KEY, key).execute()
+        return Stored(timestamp, body, self.storage, summary, bool(pinned)) if body is not None else None
 
     def exists(self, timestamp: int) -> bool:
         return bool(self.client.exists(session_key(timestamp)))
 
     def latest(self) -> Stored | None:
         for _ in range(3):  # the newest may expire or be deleted between the two round trips: look again
-            top = self._latest(keys=(INDEX_KEY, EXPIRY_KEY), args=(now_ms(),))
+            top = self._latest(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY), args=(now_ms(),))
             if not top:
                 return None
             found = self.get(int(top))
@@ -252,43 +369,70 @@ class RedisStore(SessionStore):
         wide = query.widened()
         if query.filters_summaries:
             total, matched = self._filtered(query)
-            return total, [ts for ts, _ in matched[: wide.limit]]
-        out = self._page(keys=(INDEX_KEY, EXPIRY_KEY), args=(wide.offset, wide.limit, wide.low, wide.high, now_ms()))
+            return total, matched[: wide.limit]
+        out = self._page(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY),
+                         args=(wide.offset, wide.limit, wide.low, wide.high, now_ms()))
         return int(out[0]), [int(ts) for ts in out[1:]]
 
     def rows(self, timestamps: list[int], summaries: bool = False) -> list[Stored]:
         if not timestamps:
             return []
-        bodies = self.client.mget([session_key(ts) for ts in timestamps]) if not summaries else None
-        metas = self.client.mget([f"{META_PREFIX}{ts}" for ts in timestamps])
+        keys = [session_key(ts) for ts in timestamps]
+        with self.client.pipeline(transaction=False) as pipe:
+            if not summaries:
+                pipe.mget(keys)
+            pipe.mget([f"{META_PREFIX}{ts}" for ts in timestamps]).smismember(PINNED_KEY, keys)
+            *bodies, metas, pins = pipe.execute()
         found = []
-        for i, (ts, meta) in enumerate(zip(timestamps, metas, strict=True)):
+        for i, (ts, meta, pinned) in enumerate(zip(timestamps, metas, pins, strict=True)):
             if summaries:
                 meta = meta or self._backfill(ts)
                 if meta:
-                    found.append(Stored(ts, meta, self.storage, meta))
-            elif bodies[i] is not None:
-                found.append(Stored(ts, bodies[i], self.storage, meta))
+                    found.append(Stored(ts, meta, self.storage, meta, bool(pinned)))
+            elif bodies[0][i] is not None:
+                found.append(Stored(ts, bodies[0][i], self.storage, meta, bool(pinned)))
         return found
 
-    def _filtered(self, query: Query) -> tuple[int, list[tuple[int, bytes]]]:
-        """Every (timestamp, summary) in the range matching the filters, newest first, reading summaries in
-        batches; O(sessions in range)."""
-        matched: list[tuple[int, bytes]] = []
-        start = 0
-        while True:
-            batch = self.client.zrevrangebyscore(INDEX_KEY, query.high, query.low, start=start,
-                                                 num=self.SCAN_BATCH, withscores=True)
-            if not batch:
-                break
-            stamps = [int(score) for _, score in batch]
-            values = self.client.mget([f"{META_PREFIX}{ts}" for ts in stamps])
-            for ts, value in zip(stamps, values, strict=True):
-                value = value or self._backfill(ts)
-                if value and query.matches(orjson.loads(value)):
-                    matched.append((ts, value))
-            start += self.SCAN_BATCH
+    def _filtered(self, query: Query) -> tuple[int, list[int]]:
+        """Every timestamp in the range matching the filters, newest first. A story or episode filter reads that
+        story's (or episode's) set, then the facets of its members: O(its sessions). A title search alone reads
+        the facets of every session (~70 bytes each, the timestamp among them) with one HVALS: O(sessions), and
+        only those whose bytes contain the search text are decoded."""
+        self._prune_now(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY), args=(now_ms(),))
+        self._complete_facets()
+        if query.story_uuid is not None or query.episode is not None:
+            source = f"{STORY_PREFIX}{query.story_uuid}" if query.story_uuid is not None \
+                else f"{EPISODE_PREFIX}{query.episode}"
+            stamps = [int(score) for _, score in self.client.zrevrangebyscore(source, query.high, query.low,
+                                                                              withscores=True)]
+            candidates: Iterable[bytes | None] = (facets for batch in _batches(stamps, self.SCAN_BATCH)
+                                                  for facets in self.client.hmget(FACETS_KEY, batch))
+        else:
+            candidates = self.client.hvals(FACETS_KEY)
+        needle = orjson.dumps(query.text.casefold())[1:-1] if query.text is not None else b""  # as JSON writes it
+        matched = []
+        for facets in candidates:
+            if facets is not None and needle in facets:
+                story, episode, title, ts = orjson.loads(facets)
+                if query.low <= ts <= query.high and query.matches_facets(Facets(story or None, episode or None,
+                                                                                 title or None)):
+                    matched.append(ts)
+        matched.sort(reverse=True)
         return len(matched), matched
+
+    def _complete_facets(self) -> None:
+        """Record the facets of indexed sessions that have none (saved by another tool, by an older version of
+        the service, or indexed again by `reindex`): once, when the counts differ."""
+        if self.client.hlen(FACETS_KEY) >= self.client.zcard(INDEX_KEY):
+            return
+        for batch in _batches((int(score) for _, score in self.client.zscan_iter(INDEX_KEY, count=1000)), 500):
+            for ts, facets in zip(batch, self.client.hmget(FACETS_KEY, batch), strict=True):
+                if facets is None:
+                    meta = self.client.get(f"{META_PREFIX}{ts}")
+                    if meta is None:
+                        self._backfill(ts)
+                    else:
+                        self.store_summary(ts, meta)
 
     def _backfill(self, timestamp: int) -> bytes:
         """The summary of a session saved without one (by another tool or an older version), stored for next
@@ -306,10 +450,8 @@ class RedisStore(SessionStore):
         return summary
 
     def store_summary(self, timestamp: int, summary: bytes) -> None:
-        """Record a summary with the session's remaining TTL (none when the session has none)."""
-        left = self.client.pttl(session_key(timestamp))
-        if left != -2:
-            self.client.set(f"{META_PREFIX}{timestamp}", summary, px=left if left > 0 else None)
+        """Record a summary and its facets with the session's remaining TTL (none when the session has none)."""
+        self._summary(args=(timestamp, summary, _facets_json(summary)))
 
     def reindex(self) -> int:
         """Rebuild the index (and the expiry set) from the session keys themselves, walking them with SCAN in

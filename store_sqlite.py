@@ -29,7 +29,20 @@ import orjson
 from allocator import choose, now_ms
 from config import ConfigError
 from payload import Draft
-from storage import Limits, LocalStore, Origin, Query, Record, StorageFull, StorageUnavailable, Stored, WhenFull
+from storage import (
+    NEVER,
+    Facets,
+    Limits,
+    LocalStore,
+    Origin,
+    Query,
+    Record,
+    StorageFull,
+    StorageUnavailable,
+    Stored,
+    WhenFull,
+    expiry,
+)
 
 log = logging.getLogger("storyart.storage")
 T = TypeVar("T")
@@ -72,9 +85,30 @@ SCHEMA = (
     END""",
 )
 
-UPSERT = """INSERT INTO sessions (timestamp, body, summary, expires_at, origin, save_id) VALUES (?, ?, ?, ?, ?, ?)
+# Columns added since the first version of the file: `_create` adds what an older file lacks and fills the
+# facets in from the summaries.
+ADDED_COLUMNS = {
+    "pinned": "INTEGER NOT NULL DEFAULT 0",  # kept forever: its expires_at is storage.NEVER
+    "story_uuid": "TEXT",  # the list's filters (`storage.Facets`), indexed below
+    "episode": "TEXT",
+    "title": "TEXT",  # casefolded
+}
+# Covering indexes: a filtered list is counted and cut from an index alone, never from the rows, whose small
+# columns sit behind the body's overflow pages. (`+expires_at` in the queries keeps SQLite from choosing the
+# expiry index instead.)
+INDEXES = (
+    "CREATE INDEX IF NOT EXISTS sessions_by_story ON sessions (story_uuid, timestamp, expires_at)",
+    "CREATE INDEX IF NOT EXISTS sessions_by_episode ON sessions (episode, timestamp, expires_at)",
+    "CREATE INDEX IF NOT EXISTS sessions_by_title ON sessions (timestamp, expires_at, title)",
+    "CREATE INDEX IF NOT EXISTS sessions_by_save ON sessions (save_id)",  # a retried import finds its first copy
+)
+
+# A save replaces whatever holds its timestamp; a pinned session stays pinned.
+UPSERT = """INSERT INTO sessions (timestamp, body, summary, expires_at, origin, save_id, story_uuid, episode, title)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (timestamp) DO UPDATE SET body = excluded.body, summary = excluded.summary,
-    expires_at = excluded.expires_at, origin = excluded.origin, save_id = excluded.save_id"""
+    expires_at = CASE WHEN pinned THEN expires_at ELSE excluded.expires_at END, origin = excluded.origin,
+    save_id = excluded.save_id, story_uuid = excluded.story_uuid, episode = excluded.episode, title = excluded.title"""
 
 
 class SqliteStore(LocalStore):
@@ -138,6 +172,16 @@ class SqliteStore(LocalStore):
         with self._write() as db:
             for statement in SCHEMA:
                 db.execute(statement)
+            have = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
+            missing = [name for name in ADDED_COLUMNS if name not in have]
+            for name in missing:
+                db.execute(f"ALTER TABLE sessions ADD COLUMN {name} {ADDED_COLUMNS[name]}")
+            if "story_uuid" in missing:
+                db.executemany("UPDATE sessions SET story_uuid = ?, episode = ?, title = ? WHERE timestamp = ?",
+                               [(*Facets.of(orjson.loads(summary)), ts)
+                                for ts, summary in db.execute("SELECT timestamp, summary FROM sessions")])
+            for statement in INDEXES:
+                db.execute(statement)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -185,6 +229,10 @@ class SqliteStore(LocalStore):
             self._purge_expired(db, now)
             timestamp, origin = draft.timestamp, Origin.CLIENT
             if timestamp is None:
+                for earlier, body in db.execute("SELECT timestamp, body FROM sessions WHERE save_id = ?",
+                                                (draft.save_id,)):
+                    if body == draft.render(earlier):  # this very save was applied before (a retried import)
+                        return earlier
                 last = db.execute("SELECT last_assigned FROM state").fetchone()[0]
                 timestamp = choose(proposal, last, lambda ts: bool(
                     db.execute("SELECT 1 FROM sessions WHERE timestamp = ?", (ts,)).fetchone()))
@@ -192,8 +240,15 @@ class SqliteStore(LocalStore):
                 origin = Origin.SERVICE
             body = draft.render(timestamp)
             self._make_room(db, timestamp, len(body))
-            db.execute(UPSERT, (timestamp, body, draft.summary, now + ttl_ms, origin.value, draft.save_id))
+            db.execute(UPSERT, (timestamp, body, draft.summary, expiry(now, ttl_ms), origin.value, draft.save_id,
+                                *Facets.of(orjson.loads(draft.summary))))
         return timestamp
+
+    def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
+        with self._write() as db:
+            return db.execute("UPDATE sessions SET expires_at = CASE WHEN pinned = ?1 THEN expires_at ELSE ?2 END, "
+                              "pinned = ?1 WHERE timestamp = ?3 AND expires_at > ?4",
+                              (int(pinned), NEVER if pinned else expiry(now, ttl_ms), timestamp, now)).rowcount > 0
 
     def _make_room(self, db: sqlite3.Connection, timestamp: int, size: int) -> None:
         limits = self.limits
@@ -209,11 +264,13 @@ class SqliteStore(LocalStore):
             raise StorageFull("the local store is full of sessions waiting for Redis")
         victims = []
         for victim, length in db.execute("SELECT timestamp, length(body) FROM sessions WHERE timestamp != ? "
-                                         "ORDER BY timestamp", (timestamp,)):
+                                         "AND NOT pinned ORDER BY timestamp", (timestamp,)):
             if over_count <= 0 and over_bytes <= 0:
                 break
             victims.append((victim,))
             over_count, over_bytes = over_count - 1, over_bytes - length
+        if over_count > 0 or over_bytes > 0:
+            raise StorageFull("the local store is full of pinned sessions")
         db.executemany("DELETE FROM sessions WHERE timestamp = ?", victims)
         log.warning("local store full: evicted the %d oldest session(s)", len(victims))
         self._reclaim()
@@ -245,31 +302,35 @@ class SqliteStore(LocalStore):
     # -- reads
 
     def get(self, timestamp: int) -> Stored | None:
-        rows = self._read("SELECT body, summary FROM sessions WHERE timestamp = ? AND +expires_at > ?",
+        rows = self._read("SELECT body, summary, pinned FROM sessions WHERE timestamp = ? AND +expires_at > ?",
                           (timestamp, now_ms()))
-        return Stored(timestamp, rows[0][0], self.storage, rows[0][1]) if rows else None
+        return self._stored(timestamp, *rows[0]) if rows else None
+
+    def _stored(self, timestamp: int, value: bytes, summary: bytes, pinned: int) -> Stored:
+        return Stored(timestamp, value, self.storage, summary, bool(pinned))
 
     def exists(self, timestamp: int) -> bool:
         return bool(self._read("SELECT 1 FROM sessions WHERE timestamp = ? AND +expires_at > ?",
                                (timestamp, now_ms())))
 
     def latest(self) -> Stored | None:
-        rows = self._read("SELECT timestamp, body, summary FROM sessions WHERE +expires_at > ? "
+        rows = self._read("SELECT timestamp, body, summary, pinned FROM sessions WHERE +expires_at > ? "
                           "ORDER BY timestamp DESC LIMIT 1", (now_ms(),))
-        return Stored(rows[0][0], rows[0][1], self.storage, rows[0][2]) if rows else None
+        return self._stored(*rows[0]) if rows else None
 
     def _matching(self, query: Query) -> tuple[int, list[int]]:
-        """(how many match, the page's timestamps newest first)."""
-        live = (query.low, query.high, now_ms())
-        where = "timestamp BETWEEN ? AND ? AND +expires_at > ?"  # `+`: walk the timestamps, not the expiry index
-        if query.filters_summaries:
-            chosen = [ts for ts, summary in self._read(
-                f"SELECT timestamp, summary FROM sessions WHERE {where} ORDER BY timestamp DESC", live)
-                if query.matches(orjson.loads(summary))]
-            return len(chosen), chosen[query.offset : query.offset + query.limit]
-        total = self._read(f"SELECT count(*) FROM sessions WHERE {where}", live)[0][0]
+        """(how many match, the page's timestamps newest first), from the covering indexes."""
+        where, params = "timestamp BETWEEN ? AND ? AND +expires_at > ?", [query.low, query.high, now_ms()]
+        for column, value in (("story_uuid", query.story_uuid), ("episode", query.episode)):
+            if value is not None:
+                where += f" AND {column} = ?"
+                params.append(value)
+        if query.text is not None:
+            where += " AND instr(title, ?) > 0"
+            params.append(query.text.casefold())
+        total = self._read(f"SELECT count(*) FROM sessions WHERE {where}", tuple(params))[0][0]
         stamps = self._read(f"SELECT timestamp FROM sessions WHERE {where} ORDER BY timestamp DESC LIMIT ? OFFSET ?",
-                            (*live, query.limit, query.offset))
+                            (*params, query.limit, query.offset))
         return total, [ts for (ts,) in stamps]
 
     def timestamps(self, query: Query) -> tuple[int, list[int]]:
@@ -281,19 +342,18 @@ class SqliteStore(LocalStore):
         for start in range(0, len(timestamps), 500):
             batch = timestamps[start : start + 500]
             marks = ",".join("?" * len(batch))
-            for ts, value, summary in self._read(f"SELECT timestamp, {column}, summary FROM sessions "
-                                                 f"WHERE timestamp IN ({marks}) AND +expires_at > ?",
-                                                 (*batch, now_ms())):
-                found[ts] = Stored(ts, value, self.storage, summary)
+            for ts, *row in self._read(f"SELECT timestamp, {column}, summary, pinned FROM sessions "
+                                       f"WHERE timestamp IN ({marks}) AND +expires_at > ?", (*batch, now_ms())):
+                found[ts] = self._stored(ts, *row)
         return [found[ts] for ts in timestamps if ts in found]
 
     def oldest(self) -> Record | None:
-        rows = self._read("SELECT timestamp, body, summary, expires_at, origin, save_id FROM sessions "
+        rows = self._read("SELECT timestamp, body, summary, expires_at, origin, save_id, pinned FROM sessions "
                           "ORDER BY timestamp LIMIT 1")
         if not rows:
             return None
-        timestamp, body, summary, expires_at, origin, save_id = rows[0]
-        return Record(timestamp, body, summary, expires_at, Origin(origin), save_id)
+        timestamp, body, summary, expires_at, origin, save_id, pinned = rows[0]
+        return Record(timestamp, body, summary, expires_at, Origin(origin), save_id, bool(pinned))
 
     def count(self) -> tuple[int, int]:
         sessions, nbytes = self._read("SELECT sessions, bytes FROM state")[0]

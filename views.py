@@ -4,7 +4,9 @@ and back through `responses.py`. What each answers is in `openapi.yaml`; the pro
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,9 @@ from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from allocator import now_ms
-from payload import PayloadError, draft_from, parse_json, parse_session, value_limit
+from backup import default_name, stream
+from compare import compare
+from payload import PayloadError, content_hash, draft_from, parse_json, parse_session, value_limit
 from responses import error, json_response, list_item, session_response, summary_item
 from storage import EVERY, NotASession, Query, RedisState, SessionStorage, StorageUnavailable, session_key
 
@@ -118,6 +122,18 @@ def export_session(raw: str) -> Response:
     return Response(found.body, mimetype="application/json", headers={"Content-Disposition": disposition})
 
 
+@api.get("/api/v1/session/<session_id:raw>/compare/<session_id:other>")
+def compare_sessions(raw: str, other: str) -> Response:
+    """What changed from session `raw` to session `other` (see `compare.py`)."""
+    stamps = (_timestamp(raw), _timestamp(other))
+    found = [_storage().get(timestamp) for timestamp in stamps]
+    missing = [str(timestamp) for timestamp, row in zip(stamps, found, strict=True) if row is None]
+    if missing:
+        return error(404, f"Session{'s' if len(missing) > 1 else ''} {' and '.join(missing)} not found")
+    before, after = (orjson.loads(row.body) for row in found)
+    return json_response({"success": True, "from": stamps[0], "to": stamps[1], **compare(before, after)})
+
+
 @api.delete("/api/v1/session/<session_id:raw>")
 def delete_session(raw: str) -> Response:
     timestamp = _timestamp(raw)
@@ -128,12 +144,36 @@ def delete_session(raw: str) -> Response:
                           "timestamp": timestamp})
 
 
+@api.post("/api/v1/session/<session_id:raw>/pin")
+def pin_session(raw: str) -> Response:
+    """Keep the session forever (until unpinned): caps and pruning never drop it."""
+    return _pin(raw, pinned=True)
+
+
+@api.delete("/api/v1/session/<session_id:raw>/pin")
+def unpin_session(raw: str) -> Response:
+    """Let the session expire again: its TTL starts now."""
+    return _pin(raw, pinned=False)
+
+
+def _pin(raw: str, *, pinned: bool) -> Response:
+    timestamp = _timestamp(raw)
+    if not _storage().pin(timestamp, pinned):
+        return error(404, "Session not found")
+    return json_response({"success": True, "timestamp": timestamp, "sessionKey": session_key(timestamp),
+                          "pinned": pinned})
+
+
 @api.post("/api/v1/session/import")
 def import_sessions() -> Response:
-    """One session or an array of them, as exported: each validated like `save`, timestamps kept."""
+    """One session or an array of them, as exported: each validated like `save`, timestamps kept. Bounded by
+    IMPORT_MAX_ITEMS (413 before anything is stored) and IMPORT_TIME_LIMIT_SECONDS (the items not reached by
+    then are reported `skipped`, so the answer comes well within the worker timeout). A retry stores nothing
+    twice: an item with a timestamp replaces itself, and one without gets the timestamp it got the first time
+    (its save id is its content's hash)."""
     if request.mimetype != "application/json":
         return error(415, MESSAGES[415])
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    limit, config = current_app.config["MAX_CONTENT_LENGTH"], current_app.config["STORYART"]
     try:
         parsed = parse_json(_request_body(limit), value_limit(limit))  # the whole body: all its sessions at once
     except PayloadError as exc:
@@ -141,10 +181,25 @@ def import_sessions() -> Response:
     if not isinstance(parsed, dict | list) or parsed == []:
         return error(400, "The import body must be a session object or a non-empty array of them.")
     items = parsed if isinstance(parsed, list) else [parsed]
-    results = [_import_one(index, item) for index, item in enumerate(items)]
+    if len(items) > config.import_max_items:
+        return error(413, f"The import has {len(items):,} items; at most {config.import_max_items:,} are taken per "
+                          "request (IMPORT_MAX_ITEMS): send them in parts. Nothing was imported.")
+    deadline = time.monotonic() + config.import_time_limit
+    results = [_import_one(index, item) if time.monotonic() < deadline else _skipped(index)
+               for index, item in enumerate(items)]
     statuses = [r["status"] for r in results]
-    counts = {status: statuses.count(status) for status in ("imported", "replaced", "rejected")}
-    return json_response({"success": True, **counts, "results": results})
+    counts = {status: statuses.count(status) for status in ("imported", "replaced", "rejected", "skipped")}
+    return json_response({"success": True, "complete": not counts["skipped"], **counts, "results": results})
+
+
+@api.get("/api/v1/backup")
+def download_backup() -> Response:
+    """Every live session as one ZIP file, the format of `flask --app app sessions backup` (see `backup.py`),
+    streamed while the sessions are read: a worker holds a few of them at a time, whatever their number."""
+    backup = stream(_storage())
+    disposition = f'attachment; filename="{default_name()}"'
+    return Response(stream_with_context(backup.chunks), mimetype="application/zip",
+                    headers={"Content-Disposition": disposition})
 
 
 @api.get("/health")
@@ -202,12 +257,19 @@ def not_a_session(exc: NotASession) -> Response:
 def _import_one(index: int, item: Any) -> dict[str, Any]:
     try:
         draft = draft_from(item, now_ms())
+        if draft.timestamp is None:
+            draft = replace(draft, save_id=f"import-{content_hash(draft.head)}")
         existed = draft.timestamp is not None and _storage().exists(draft.timestamp)
         timestamp, where = _storage().save(draft)
     except (PayloadError, StorageUnavailable) as exc:
         return {"index": index, "status": "rejected", "error": str(exc)}
     return {"index": index, "status": "replaced" if existed else "imported", "timestamp": timestamp,
             "sessionKey": session_key(timestamp), "storage": where}
+
+
+def _skipped(index: int) -> dict[str, Any]:
+    return {"index": index, "status": "skipped",
+            "error": "Not attempted: the import reached IMPORT_TIME_LIMIT_SECONDS. Send the skipped items again."}
 
 
 def _timestamp(raw: str) -> int:

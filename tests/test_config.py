@@ -27,12 +27,14 @@ def test_everything_is_read() -> None:
         "LOG_LEVEL": "debug", "MEMORY_MAX_SESSIONS": "3", "MEMORY_MAX_BYTES": "4096", "REDIS_CONNECT_TIMEOUT": "0.5",
         "REDIS_SOCKET_TIMEOUT": "3", "REDIS_RETRY_INTERVAL": "1.5", "REDIS_MAX_CONNECTIONS": "4",
         "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "4", "TRUSTED_PROXY_HOPS": "1",
+        "BACKUP_DIR": "/srv/storyart-backups", "BACKUP_KEEP": "30",
     }, dotenv_path=None)
     assert config == Config(
         redis_url="redis://10.0.0.5:6380/2", host="0.0.0.0", port=9000, app_env="production", session_ttl_seconds=60,
         max_content_length=2048, cors_origins=("https://a.example", "http://b:1"), log_level="DEBUG",
         local_max_sessions=3, local_max_bytes=4096, redis_connect_timeout=0.5, redis_socket_timeout=3.0,
-        redis_retry_interval=1.5, redis_max_connections=4, workers=2, threads=4, trusted_proxy_hops=1)
+        redis_retry_interval=1.5, redis_max_connections=4, workers=2, threads=4, trusted_proxy_hops=1,
+        backup_dir=Path("/srv/storyart-backups"), backup_keep=30)
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::1", "[::1]", "localhost", "storyart.internal"])
@@ -58,12 +60,13 @@ def test_dotenv_fills_in_but_never_overrides_the_environment(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(("name", "value"), [
-    ("REDIS_API_PORT", "abc"), ("REDIS_API_PORT", "70000"), ("SESSION_TTL_SECONDS", "0"),
+    ("REDIS_API_PORT", "abc"), ("REDIS_API_PORT", "70000"), ("SESSION_TTL_SECONDS", "1.5"),
     ("SESSION_TTL_SECONDS", "-5"), ("MAX_CONTENT_LENGTH", "1e9"), ("LOG_LEVEL", "loud"),
     ("REDIS_URL", "http://x"), ("REDIS_URL", "redis://host:6379/db"), ("REDIS_PORT", "x"),
     ("CORS_ORIGINS", "localhost:3000"), ("MEMORY_MAX_SESSIONS", "0"), ("REDIS_CONNECT_TIMEOUT", "soon"),
     ("TRUSTED_PROXY_HOPS", "-1"), ("REDIS_URL", "redis://127.0.0.1:abc/0"), ("REDIS_URL", "redis://127.0.0.1:99999/0"),
     ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=abc"), ("HOST", "local host"), ("HOST", "-bad-"),
+    ("BACKUP_KEEP", "0"), ("BACKUP_KEEP", "many"), ("BACKUP_DIR", "a\0b"), ("BACKUP_DIR", str(ROOT / "app.py")),
 ])
 def test_a_bad_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as raised:

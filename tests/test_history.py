@@ -50,7 +50,7 @@ def test_summary_view_describes_each_session(client: FlaskClient) -> None:
     assert item == {
         "timestamp": saved["timestamp"], "sessionKey": saved["sessionKey"], "storyUuid": "story-a",
         "episodeNumber": 5, "title": "Undertow", "sceneCount": 4, "beatCount": 28, "sizeBytes": size,
-        "etag": item["etag"], "savedAt": item["savedAt"], "storage": saved["storage"]}
+        "etag": item["etag"], "savedAt": item["savedAt"], "storage": saved["storage"], "pinned": False}
     assert item["savedAt"].endswith("Z") and item["savedAt"][:2] == "20"
 
 

@@ -117,6 +117,9 @@ def test_redis_layout_is_the_public_contract(make_app, redis_server, redis_db: r
     ours = {INDEX_KEY, "storyart:sessions:expiry", "storyart:sessions:clock"} | {f"storyart:meta:{ts}" for ts in stamps}
     ours |= {k.decode() for k in redis_db.scan_iter("storyart:save:*")}
     assert len(ours) == 3 + 2 * len(stamps)  # one save id per save
+    ours |= {"storyart:sessions:facets"} | {k.decode() for k in redis_db.scan_iter("storyart:sessions:story:*")}
+    ours |= {k.decode() for k in redis_db.scan_iter("storyart:sessions:episode:*")}
+    assert len(ours) == 6 + 2 * len(stamps)  # the list filters' facets: one story, one episode
     assert {k.decode() for k in redis_db.scan_iter("*")} - set(session_keys) == ours
     assert redis_db.zcard(INDEX_KEY) == 3
 
@@ -305,8 +308,47 @@ class TestContract:
         total, rows = page(store, Query(limit=20))
         assert total == 5 and [r.timestamp for r in rows] == live[::-1]
 
+    def test_a_pinned_session_outlives_its_ttl_and_unpinning_restarts_it(self, store: SessionStore) -> None:
+        kept = put(store, draft("keep"), ttl_ms=150)
+        resaved = put(store, draft("keep too", timestamp=now_ms() - 1000), ttl_ms=150)
+        assert store.pin(kept, True, now=now_ms(), ttl_ms=150) and store.pin(resaved, True, now=now_ms(), ttl_ms=150)
+        put(store, draft("saved again, still pinned", timestamp=resaved), ttl_ms=150)
+        assert not store.pin(kept + 999, True, now=now_ms(), ttl_ms=150)  # no such session
+        time.sleep(0.3)
+        assert store.get(kept).pinned and body_of(store.get(resaved))["scriptText"] == "saved again, still pinned"
+        assert [r.pinned for r in page(store, Query(), summaries=True)[1]] == [True, True]
+        assert store.pin(kept, False, now=now_ms(), ttl_ms=150)
+        assert store.pin(resaved, False, now=now_ms(), ttl_ms=60_000)
+        assert not store.get(kept).pinned and page(store, Query())[0] == 2  # the TTL counts from the unpin
+        time.sleep(0.3)
+        assert store.get(kept) is None and store.get(resaved) is not None
+        assert store.pin(resaved, False, now=now_ms(), ttl_ms=1)  # not pinned: nothing changes ...
+        time.sleep(0.05)
+        assert store.get(resaved) is not None  # ... its expiry included
+
+    def test_no_ttl_means_no_expiry(self, store: SessionStore) -> None:
+        ts = put(store, draft("forever"), ttl_ms=0)
+        assert store.get(ts) is not None and not store.get(ts).pinned
+        assert store.pin(ts, True, now=now_ms(), ttl_ms=0) and store.pin(ts, False, now=now_ms(), ttl_ms=0)
+        time.sleep(0.05)
+        assert store.get(ts) is not None and store.latest().timestamp == ts
+
 
 # ------------------------------------------------------------------------------------- the local stores
+
+
+def test_pinned_sessions_are_never_evicted_and_a_store_full_of_them_refuses(local_kind) -> None:
+    local = local_kind(Limits(3, 10**6, WhenFull.EVICT_OLDEST))
+    base = now_ms() - 10_000
+    stamps = [put(local, draft(f"s{i}", timestamp=base + i)) for i in range(3)]
+    assert local.pin(stamps[0], True, now=now_ms(), ttl_ms=60_000)
+    newer = put(local, draft("newer"))  # the oldest unpinned one makes room
+    assert local.get(stamps[0]) is not None and local.get(stamps[1]) is None
+    for ts in (stamps[2], newer):
+        local.pin(ts, True, now=now_ms(), ttl_ms=60_000)
+    with pytest.raises(StorageFull):
+        put(local, draft("no room"))
+    assert sorted(row.timestamp for row in page(local, Query())[1]) == [stamps[0], stamps[2], newer]
 
 
 def test_a_full_local_store_evicts_the_oldest_when_it_is_the_only_store(local_kind, caplog) -> None:
@@ -441,6 +483,38 @@ def test_a_delete_during_write_back_is_not_undone(redis_server, redis_db, pendin
     deleting.join()
     assert sessions.get(doomed) is None and not redis_db.exists(f"storyart:session:{doomed}")
     assert sessions.get(kept).storage == "redis"
+    sessions.close()
+
+
+def test_pins_reach_every_store_or_none(redis_server, redis_db, pending_store) -> None:
+    """A pin needs Redis, like a delete; a pending copy that was pinned is written back pinned, one that was not
+    leaves Redis's pin alone."""
+    sessions = failover(redis_server, pending_store)
+    in_redis = sessions.save(draft("in redis"))[0]
+    assert sessions.pin(in_redis, True)
+    assert redis_db.pttl(f"storyart:session:{in_redis}") == -1 and redis_db.pttl(f"storyart:meta:{in_redis}") == -1
+    redis_db.save()  # the restart below loads it back: an outage, not a loss
+    redis_server.kill()
+    with pytest.raises(storage_module.StorageUnavailable):
+        sessions.pin(in_redis, False)
+    resaved = sessions.save(draft("saved again while Redis was away", timestamp=in_redis))
+    assert resaved == (in_redis, "memory") and not pending_store.get(in_redis).pinned
+    redis_server.start()
+    sessions.recover()
+    assert sessions.get(in_redis).pinned and sessions.get(in_redis).storage == "redis"
+    assert redis_db.pttl(f"storyart:session:{in_redis}") == -1
+    assert sessions.pin(in_redis, False) and 0 < redis_db.pttl(f"storyart:session:{in_redis}") <= 600_000
+    assert not redis_db.sismember("storyart:sessions:pinned", f"storyart:session:{in_redis}")
+    # pinned while pending (Redis answered the pin, then went away before the write-back)
+    redis_db.save()
+    redis_server.kill()
+    waiting = sessions.save(draft("waiting"))[0]
+    redis_server.start()
+    assert sessions.pin(waiting, True) and pending_store.get(waiting).pinned
+    sessions.recover()
+    assert redis_db.pttl(f"storyart:session:{waiting}") == -1 and sessions.get(waiting).pinned
+    assert sessions.delete(waiting)
+    assert not redis_db.sismember("storyart:sessions:pinned", f"storyart:session:{waiting}")
     sessions.close()
 
 

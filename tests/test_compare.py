@@ -1,0 +1,176 @@
+"""`GET /api/v1/session/<a>/compare/<b>` against the real app on Redis, SQLite and memory: a re-analysis of the
+1 MB fixture, edited in known ways, is reported exactly that way; errors are 400/404/422 JSON."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+
+import orjson
+import pytest
+from flask.testing import FlaskClient
+
+JSON = {"Content-Type": "application/json"}
+FIRST, SECOND = 1_700_000_000_000, 1_700_000_100_000
+
+
+def save(client: FlaskClient, session: dict, timestamp: int) -> None:
+    answer = client.post("/api/v1/session/save", data=orjson.dumps({**session, "timestamp": timestamp}), headers=JSON)
+    assert answer.status_code == 200, answer.data
+
+
+def compared(client: FlaskClient, a: int | str, b: int | str):
+    return client.get(f"/api/v1/session/{a}/compare/{b}")
+
+
+def beats_of(session: dict) -> list[dict]:
+    return [beat for scene in session["analyzedEpisode"]["scenes"] for beat in scene["beats"]]
+
+
+def reanalysis(base: dict) -> dict:
+    """`base` with one change of every kind the report names (each asserted below)."""
+    session = copy.deepcopy(base)
+    scenes = session["analyzedEpisode"]["scenes"]
+    scenes[0]["beats"][0]["prompts"]["cinematic"]["prompt"] = "a new cinematic prompt"
+    scenes[0]["beats"][1]["emotional_tone"] = "serene"
+    scenes[0]["beats"][1]["prompts"]["vertical"]["seed"] += 1  # a prompt setting, not its text
+    scenes[1]["beats"].pop()  # removed
+    scenes[2]["beats"].append({"beatId": "brand-new", "beat_number": 99, "prompts": {}})  # added
+    scenes[3]["beats"].append(scenes[4]["beats"].pop(0))  # moved to another scene, unchanged otherwise
+    scenes[5]["title"] = "A Retitled Scene"
+    scenes[5]["metadata"]["timing"] = "00:01"
+    scenes.append({"sceneNumber": 100, "title": "Coda", "beats": []})
+    lines = session["scriptText"].splitlines()
+    lines[5] = "A rewritten line."  # 1 removed, 1 added
+    lines[10:10] = ["New line one.", "New line two.", "New line three."]  # 3 added
+    del lines[20]  # 1 removed
+    session["scriptText"] = "\n".join(lines)
+    context = orjson.loads(session["episodeContext"])
+    context["episode"]["episode_title"] = "Retitled"
+    context["episode"]["new_note"] = "added"
+    del context["episode"]["core_themes"]
+    session["episodeContext"] = orjson.dumps(context).decode()
+    session["analyzedEpisode"]["title"] = "Retitled"
+    session["promptMode"] = "manual"
+    session["reviewer"] = "added"
+    del session["selectedLLM"]
+    return session
+
+
+def test_a_reanalysis_is_reported_field_by_field(client: FlaskClient, session_1mb: bytes) -> None:
+    base = orjson.loads(session_1mb)
+    after = reanalysis(base)
+    save(client, base, FIRST)
+    save(client, after, SECOND)
+    got = compared(client, FIRST, SECOND)
+    assert got.status_code == 200 and got.mimetype == "application/json"
+    report = got.get_json()
+    assert report["success"] is True and report["from"] == FIRST and report["to"] == SECOND
+    assert report["identical"] is False
+    assert report["fields"] == {"added": ["reviewer"], "removed": ["selectedLLM"], "changed": ["promptMode"]}
+    old_lines, new_lines = base["scriptText"].splitlines(), after["scriptText"].splitlines()
+    assert len(new_lines) == len(old_lines) + 2
+    assert report["scriptText"] == {"changed": True, "linesBefore": len(old_lines), "linesAfter": len(new_lines),
+                                    "linesAdded": 4, "linesRemoved": 2}
+    assert report["episodeContext"] == {"changed": True, "parsed": True, "fields": {
+        "added": ["episode.new_note"], "removed": ["episode.core_themes"], "changed": ["episode.episode_title"]}}
+    assert report["episode"] == {"added": [], "removed": [], "changed": ["title"]}
+
+    scenes = base["analyzedEpisode"]["scenes"]
+    assert report["scenes"] == {
+        "added": [{"sceneNumber": 100}], "removed": [],
+        "changed": [{"sceneNumber": scenes[5]["sceneNumber"], "added": [], "removed": [],
+                     "changed": ["metadata.timing", "title"]}]}
+    beats = report["beats"]
+    assert beats["added"] == [{"beatId": "brand-new", "sceneNumber": scenes[2]["sceneNumber"]}]
+    assert beats["removed"] == [{"beatId": scenes[1]["beats"][-1]["beatId"], "sceneNumber": scenes[1]["sceneNumber"]}]
+    first, second, moved = scenes[0]["beats"][0], scenes[0]["beats"][1], scenes[4]["beats"][0]
+    assert beats["changed"] == [
+        {"beatId": first["beatId"], "sceneNumber": scenes[0]["sceneNumber"], "added": [], "removed": [],
+         "changed": ["prompts.cinematic.prompt"],
+         "prompts": {"cinematic": {"before": first["prompts"]["cinematic"]["prompt"],
+                                   "after": "a new cinematic prompt"}}},
+        {"beatId": second["beatId"], "sceneNumber": scenes[0]["sceneNumber"], "added": [], "removed": [],
+         "changed": ["emotional_tone", "prompts.vertical.seed"], "prompts": {}},
+        {"beatId": moved["beatId"], "sceneNumber": scenes[3]["sceneNumber"], "added": [], "removed": [],
+         "changed": [], "prompts": {}, "movedFrom": scenes[4]["sceneNumber"]},
+    ]
+    assert beats["unchanged"] == len(beats_of(base)) - 1 - 3  # all but the removed one and the three changed
+
+
+def test_the_line_counts_are_difflibs(client: FlaskClient, session_10kb: bytes) -> None:
+    """Whatever the edit, the counts are those of a standard line diff (here: the script reversed)."""
+    base = orjson.loads(session_10kb)
+    after = {**base, "scriptText": "\n".join(reversed(base["scriptText"].splitlines()))}
+    save(client, base, FIRST)
+    save(client, after, SECOND)
+    script = compared(client, FIRST, SECOND).get_json()["scriptText"]
+    opcodes = difflib.SequenceMatcher(None, base["scriptText"].splitlines(),
+                                      after["scriptText"].splitlines()).get_opcodes()
+    assert script["linesAdded"] == sum(j2 - j1 for tag, _, _, j1, j2 in opcodes if tag != "equal") > 0
+    assert script["linesRemoved"] == sum(i2 - i1 for tag, i1, i2, _, _ in opcodes if tag != "equal") > 0
+
+
+def test_a_session_compared_with_itself_or_a_resave_is_identical(client: FlaskClient, session_1mb: bytes) -> None:
+    base = orjson.loads(session_1mb)
+    save(client, base, FIRST)
+    save(client, base, SECOND)
+    for a, b in ((FIRST, FIRST), (FIRST, SECOND)):
+        report = compared(client, a, b).get_json()
+        assert report["identical"] is True
+        assert report["beats"] == {"added": [], "removed": [], "changed": [], "unchanged": len(beats_of(base))}
+        assert report["scriptText"]["linesAdded"] == report["scriptText"]["linesRemoved"] == 0
+
+
+def test_sessions_without_ids_or_parts_compare_by_position(client: FlaskClient) -> None:
+    """Sessions need not carry `beatId`s, scene numbers or a parseable `episodeContext`: beats are then matched by
+    their place in their scene, and a context that is not a JSON object is compared as text."""
+    before = {"scriptText": "A", "episodeContext": "not json", "storyUuid": "u",
+              "analyzedEpisode": {"scenes": [{"beats": [{"n": 1}, {"n": 2}]}, "not a scene"]}}
+    after = {"scriptText": "A", "episodeContext": "{}", "storyUuid": "u",
+             "analyzedEpisode": {"scenes": [{"beats": [{"n": 1}, {"n": 3}, {"n": 4}]}]}}
+    save(client, before, FIRST)
+    save(client, after, SECOND)
+    report = compared(client, FIRST, SECOND).get_json()
+    assert report["episodeContext"] == {"changed": True, "parsed": False}
+    assert report["scenes"]["removed"] == [{"sceneNumber": "#2"}]
+    assert report["beats"]["added"] == [{"beatId": None, "sceneNumber": "#1", "index": 2}]
+    assert report["beats"]["changed"] == [{"beatId": None, "sceneNumber": "#1", "index": 1, "added": [],
+                                           "removed": [], "changed": ["n"], "prompts": {}}]
+    assert report["beats"]["unchanged"] == 1
+
+
+def test_missing_sessions_are_named_and_bad_timestamps_are_400(client: FlaskClient, session_10kb: bytes) -> None:
+    save(client, orjson.loads(session_10kb), FIRST)
+    for a, b, status, message in (
+        (FIRST, 123, 404, "Session 123 not found"),
+        (456, FIRST, 404, "Session 456 not found"),
+        (456, 123, 404, "Sessions 456 and 123 not found"),
+        ("12a", FIRST, 400, "The timestamp in the path must be digits (ms since epoch)."),
+        (FIRST, "-1", 400, "The timestamp in the path must be digits (ms since epoch)."),
+    ):
+        got = compared(client, a, b)
+        assert (got.status_code, got.get_json()) == (status, {"success": False, "error": message})
+
+
+@pytest.mark.parametrize("value", [b"[1, 2]", b"not json at all"])
+def test_a_record_that_is_not_a_session_is_422(make_app, redis_server, redis_db, session_10kb: bytes,
+                                                value: bytes) -> None:
+    client = make_app(redis_url=redis_server.url).test_client()
+    save(client, orjson.loads(session_10kb), FIRST)
+    redis_db.set(f"storyart:session:{SECOND}", value, ex=600)  # another tool wrote it
+    got = compared(client, FIRST, SECOND)
+    assert got.status_code == 422 and got.get_json()["success"] is False
+    assert str(SECOND) in got.get_json()["error"]
+
+
+def test_reordered_beats_are_not_identical(client: FlaskClient, session_10kb: bytes) -> None:
+    """Same beats, other order: every beat matches its twin, yet the sessions are not the same."""
+    base = orjson.loads(session_10kb)
+    swapped = copy.deepcopy(base)
+    swapped["analyzedEpisode"]["scenes"][0]["beats"].reverse()
+    save(client, base, FIRST)
+    save(client, swapped, SECOND)
+    report = compared(client, FIRST, SECOND).get_json()
+    assert report["identical"] is False
+    assert report["beats"] == {"added": [], "removed": [], "changed": [], "unchanged": len(beats_of(base))}

@@ -1,0 +1,66 @@
+"""Imports and filters at scale: an import is bounded by items and time and answers with its report, a retried
+import stores nothing twice, and filtered lists read the stores' indexes (the timing is in bench/filters.py)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from flask.testing import FlaskClient
+from test_history import JSON, listing, session
+
+
+def imported(client: FlaskClient, items: list) -> dict:
+    got = client.post("/api/v1/session/import", data=orjson.dumps(items), headers=JSON)
+    assert got.status_code == 200, got.data
+    return got.get_json()
+
+
+@pytest.mark.parametrize("client", ["redis", "sqlite", "memory"], indirect=True)
+def test_a_retried_import_stores_nothing_twice(client: FlaskClient) -> None:
+    items = [session(title=f"t{i}") for i in range(5)] + [session(title="dated", timestamp=1_700_000_000_000)]
+    first = imported(client, items)
+    again = imported(client, items)
+    assert first["imported"] == 6 and again["imported"] == 5 and again["replaced"] == 1
+    assert [r["timestamp"] for r in again["results"]] == [r["timestamp"] for r in first["results"]]
+    assert listing(client)["total"] == 6
+    changed = imported(client, [session(title="t0", story="another story")])  # other content: a new session
+    assert changed["results"][0]["timestamp"] not in {r["timestamp"] for r in first["results"]}
+    assert listing(client)["total"] == 7
+
+
+def test_an_import_over_the_item_limit_is_413_and_stores_nothing(make_app) -> None:
+    client = make_app(import_max_items=3).test_client()
+    got = client.post("/api/v1/session/import", data=orjson.dumps([session()] * 4), headers=JSON)
+    assert got.status_code == 413 and got.get_json()["success"] is False
+    assert "IMPORT_MAX_ITEMS" in got.get_json()["error"] and listing(client)["total"] == 0
+    assert imported(client, [session(title=str(i)) for i in range(3)])["imported"] == 3
+
+
+def test_an_import_that_runs_out_of_time_says_which_items_to_send_again(make_app) -> None:
+    """Each save into the SQLite file commits to the disk: 1000 of them take longer than 0.1 s."""
+    client = make_app(import_time_limit=0.1, local_max_sessions=5000).test_client()
+    items = [session(title=f"t{i}") for i in range(1000)]
+    report = imported(client, items)
+    assert report["complete"] is False and 0 < report["skipped"] < 1000
+    assert report["imported"] + report["skipped"] == 1000
+    skipped = [r["index"] for r in report["results"] if r["status"] == "skipped"]
+    assert skipped == list(range(1000 - report["skipped"], 1000))  # the tail, in order
+    assert listing(client, "view=summary")["total"] == report["imported"]
+    again = imported(client, items[:1])  # a retry of what landed finds it
+    assert again["results"][0]["timestamp"] == report["results"][0]["timestamp"]
+    assert listing(client, "view=summary")["total"] == 1000 - len(skipped)
+    while skipped:  # what the report says: send the skipped items again
+        rest = [items[i] for i in skipped]
+        report = imported(client, rest)
+        skipped = [skipped[r["index"]] for r in report["results"] if r["status"] == "skipped"]
+    assert listing(client, "view=summary")["total"] == 1000
+
+
+@pytest.mark.parametrize("client", ["redis", "sqlite", "memory"], indirect=True)
+def test_filters_follow_resaves_deletes_and_expiry(client: FlaskClient) -> None:
+    moved = imported(client, [session(title="Moving", story="s1", episode=1, timestamp=1_700_000_000_000)])
+    imported(client, [session(title="Moving", story="s2", episode=2, timestamp=1_700_000_000_000)])
+    assert listing(client, "storyUuid=s1")["total"] == 0 and listing(client, "episode=1")["total"] == 0
+    assert listing(client, "storyUuid=s2&episode=2&q=MOV")["total"] == 1
+    assert client.delete(f"/api/v1/session/{moved['results'][0]['timestamp']}").status_code == 200
+    assert listing(client, "storyUuid=s2")["total"] == 0 and listing(client, "q=moving")["total"] == 0

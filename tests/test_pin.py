@@ -1,0 +1,91 @@
+"""Keep forever: pin and unpin through the API on every storage mode, a TTL that would have expired a pinned
+session, no TTL at all, and an older SQLite file that gains the columns pins and filters need."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import orjson
+import pytest
+from flask.testing import FlaskClient
+from test_history import listing, save, session
+
+
+def pin(client: FlaskClient, timestamp: int, method: str = "POST"):
+    return client.open(f"/api/v1/session/{timestamp}/pin", method=method, headers={"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("client", ["redis", "sqlite", "memory"], indirect=True)
+def test_pin_and_unpin_answer_and_show_in_the_list(client: FlaskClient) -> None:
+    saved = save(client, session("Keeper"))
+    got = pin(client, saved["timestamp"])
+    assert got.status_code == 200 and got.get_json() == {"success": True, "timestamp": saved["timestamp"],
+                                                         "sessionKey": saved["sessionKey"], "pinned": True}
+    assert [s["pinned"] for s in listing(client, "view=summary")["sessions"]] == [True]
+    assert pin(client, saved["timestamp"], "DELETE").get_json()["pinned"] is False
+    assert [s["pinned"] for s in listing(client, "view=summary")["sessions"]] == [False]
+    for bad, status in (("12x", 400), (str(saved["timestamp"] + 1), 404)):
+        answer = pin(client, bad)
+        assert answer.status_code == status and answer.is_json and answer.get_json()["success"] is False
+
+
+@pytest.mark.parametrize("store", ["redis", "sqlite", "memory"])
+def test_a_pinned_session_outlives_the_ttl_that_drops_the_others(store, make_app, request) -> None:
+    settings: dict = {"session_ttl_seconds": 1}
+    if store == "redis":
+        settings["redis_url"] = request.getfixturevalue("redis_server").url
+        request.getfixturevalue("redis_db")
+    else:
+        settings["local_store"] = store
+    client = make_app(**settings).test_client()
+    kept, dropped = save(client, session("kept")), save(client, session("dropped"))
+    assert pin(client, kept["timestamp"]).status_code == 200
+    time.sleep(1.3)
+    assert client.get(f"/api/v1/session/{dropped['timestamp']}").status_code == 404
+    assert client.get(f"/api/v1/session/{kept['timestamp']}").status_code == 200
+    assert pin(client, kept["timestamp"], "DELETE").status_code == 200
+    time.sleep(1.3)
+    assert client.get(f"/api/v1/session/{kept['timestamp']}").status_code == 404  # the TTL ran from the unpin
+
+
+def test_no_ttl_keeps_every_session(make_app, redis_server, redis_db) -> None:
+    client = make_app(redis_url=redis_server.url, session_ttl_seconds=0).test_client()
+    saved = save(client, session("forever"))
+    assert redis_db.pttl(saved["sessionKey"]) == -1 and redis_db.pttl(f"storyart:meta:{saved['timestamp']}") == -1
+    assert not redis_db.zscore("storyart:sessions:expiry", saved["sessionKey"])
+    assert listing(client, "view=summary")["sessions"][0]["pinned"] is False
+
+
+def test_a_pin_waits_for_redis_rather_than_half_happen(make_app, redis_server, redis_db) -> None:
+    client = make_app(redis_url=redis_server.url).test_client()
+    saved = save(client, session("kept"))
+    redis_server.kill()
+    try:
+        got = pin(client, saved["timestamp"])
+        assert got.status_code == 503 and got.headers["Retry-After"] and got.get_json()["success"] is False
+    finally:
+        redis_server.start()
+    assert listing(client, "view=summary")["sessions"] == []  # Redis came back empty: it persists nothing here
+
+
+OLD_SCHEMA = """CREATE TABLE sessions (timestamp INTEGER PRIMARY KEY, body BLOB NOT NULL, summary BLOB NOT NULL,
+    expires_at INTEGER NOT NULL, origin TEXT NOT NULL, save_id TEXT NOT NULL)"""
+
+
+def test_a_store_file_of_the_previous_version_gains_pins_and_filter_columns(make_app, tmp_path) -> None:
+    """A file written before pins and filter indexes existed: its sessions are listed, filtered and pinned."""
+    path = tmp_path / "old.sqlite3"
+    summary = orjson.dumps({"storyUuid": "story-old", "episodeNumber": 3, "title": "Old Times", "sceneCount": 0,
+                            "beatCount": 0, "sizeBytes": 10, "etag": "x"})
+    body = b'{"scriptText":"x","episodeContext":"","storyUuid":"story-old","analyzedEpisode":{},"timestamp":1000}'
+    with sqlite3.connect(path) as db:
+        db.execute(OLD_SCHEMA)
+        db.execute("INSERT INTO sessions VALUES (1000, ?, ?, ?, 'client', 'id')", (body, summary, 2**50))
+    client = make_app(local_store_path=path).test_client()
+    assert client.get("/api/v1/session/1000").get_json()["data"]["timestamp"] == 1000
+    for query in ("storyUuid=story-old", "episode=3", "q=old%20TIMES"):
+        assert listing(client, f"view=summary&{query}")["total"] == 1, query
+    assert listing(client, "view=summary&storyUuid=other")["total"] == 0
+    assert pin(client, 1000).status_code == 200
+    assert listing(client, "view=summary")["sessions"][0]["pinned"] is True
