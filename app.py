@@ -23,6 +23,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from cli import sessions
 from config import Config, ConfigError
+from deadline import BodyDeadline
 from drain import DrainRefusedBody
 from page import page
 from responses import OrjsonProvider, error
@@ -62,6 +63,7 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
     app.config.update(MAX_CONTENT_LENGTH=config.max_content_length, STORYART=config)
     app.wsgi_app = DrainRefusedBody(app.wsgi_app, config.max_content_length)  # a 413, not a reset, behind a proxy
+    app.wsgi_app = BodyDeadline(app.wsgi_app, config.body_timeout)  # a trickled body cannot keep a thread
     storage = storage or build_storage(config)
     app.extensions["storyart"] = storage
     CORS(

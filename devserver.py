@@ -1,5 +1,6 @@
 """The development server (`python app.py`): werkzeug's threaded server, stopped gracefully on SIGINT and
-SIGTERM, answering even what it cannot parse in the service's JSON error shape."""
+SIGTERM, answering even what it cannot parse in the service's JSON error shape, closing connections that wait
+for a request longer than `IDLE_SECONDS`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from responses import error_body
 
 log = logging.getLogger("storyart")
 
+IDLE_SECONDS = 5.0  # as gunicorn's keepalive (gunicorn.conf.py): a connection waiting this long for a request closes
+
 
 class _ConnectionHandler(WSGIRequestHandler):
     """Keeps `server.idle` = the connections that have not begun a request (a browser's preconnect, a client
@@ -27,9 +30,20 @@ class _ConnectionHandler(WSGIRequestHandler):
         super().setup()
         self.server.idle.add(self.connection)
 
+    def handle_one_request(self) -> None:
+        """Each connection has its own thread, so idle ones block nobody, but a browser's preconnected sockets
+        and kept-alive ones would keep theirs for ever: waiting for a request ends after `IDLE_SECONDS`."""
+        self.connection.settimeout(IDLE_SECONDS)
+        super().handle_one_request()
+
     def parse_request(self) -> bool:
         self.server.idle.discard(self.connection)  # a request has begun: it will be finished
+        self.connection.settimeout(None)  # its body has REQUEST_BODY_TIMEOUT (deadline.py) instead
         return super().parse_request()
+
+    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        if not format.startswith("Request timed out"):  # an idle connection closed: routine, not an error
+            super().log_error(format, *args)
 
     def finish(self) -> None:
         self.server.idle.discard(self.connection)

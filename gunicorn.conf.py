@@ -9,6 +9,7 @@ import ctypes
 import sys
 
 from gunicorn import util
+from gunicorn.workers import gthread
 
 from config import Config, ConfigError
 from responses import error_body
@@ -22,28 +23,38 @@ except ConfigError as _error:
 _host = f"[{_config.host}]" if ":" in _config.host else _config.host
 bind = [f"{_host}:{_config.port}"]
 
-# Measured on 2 cores (bench/run.py --variant). With Redis, 3 single-threaded sync workers serve 1 MB sessions
-# best (gthread's keep-alive saves 15-25% CPU per 10 KB request, but 1 MB saves cost 10-15% more CPU when
-# threads share a worker's GIL, and real sessions are ~1 MB). Without Redis every worker opens the same SQLite
-# store, and `bench/run.py --embedded --variant` (2 rounds x 3 s, 8 clients unless noted) measured, against
-# 3 sync workers: 3 x 4 gthread latest 1 MB 721 vs 609 req/s, latest 10 KB 1847 vs 1289 (1 client: 1118 vs
-# 620, keep-alive), save 1 MB 72 vs 69, save 10 KB 413 vs 446; 2 x 4 gthread was better on 1 MB reads (835)
-# and worse on 10 KB ones. So: 3 x 4 gthread on the local store. Only the volatile memory store without Redis
-# runs one worker (with threads): a second worker would hold sessions the first cannot see.
-if _config.redis_configured:
+# The worker model: gthread, 32 threads per worker, in every storage mode. The StoryArt page may talk to the service
+# directly (no proxy), and browsers keep preconnected idle sockets: with 3 sync workers three idle connections
+# froze the service until the worker timeout killed them, again and again; eight connections that sent one byte
+# froze the 1 x 8 gthread setup for as long as they stayed open. gthread parks idle and kept-alive connections in
+# its poller (`keepalive` seconds, then closed), so they cost no thread; a request that has begun holds a thread
+# until it is answered, and a body gets REQUEST_BODY_TIMEOUT (deadline.py), so 32 threads per worker take 20
+# byte-a-second uploads with room to spare. Measured with 50 idle and 20 slow-body connections open
+# (tests/test_slow_clients.py): other clients' health check + save + read answered within 0.01-0.08 s (sync: 15 s
+# and more, 3 x 4 gthread: 30 s). 1 MB throughput against what ran before, same session each, bench/run.py
+# --variant, 5 and 3 rounds x 3 s, 8 clients, req/s and CPU ms per request (README: Slow and idle clients):
+#   Redis, 3 sync -> 3 x 32: latest 283 -> 476 req/s (1.94 -> 2.08 ms), save 52 -> 62 (9.3 -> 10.0 ms); again:
+#   latest 123 -> 308 (2.77 -> 2.75), save 32 -> 60 (12.0 -> 12.8): keep-alive outweighs the shared GIL.
+#   SQLite, 3 x 4 -> 3 x 32: latest 543 -> 428 (1.79 -> 1.72), save 59 -> 47 (12.7 -> 15.4); again: latest
+#   479 -> 593 (1.78 -> 1.87), save 83 -> 85 (11.9 -> 14.0): req/s within the machine's noise, saves cost
+#   10-20% more CPU (more writers at once per worker).
+# gevent, also measured, did as well on 1 MB requests, but it turns the SQLite store's per-thread connections
+# into one per connection (never closed) and every lock into a greenlet's. Only the volatile memory store
+# without Redis runs one worker: a second worker would hold sessions the first cannot see.
+if _config.redis_configured or _config.local_store == "sqlite":
     workers = _config.workers or 3
-    threads = _config.threads or 1
-elif _config.local_store == "sqlite":
-    workers = _config.workers or 3
-    threads = _config.threads or 4
 else:
     if _config.workers > 1:
         print("storyart: configuration error: WEB_CONCURRENCY: LOCAL_STORE=memory without REDIS_URL runs one "
               "worker (each worker would keep its own sessions)", file=sys.stderr)
         sys.exit(2)
     workers = 1
-    threads = _config.threads or 8
+threads = _config.threads or 32
 worker_class = "gthread" if threads > 1 else "sync"
+keepalive = 5  # seconds an idle connection (a browser's preconnect, a kept-alive one) stays open
+# gunicorn's gthread worker lets a new connection wait in a thread up to 5 s for its first bytes before parking it
+# in the poller: 50 idle connections then took every thread for 5 s. 0.1 s is ample for a client that sends.
+gthread.DEFAULT_WORKER_DATA_TIMEOUT = 0.1
 
 if _config.local_store == "sqlite":
     # Create (or check) the store file in the master, so an unusable path stops start-up with one line before

@@ -57,12 +57,14 @@ class Soak:
     port: int
     base: bytes
     read_ratio: float
+    sources: list[str] | None = None  # client addresses, one per client in turn (behind a proxy routing by them)
     stop: threading.Event = field(default_factory=threading.Event)
     calls: list[Call] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def client(self, number: int) -> None:
         rng = random.Random(number)
+        source = self.sources[number % len(self.sources)] if self.sources else None
         sent = 0
         while not self.stop.is_set():
             if rng.random() < self.read_ratio:
@@ -73,9 +75,9 @@ class Soak:
             started = time.monotonic()
             try:
                 if kind == "save":
-                    got = save_request(self.port, tagged(self.base, tag))
+                    got = save_request(self.port, tagged(self.base, tag), source=source)
                 else:
-                    got = request(self.port, "GET", "/api/v1/session/latest")
+                    got = request(self.port, "GET", "/api/v1/session/latest", source=source)
                 status = got.status
             except OSError:
                 got, status = None, 0

@@ -315,9 +315,11 @@ class Response:
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None, timeout: float = 30.0) -> Response:
-    """One HTTP request on its own connection, as a browser's fetch or curl would make it."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+            headers: dict[str, str] | None = None, timeout: float = 30.0, source: str | None = None) -> Response:
+    """One HTTP request on its own connection, as a browser's fetch or curl would make it (from `source`, another
+    127.0.0.0/8 address, for a proxy that routes by client address)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
+                                      source_address=(source, 0) if source else None)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -326,8 +328,8 @@ def request(port: int, method: str, path: str, body: bytes | None = None,
         conn.close()
 
 
-def save_request(port: int, body: bytes) -> Response:
-    return request(port, "POST", "/api/v1/session/save", body, {"Content-Type": "application/json"})
+def save_request(port: int, body: bytes, source: str | None = None) -> Response:
+    return request(port, "POST", "/api/v1/session/save", body, {"Content-Type": "application/json"}, source=source)
 
 
 class ServiceProcess:

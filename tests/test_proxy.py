@@ -44,11 +44,13 @@ def nginx_binary() -> str:
     pytest.skip(message)
 
 
-def site_config(listen_port: int, upstream_port: int) -> str:
-    """The deploy file with the test's ports and body limit; anything else in it runs as written."""
+def site_config(listen_port: int, upstream_ports: list[int]) -> str:
+    """The deploy file with the test's ports (one upstream server line per host) and body limit; anything else
+    in it runs as written."""
     text = DEPLOY_CONF.read_text(encoding="utf-8")
+    servers = "\n    ".join(f"server 127.0.0.1:{port};" for port in upstream_ports)
     for old, new in (("listen 80;", f"listen 127.0.0.1:{listen_port};"),
-                     ("proxy_pass http://127.0.0.1:7802;", f"proxy_pass http://127.0.0.1:{upstream_port};"),
+                     ("server 127.0.0.1:7802;", servers),
                      ("client_max_body_size 50m;", f"client_max_body_size {NGINX_LIMIT};")):
         assert text.count(old) == 1, f"{DEPLOY_CONF.name} should contain `{old}` exactly once"
         text = text.replace(old, new)
@@ -58,11 +60,11 @@ def site_config(listen_port: int, upstream_port: int) -> str:
 class Nginx:
     """`nginx -p <prefix> -c <conf> -e <log> -g 'daemon off;'` in the foreground, as a child of the test."""
 
-    def __init__(self, prefix: Path, upstream_port: int) -> None:
+    def __init__(self, prefix: Path, *upstream_ports: int) -> None:
         self.prefix, self.port = prefix, free_port()
         self.binary = nginx_binary()
         (prefix / "temp").mkdir(parents=True, exist_ok=True)
-        (prefix / "storyart.conf").write_text(site_config(self.port, upstream_port), encoding="utf-8")
+        (prefix / "storyart.conf").write_text(site_config(self.port, list(upstream_ports)), encoding="utf-8")
         temp_paths = "\n".join(f"    {kind}_temp_path {prefix}/temp/{kind};"
                                for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         # As root, nginx's workers would run as `nobody`, who cannot enter pytest's private tmp dir.
