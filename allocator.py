@@ -30,6 +30,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
@@ -64,20 +65,42 @@ if ts > last then redis.call('SET', clock, string.format('%d', ts)) end
 """.replace("{SKEW_MS}", str(SKEW_MS))
 
 
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """Which milliseconds this host proposes: those with `ms % count == index`. Hosts sharing one Redis with
+    distinct indexes (SERVICE_HOSTS, SERVICE_HOST_INDEX) never propose the same one, so the sessions they save
+    in their local stores during a Redis outage do not meet under one timestamp at the write-back."""
+
+    index: int = 0
+    count: int = 1
+
+
+ONE_HOST = Slot()
+
+
 class Allocator:
     """Step 1: proposals never below the wall clock, each one above every timestamp proposed or seen assigned
-    before, by this process or (with `shared`, a file path) by any process using the same file."""
+    before, by this process or (with `shared`, a file path) by any process using the same file, and in this
+    host's `Slot`."""
 
-    def __init__(self, shared: Path | None = None) -> None:
+    def __init__(self, shared: Path | None = None, slot: Slot = ONE_HOST) -> None:
         self._lock = threading.Lock()
+        self._slot = slot
         self._last = 0
         self._fd: int | None = None
         if shared is not None and fcntl is not None:
             self._fd = os.open(shared, os.O_RDWR | os.O_CREAT, 0o600)
 
     def propose(self, now: int) -> int:
-        """A timestamp no other save on this host was proposed: max(now, last + 1), reserved."""
-        return self._update(lambda last: max(now, last + 1))
+        """A timestamp no other save on this host was proposed: max(now, last + 1) or the next one in this
+        host's slot, reserved."""
+        index, count = self._slot.index, self._slot.count
+
+        def next_free(last: int) -> int:
+            least = max(now, last + 1)
+            return least + (index - least) % count
+
+        return self._update(next_free)
 
     def observe(self, timestamp: int) -> None:
         """Record a timestamp a store assigned (it may be above the proposal: taken ones were skipped)."""

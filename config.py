@@ -64,6 +64,8 @@ class Config:
     redis_sentinel_password: str | None = field(default=None, repr=False)
     redis_wait_replicas: int = 0  # replicas that must confirm a save (Redis WAIT) before it counts as in Redis
     import_max_items: int = 1000
+    service_hosts: int = 1  # how many service hosts share the Redis ...
+    service_host_index: int = 0  # ... and which one this is (their timestamps never meet, `allocator.Slot`)
     import_time_limit: float = 20.0  # seconds: under gunicorn's worker timeout (30 s), with room for the reply
     backup_dir: Path = Path("instance/backups")
     backup_keep: int = 7
@@ -125,9 +127,16 @@ class Config:
             redis_sentinel_password=_sentinel_setting(env, "REDIS_SENTINEL_PASSWORD", sentinels),
             redis_wait_replicas=_int(env, "REDIS_WAIT_REPLICAS", 1 if sentinels else 0, 0, 16),
             import_max_items=_int(env, "IMPORT_MAX_ITEMS", 1000, 1, 1_000_000),
+            service_hosts=_int(env, "SERVICE_HOSTS", 1, 1, 64),
+            service_host_index=_host_index(env),
             import_time_limit=_float(env, "IMPORT_TIME_LIMIT_SECONDS", 20.0, 0.1, 3600),
             api_token=_token(env),
         )
+
+
+def _host_index(env: Mapping[str, str]) -> int:
+    hosts = _int(env, "SERVICE_HOSTS", 1, 1, 64)
+    return _int(env, "SERVICE_HOST_INDEX", 0, 0, hosts - 1)
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 import orjson
 import redis
 
-from allocator import Allocator, now_ms
+from allocator import ONE_HOST, Allocator, Slot, now_ms
 from config import Config, ConfigError
 from payload import Draft, content_hash, summarize
 
@@ -285,12 +285,12 @@ class SessionStorage:
     """Redis first, the local store when Redis is absent, failing or refusing writes; reads see both."""
 
     def __init__(self, local: LocalStore, redis_store: RedisStore | None, ttl_seconds: int,
-                 retry_interval: float, *, allow_eviction: bool = False) -> None:
+                 retry_interval: float, *, allow_eviction: bool = False, slot: Slot = ONE_HOST) -> None:
         self.local = local
         self.redis = redis_store
         self.ttl_ms = ttl_seconds * 1000
         self.retry_interval = retry_interval
-        self.allocator = Allocator(local.clock_path)
+        self.allocator = Allocator(local.clock_path, slot)
         self._state = RedisState.CONNECTED if redis_store is not None else RedisState.NOT_CONFIGURED
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -666,7 +666,8 @@ def build_storage(config: Config) -> SessionStorage:
             local.close()
             raise ConfigError(f"{config.redis_setting}: this Redis cannot keep sessions safely: {refuse[0]}")
     storage = SessionStorage(local, redis_store, config.session_ttl_seconds, config.redis_retry_interval,
-                             allow_eviction=config.redis_allow_eviction)
+                             allow_eviction=config.redis_allow_eviction,
+                             slot=Slot(config.service_host_index, config.service_hosts))
     if facts is not None:
         storage.inspect_redis(facts)
     return storage

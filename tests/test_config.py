@@ -61,6 +61,7 @@ def test_dotenv_fills_in_but_never_overrides_the_environment(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("name", "value"), [
     ("REDIS_API_PORT", "abc"), ("REDIS_API_PORT", "70000"), ("SESSION_TTL_SECONDS", "1.5"),
+    ("SERVICE_HOSTS", "0"), ("SERVICE_HOST_INDEX", "1"),
     ("SESSION_TTL_SECONDS", "-5"), ("MAX_CONTENT_LENGTH", "1e9"), ("LOG_LEVEL", "loud"),
     ("REDIS_URL", "http://x"), ("REDIS_URL", "redis://host:6379/db"), ("REDIS_PORT", "x"),
     ("CORS_ORIGINS", "localhost:3000"), ("MEMORY_MAX_SESSIONS", "0"), ("REDIS_CONNECT_TIMEOUT", "soon"),

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 import storage as storage_module
-from allocator import Allocator, now_ms
+from allocator import Allocator, Slot, now_ms
 from config import Config
 from payload import Draft, parse_session
 from storage import (
@@ -549,6 +549,18 @@ def test_a_timestamp_redis_assigned_is_never_assigned_again_locally(redis_server
     redis_server.start()
     assert len(set(in_redis + in_local)) == 6 and min(in_local) > max(in_redis)
     sessions.close()
+
+
+def test_hosts_in_their_own_slots_never_propose_the_same_timestamp(tmp_path) -> None:
+    """What keeps two hosts' outage saves apart (SERVICE_HOSTS=3, SERVICE_HOST_INDEX=0..2)."""
+    hosts = [Allocator(tmp_path / f"clock-{i}", Slot(i, 3)) for i in range(3)]
+    now = now_ms()
+    proposals = [[host.propose(now + step // 7) for step in range(50)] for host in hosts]
+    for index, mine in enumerate(proposals):
+        assert all(ts % 3 == index for ts in mine) and mine == sorted(set(mine))
+        assert mine[0] - now < 3
+    assert len(set().union(*proposals)) == 150
+    assert Allocator().propose(now) == now  # one host: every millisecond is its own
 
 
 def test_two_hosts_in_the_same_millisecond_get_distinct_timestamps(redis_server, redis_db, tmp_path,
