@@ -41,7 +41,9 @@ def new_save_id() -> str:
 class Draft:
     """A validated session, serialized up to its timestamp (`timestamp` None: the service assigns it), its
     summary record (JSON, see `payload.summarize`) that list views and ETags read instead of the body, and the
-    id of this one save, by which Redis recognizes a save it applied but could not confirm."""
+    id of this one save, by which Redis recognizes a save it applied but could not confirm. A store given the
+    same id and bytes again without a timestamp answers with the timestamp it gave them (a retry, e.g. of an
+    import, whose id comes from its content): a new save needs a new id."""
 
     head: bytes
     timestamp: int | None

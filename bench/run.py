@@ -408,16 +408,18 @@ def run_rounds(bench: Bench, workloads: list[Workload]) -> RssSampler:
 def fill(client: redis.Redis, count: int, fixture: bytes) -> list[int]:
     """`count` sessions through the Redis backend's public save: the exact layout (sessions, index, summaries,
     expiry, clock) the API writes, one round trip each."""
+    from dataclasses import replace
+
     from allocator import now_ms
-    from payload import parse_session
+    from payload import new_save_id, parse_session
     from store_redis import RedisStore
 
     store = RedisStore(client)
     draft = parse_session(fixture, now_ms())
     stamps: list[int] = []
-    for _ in range(count):
+    for _ in range(count):  # each a save of its own (its own save id), as each request to the API is
         now = now_ms()
-        stamps.append(store.save(draft, now=now, ttl_ms=604_800_000, proposal=now))
+        stamps.append(store.save(replace(draft, save_id=new_save_id()), now=now, ttl_ms=604_800_000, proposal=now))
     return stamps
 
 

@@ -477,8 +477,9 @@ def test_forked_processes_on_one_local_store_never_give_two_saves_the_same_times
     processes saving "in the same millisecond" must still hand out different timestamps: the write-back could
     not put two sessions under one key, so one client would later read another client's session."""
     import os
+    from dataclasses import replace
 
-    from payload import parse_session
+    from payload import new_save_id, parse_session
     from storage import Limits, WhenFull
     from store_sqlite import SqliteStore
 
@@ -492,7 +493,8 @@ def test_forked_processes_on_one_local_store_never_give_two_saves_the_same_times
         if pid == 0:  # a worker: 300 saves, all "in the same millisecond"
             try:
                 store = SqliteStore.open(path, Limits(100_000, 1 << 30, WhenFull.REFUSE))
-                stamps = [save_retrying(store, draft, now) for _ in range(300)]
+                # 300 saves of their own (a retry keeps its save's id: that is what it retries)
+                stamps = [save_retrying(store, replace(draft, save_id=new_save_id()), now) for _ in range(300)]
                 (tmp_path / f"stamps.{worker}").write_text(" ".join(map(str, stamps)))
             except BaseException as error:  # said in the parent's failure, not lost with the child
                 (tmp_path / f"stamps.{worker}").write_text(f"{type(error).__name__}: {error}")
