@@ -127,7 +127,7 @@ def compare_sessions(raw: str, other: str) -> Response:
     """What changed from session `raw` to session `other` (see `compare.py`)."""
     stamps = (_timestamp(raw), _timestamp(other))
     found = [_storage().get(timestamp) for timestamp in stamps]
-    missing = [str(timestamp) for timestamp, row in zip(stamps, found, strict=True) if row is None]
+    missing = list(dict.fromkeys(str(timestamp) for timestamp, row in zip(stamps, found, strict=True) if row is None))
     if missing:
         return error(404, f"Session{'s' if len(missing) > 1 else ''} {' and '.join(missing)} not found")
     before, after = (orjson.loads(row.body) for row in found)
