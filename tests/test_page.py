@@ -9,9 +9,7 @@ from __future__ import annotations
 import copy
 import html.parser
 import http.server
-import os
 import re
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 
-from servers import ROOT, RedisServer, ServiceProcess, free_port, request, wait_for
+from servers import ROOT, RedisServer, ServiceProcess, debian_binary, free_port, request, wait_for
 
 STATIC = ROOT / "static"
 FIXTURE = orjson.loads((ROOT / "tests" / "fixtures" / "session-10kb.json").read_bytes())
@@ -137,22 +135,12 @@ def test_the_page_loads_without_the_token_the_api_asks_for(make_app) -> None:
 # ------------------------------------------------------------------------------------------ a real browser
 
 
-def chromium_binary() -> str:
-    found = shutil.which("chromium") or next((p for p in ("/usr/bin/chromium",) if os.access(p, os.X_OK)), None)
-    if found:
-        return found
-    message = "chromium is not installed (Debian: apt-get install chromium; .ci/run installs it when run as root)"
-    if os.environ.get("CI"):
-        pytest.fail(message)  # CI must run these tests, never skip them quietly
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """One headless Chromium for the whole module; each test gets its own context (its own tab storage)."""
     from playwright.sync_api import sync_playwright
 
-    executable = chromium_binary()
+    executable = debian_binary("chromium", "/usr/bin/chromium")
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
         yield launched
