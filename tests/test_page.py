@@ -12,7 +12,7 @@ import http.server
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,6 @@ HOSTILE_ADDRESS = "127.0.0.2"  # a loopback address, but not a name the service'
 def csp_of(header: str) -> dict[str, set[str]]:
     directives = (part.split() for part in header.split(";") if part.strip())
     return {name: set(values) for name, *values in directives}
-
-
-def routes_of(app) -> set[str]:
-    return {rule.rule for rule in app.url_map.iter_rules()}
 
 
 # ------------------------------------------------------------------------------- what Flask serves (quick)
@@ -239,25 +235,6 @@ def open_list(page: Any, url: str, count: int) -> None:
 
     page.goto(url)
     expect(rows(page)).to_have_count(count)
-
-
-def requires(*paths: str) -> pytest.MarkDecorator:
-    """Skip until the service serves these routes (endpoints other work adds; the page is built for them)."""
-    from app import create_app
-    from config import Config
-
-    missing = [p for p in paths if p not in _served_routes(create_app, Config)]
-    return pytest.mark.skipif(bool(missing), reason=f"the service does not serve {', '.join(missing)} yet")
-
-
-def _served_routes(create_app: Callable, config: type) -> set[str]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        app = create_app(config(local_store="memory", local_store_path=Path(folder) / "unused.sqlite3"))
-        served = {re.sub(r"<[^>]+>", "{}", rule) for rule in routes_of(app)}
-        app.extensions["storyart"].close()
-    return served
 
 
 @pytest.mark.slow
@@ -473,7 +450,6 @@ def test_a_pinned_session_outlives_a_ttl_that_expires_the_others(tab: Tab, own_r
 
 
 @pytest.mark.slow
-@requires("/api/v1/session/{}/compare/{}")
 def test_compare_shows_a_changed_prompt_before_and_after(tab: Tab, sessions: Sessions) -> None:
     from playwright.sync_api import expect
 
@@ -511,7 +487,6 @@ def test_compare_shows_a_changed_prompt_before_and_after(tab: Tab, sessions: Ses
 
 
 @pytest.mark.slow
-@requires("/api/v1/backup")
 def test_a_backup_downloads_every_session(tab: Tab, sessions: Sessions) -> None:
     import zipfile
 
