@@ -41,6 +41,9 @@ _NAME = re.compile(r"^storyart-backup-\d{8}T\d{6}\.\d{3}Z\.zip$")  # what rotati
 _ENTRY = re.compile(r"^sessions/\d{1,16}\.json$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 LAST_ZIP_SECOND = 4_354_819_198  # 2107-12-31 23:59:58, the last time a ZIP entry can carry
+# What `zipfile` raises for a member it cannot give back: damaged (its CRC, its compressed data, cut short),
+# encrypted (RuntimeError: a password is required) or compressed by a method it lacks (NotImplementedError).
+UNREADABLE = (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError)
 COMPRESS_LEVEL = 6  # zlib's default: see the README's "Backups" for what levels 1 and 9 cost
 
 
@@ -243,7 +246,7 @@ def _manifest(archive: zipfile.ZipFile, path: Path) -> list[dict[str, Any]]:
             manifest = orjson.loads(member.read(64 * 1024 * 1024))
     except KeyError:
         raise BackupError(f"{path} is not a StoryArt backup (it has no {MANIFEST})") from None
-    except (orjson.JSONDecodeError, zipfile.BadZipFile, OSError) as error:
+    except (orjson.JSONDecodeError, *UNREADABLE) as error:
         raise BackupError(f"{path} is not a StoryArt backup (its {MANIFEST} cannot be read: {error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BackupError(f"{path} is not a StoryArt backup (its {MANIFEST} is not a {FORMAT} manifest)")
@@ -297,7 +300,7 @@ def _read(archive: zipfile.ZipFile, name: str, max_bytes: int) -> bytes:
             body = member.read(max_bytes + 1)
     except KeyError:
         raise BackupError(f"{name} is missing from the backup") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as error:  # a damaged entry: its CRC, its compressed data
+    except UNREADABLE as error:
         raise BackupError(f"{name} cannot be read ({error})") from None
     if len(body) > max_bytes:
         raise BackupError(f"{name} is larger than MAX_CONTENT_LENGTH ({max_bytes} bytes)")

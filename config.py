@@ -66,7 +66,7 @@ class Config:
     import_max_items: int = 1000
     service_hosts: int = 1  # how many service hosts share the Redis ...
     service_host_index: int = 0  # ... and which one this is (their timestamps never meet, `allocator.Slot`)
-    import_time_limit: float = 20.0  # seconds: under gunicorn's worker timeout (30 s), with room for the reply
+    import_time_limit: float = 20.0  # seconds: well under the 60 s a proxy waits for an answer (nginx sample)
     backup_dir: Path = Path("instance/backups")
     backup_keep: int = 7
     allowed_hosts: tuple[str, ...] = ()  # beyond the loopback names, which are always allowed; "*": any

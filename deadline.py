@@ -3,9 +3,9 @@
 A request reaches the app once its headers are in; the view then reads the body, and the thread serving it
 (one of gunicorn's threads, or the connection's own under `python app.py`) waits for as long as the client
 takes. `BodyDeadline` allows `REQUEST_BODY_TIMEOUT` seconds from that moment until the body's last byte is read
-(or, for a body the app does not read, until it answers). When they are up, one watchdog thread per process
-shuts the read side of the connection, the blocked read ends at once, and whatever the app made of the short
-body is replaced by a JSON 408 on a connection that then closes.
+(a chunked body's end; for a body the app does not read, until it answers). When they are up, one watchdog
+thread per process shuts the read side of the connection, the blocked read ends at once, and whatever the app
+made of the short body is replaced by a JSON 408 on a connection that then closes.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ class BodyDeadline:
             return self.app(environ, start_response)
         watch = self.watchdog.watch(sock, self.seconds)
         declared = environ.get("CONTENT_LENGTH", "")
-        if declared.isdigit():
-            environ["wsgi.input"] = _Input(environ["wsgi.input"], int(declared), lambda: self.watchdog.finish(watch))
+        environ["wsgi.input"] = _Input(environ["wsgi.input"], int(declared) if declared.isdigit() else None,
+                                       lambda: self.watchdog.finish(watch))
 
         late = error_body(f"The request body did not arrive within {self.seconds:g} s (REQUEST_BODY_TIMEOUT).")
 
@@ -120,22 +120,29 @@ class BodyDeadline:
 
 
 class _Input:
-    """`wsgi.input` that calls `done()` once `left` bytes (the declared Content-Length) have been read."""
+    """`wsgi.input` that calls `done()` once the body is in: `left` bytes (the declared Content-Length) read, or,
+    for a chunked body (`left` None), its end met. So a body that arrived in time is never answered with a
+    408, however long the app then works on it (a large import)."""
 
-    def __init__(self, stream: Any, left: int, done: Callable[[], None]) -> None:
+    def __init__(self, stream: Any, left: int | None, done: Callable[[], None]) -> None:
         self.stream, self.left, self.done = stream, left, done
 
-    def _count(self, data: bytes) -> bytes:
-        self.left -= len(data)
-        if self.left <= 0:
+    def _count(self, data: bytes, to_end: bool) -> bytes:
+        if self.left is not None:
+            self.left -= len(data)
+        if to_end or (self.left is not None and self.left <= 0):
             self.done()
         return data
 
     def read(self, size: int | None = -1) -> bytes:
-        return self._count(self.stream.read(size) if size is not None and size >= 0 else self.stream.read())
+        if size is None or size < 0:
+            return self._count(self.stream.read(), to_end=True)
+        data = self.stream.read(size)
+        return self._count(data, to_end=not data and size > 0)  # b"" for a size 0 is no end
 
     def readline(self, size: int | None = -1) -> bytes:
-        return self._count(self.stream.readline(size) if size is not None and size >= 0 else self.stream.readline())
+        data = self.stream.readline() if size is None or size < 0 else self.stream.readline(size)
+        return self._count(data, to_end=not data and size != 0)
 
     def __iter__(self) -> Iterable[bytes]:
         return iter(self.readline, b"")

@@ -12,6 +12,8 @@ from flask.json.provider import JSONProvider
 
 from storage import Stored, session_key
 
+LAST_ISO_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+
 
 class OrjsonProvider(JSONProvider):
     """Flask's JSON through orjson: several times faster than the standard library on 1 MB sessions."""
@@ -66,7 +68,17 @@ def list_item(found: Stored) -> bytes:
 
 def summary_item(found: Stored) -> bytes:
     """A summary record (whose body is the summary JSON) with its identity, ISO time and store."""
-    saved_at = datetime.fromtimestamp(found.timestamp / 1000, UTC).isoformat(timespec="milliseconds")
     return orjson.dumps({"timestamp": found.timestamp, "sessionKey": session_key(found.timestamp),
-                         **orjson.loads(found.body), "savedAt": saved_at.replace("+00:00", "Z"),
+                         **orjson.loads(found.body), "savedAt": saved_at(found.timestamp),
                          "storage": found.storage, "pinned": found.pinned})
+
+
+def saved_at(timestamp: int) -> str | None:
+    """The timestamp as ISO 8601 UTC, or None past the year 9999, which ISO's (and Python's) four-digit years
+    cannot write: another tool may have stored a session under any number of ms, and one such session must
+    not cut the list short."""
+    if timestamp > LAST_ISO_MS:
+        return None
+    seconds, ms = divmod(timestamp, 1000)  # whole numbers: through a float, ms past 2**43 (2248) may be one off
+    when = datetime.fromtimestamp(seconds, UTC).replace(microsecond=ms * 1000)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -487,7 +487,10 @@ class SessionStorage:
 
     def pin(self, timestamp: int, pinned: bool) -> bool:
         """Pin or unpin everywhere, or not at all (a copy left unchanged in Redis would undo it). A pending copy
-        is written back with its pin; one that is not pinned leaves the pin Redis has."""
+        is written back with its pin; one that is not pinned leaves the pin Redis has. Raises `NotASession`,
+        as `get` does, for a record another tool wrote that is not a session: it is not kept forever."""
+        if pinned and self.get(timestamp) is None:
+            return False
         now = now_ms()
         return self._everywhere("pinned" if pinned else "unpinned",
                                 lambda store: store.pin(timestamp, pinned, now=now, ttl_ms=self.ttl_ms))

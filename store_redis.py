@@ -11,6 +11,8 @@ The service's own, outside the public pattern `storyart:session:*`:
 * `storyart:sessions:expiry`: a sorted set of session keys by expiry time, so expired members leave the index;
 * `storyart:sessions:clock`: the last timestamp the service assigned (`allocator.py`);
 * `storyart:sessions:pinned`: a set of the session keys kept forever (their keys and summaries carry no TTL);
+* `storyart:sessions:facets` (a hash, field `<ms>`), `storyart:sessions:story:<storyUuid>` and
+  `storyart:sessions:episode:<n>` (sorted sets of session keys by timestamp): what the list filters read;
 * `storyart:save:<id>`: the timestamp a save (`payload.Draft.save_id`) was stored under, with the session's TTL.
   A save whose reply was lost (Redis died after applying it) fell back to the local store under a timestamp of
   its own; its write-back finds the unconfirmed copy by this key and removes it, so the session exists once,
@@ -243,6 +245,19 @@ facet(key, ARGV[1], ARGV[3])
 return 1
 """
 
+# An indexed record with no facets to record, so that `_complete_facets` does not meet it again: one that is
+# gone leaves every structure; one that is not a session gets empty facets, which no filter matches (they are
+# recorded anew when it is read as a session). KEYS: index, expiry, pinned. ARGV: timestamp.
+_NO_FACETS = _FORGET + """
+local key = '{SESSION}' .. ARGV[1]
+if redis.call('EXISTS', key) == 0 then
+  forget(KEYS[1], KEYS[2], KEYS[3], key)
+else
+  facet(key, ARGV[1], '["","",""]')
+end
+return 0
+"""
+
 # Forget the sessions that expired, before a filtered list reads the facets. KEYS: index, expiry, pinned.
 _PRUNE_NOW = _PRUNE + """
 prune(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]))
@@ -333,6 +348,7 @@ class RedisStore(SessionStore):
         self._delete = client.register_script(_script(_DELETE))
         self._summary = client.register_script(_script(_SUMMARY))
         self._prune_now = client.register_script(_script(_PRUNE_NOW))
+        self._no_facets = client.register_script(_script(_NO_FACETS))
 
     @classmethod
     def from_config(cls, config: Config) -> RedisStore:
@@ -500,17 +516,16 @@ class RedisStore(SessionStore):
 
     def _complete_facets(self) -> None:
         """Record the facets of indexed sessions that have none (saved by another tool, by an older version of
-        the service, or indexed again by `reindex`): once, when the counts differ."""
+        the service, or indexed again by `reindex`): once, when the counts differ. A member left with none (its
+        key is gone, or holds no session) is settled too, or every filtered list would walk the index again."""
         if self.client.hlen(FACETS_KEY) >= self.client.zcard(INDEX_KEY):
             return
         for batch in _batches((int(score) for _, score in self.client.zscan_iter(INDEX_KEY, count=1000)), 500):
             for ts, facets in zip(batch, self.client.hmget(FACETS_KEY, batch), strict=True):
                 if facets is None:
                     meta = self.client.get(f"{META_PREFIX}{ts}")
-                    if meta is None:
-                        self._backfill(ts)
-                    else:
-                        self.store_summary(ts, meta)
+                    if not (self.store_summary(ts, meta) if meta is not None else self._backfill(ts)):
+                        self._no_facets(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY), args=(ts,))
 
     def _backfill(self, timestamp: int) -> bytes:
         """The summary of a session saved without one (by another tool or an older version), stored for next
@@ -527,9 +542,10 @@ class RedisStore(SessionStore):
         self.store_summary(timestamp, summary)
         return summary
 
-    def store_summary(self, timestamp: int, summary: bytes) -> None:
-        """Record a summary and its facets with the session's remaining TTL (none when the session has none)."""
-        self._summary(args=(timestamp, summary, _facets_json(summary)))
+    def store_summary(self, timestamp: int, summary: bytes) -> bool:
+        """Record a summary and its facets with the session's remaining TTL (none when the session has none);
+        False when the session is gone."""
+        return bool(self._summary(args=(timestamp, summary, _facets_json(summary))))
 
     def reindex(self) -> int:
         """Rebuild the index (and the expiry set) from the session keys themselves, walking them with SCAN in

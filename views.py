@@ -127,7 +127,7 @@ def compare_sessions(raw: str, other: str) -> Response:
     """What changed from session `raw` to session `other` (see `compare.py`)."""
     stamps = (_timestamp(raw), _timestamp(other))
     found = [_storage().get(timestamp) for timestamp in stamps]
-    missing = [str(timestamp) for timestamp, row in zip(stamps, found, strict=True) if row is None]
+    missing = list(dict.fromkeys(str(timestamp) for timestamp, row in zip(stamps, found, strict=True) if row is None))
     if missing:
         return error(404, f"Session{'s' if len(missing) > 1 else ''} {' and '.join(missing)} not found")
     before, after = (orjson.loads(row.body) for row in found)
@@ -168,7 +168,7 @@ def _pin(raw: str, *, pinned: bool) -> Response:
 def import_sessions() -> Response:
     """One session or an array of them, as exported: each validated like `save`, timestamps kept. Bounded by
     IMPORT_MAX_ITEMS (413 before anything is stored) and IMPORT_TIME_LIMIT_SECONDS (the items not reached by
-    then are reported `skipped`, so the answer comes well within the worker timeout). A retry stores nothing
+    then are reported `skipped`, so the answer comes well within the 60 s a proxy waits). A retry stores nothing
     twice: an item with a timestamp replaces itself, and one without gets the timestamp it got the first time
     (its save id is its content's hash)."""
     if request.mimetype != "application/json":

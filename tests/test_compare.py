@@ -146,6 +146,7 @@ def test_missing_sessions_are_named_and_bad_timestamps_are_400(client: FlaskClie
         (FIRST, 123, 404, "Session 123 not found"),
         (456, FIRST, 404, "Session 456 not found"),
         (456, 123, 404, "Sessions 456 and 123 not found"),
+        (456, 456, 404, "Session 456 not found"),
         ("12a", FIRST, 400, "The timestamp in the path must be digits (ms since epoch)."),
         (FIRST, "-1", 400, "The timestamp in the path must be digits (ms since epoch)."),
     ):
@@ -162,6 +163,9 @@ def test_a_record_that_is_not_a_session_is_422(make_app, redis_server, redis_db,
     got = compared(client, FIRST, SECOND)
     assert got.status_code == 422 and got.get_json()["success"] is False
     assert str(SECOND) in got.get_json()["error"]
+    pinned = client.post(f"/api/v1/session/{SECOND}/pin", headers={"Content-Type": "application/json"})
+    assert pinned.status_code == 422 and pinned.get_json()["success"] is False  # as a read of it says
+    assert not redis_db.smembers("storyart:sessions:pinned") and redis_db.ttl(f"storyart:session:{SECOND}") > 0
 
 
 def test_reordered_beats_are_not_identical(client: FlaskClient, session_10kb: bytes) -> None:

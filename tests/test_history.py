@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import orjson
 import pytest
@@ -50,8 +51,23 @@ def test_summary_view_describes_each_session(client: FlaskClient) -> None:
     assert item == {
         "timestamp": saved["timestamp"], "sessionKey": saved["sessionKey"], "storyUuid": "story-a",
         "episodeNumber": 5, "title": "Undertow", "sceneCount": 4, "beatCount": 28, "sizeBytes": size,
-        "etag": item["etag"], "savedAt": item["savedAt"], "storage": saved["storage"], "pinned": False}
-    assert item["savedAt"].endswith("Z") and item["savedAt"][:2] == "20"
+        "etag": item["etag"], "savedAt": iso(saved["timestamp"]), "storage": saved["storage"], "pinned": False}
+
+
+def iso(timestamp: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp // 1000)) + f".{timestamp % 1000:03d}Z"
+
+
+def test_a_session_past_the_year_9999_keeps_the_summary_list_whole(redis_server, redis_db, make_app) -> None:
+    """Only another tool writes such a key (a save takes at most one day ahead); ISO 8601 has no year for it."""
+    client = make_app(redis_url=redis_server.url).test_client()
+    saved = save(client, session("Now"))
+    far = 253_402_300_800_000  # 10000-01-01T00:00:00Z
+    redis_db.set(f"storyart:session:{far}", orjson.dumps({**session("Far"), "timestamp": far}))
+    redis_db.zadd(INDEX_KEY, {f"storyart:session:{far}": far})
+    listed = listing(client, "view=summary")
+    assert [(s["title"], s["savedAt"]) for s in listed["sessions"]] == [("Far", None),
+                                                                         ("Now", iso(saved["timestamp"]))]
 
 
 def test_summary_of_an_odd_session_does_not_fail(client: FlaskClient) -> None:

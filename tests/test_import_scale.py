@@ -8,6 +8,8 @@ import pytest
 from flask.testing import FlaskClient
 from test_history import JSON, listing, session
 
+from store_redis import FACETS_KEY, INDEX_KEY
+
 
 def imported(client: FlaskClient, items: list) -> dict:
     got = client.post("/api/v1/session/import", data=orjson.dumps(items), headers=JSON)
@@ -64,3 +66,16 @@ def test_filters_follow_resaves_deletes_and_expiry(client: FlaskClient) -> None:
     assert listing(client, "storyUuid=s2&episode=2&q=MOV")["total"] == 1
     assert client.delete(f"/api/v1/session/{moved['results'][0]['timestamp']}").status_code == 200
     assert listing(client, "storyUuid=s2")["total"] == 0 and listing(client, "q=moving")["total"] == 0
+
+
+def test_index_members_without_a_session_are_settled_once(make_app, redis_server, redis_db) -> None:
+    """Facets are completed while the index has more members than facets: a member whose key another tool
+    deleted, or whose record is not a session, must not keep every later filtered list walking the index."""
+    client = make_app(redis_url=redis_server.url).test_client()
+    imported(client, [session(title="Real", story="s1")])
+    redis_db.set("storyart:session:7", b"not json")  # another tool's records, indexed by it
+    redis_db.zadd(INDEX_KEY, {"storyart:session:7": 7, "storyart:session:9": 9})  # 9: its key is gone
+    assert [s["title"] for s in listing(client, "view=summary&q=real")["sessions"]] == ["Real"]
+    assert redis_db.zscore(INDEX_KEY, "storyart:session:9") is None  # forgotten, as a list page forgets it
+    assert redis_db.hlen(FACETS_KEY) == redis_db.zcard(INDEX_KEY) == 2  # nothing left to complete
+    assert listing(client, "storyUuid=s1")["total"] == 1 and listing(client, "q=not")["total"] == 0

@@ -9,19 +9,17 @@ from __future__ import annotations
 import copy
 import html.parser
 import http.server
-import os
 import re
-import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from servers import ROOT, RedisServer, ServiceProcess, free_port, request, wait_for
+from servers import ROOT, RedisServer, ServiceProcess, debian_binary, free_port, request, wait_for
 
 STATIC = ROOT / "static"
 FIXTURE = orjson.loads((ROOT / "tests" / "fixtures" / "session-10kb.json").read_bytes())
@@ -39,10 +37,6 @@ HOSTILE_ADDRESS = "127.0.0.2"  # a loopback address, but not a name the service'
 def csp_of(header: str) -> dict[str, set[str]]:
     directives = (part.split() for part in header.split(";") if part.strip())
     return {name: set(values) for name, *values in directives}
-
-
-def routes_of(app) -> set[str]:
-    return {rule.rule for rule in app.url_map.iter_rules()}
 
 
 # ------------------------------------------------------------------------------- what Flask serves (quick)
@@ -137,22 +131,12 @@ def test_the_page_loads_without_the_token_the_api_asks_for(make_app) -> None:
 # ------------------------------------------------------------------------------------------ a real browser
 
 
-def chromium_binary() -> str:
-    found = shutil.which("chromium") or next((p for p in ("/usr/bin/chromium",) if os.access(p, os.X_OK)), None)
-    if found:
-        return found
-    message = "chromium is not installed (Debian: apt-get install chromium; .ci/run installs it when run as root)"
-    if os.environ.get("CI"):
-        pytest.fail(message)  # CI must run these tests, never skip them quietly
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """One headless Chromium for the whole module; each test gets its own context (its own tab storage)."""
     from playwright.sync_api import sync_playwright
 
-    executable = chromium_binary()
+    executable = debian_binary("chromium", "/usr/bin/chromium")
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
         yield launched
@@ -251,25 +235,6 @@ def open_list(page: Any, url: str, count: int) -> None:
 
     page.goto(url)
     expect(rows(page)).to_have_count(count)
-
-
-def requires(*paths: str) -> pytest.MarkDecorator:
-    """Skip until the service serves these routes (endpoints other work adds; the page is built for them)."""
-    from app import create_app
-    from config import Config
-
-    missing = [p for p in paths if p not in _served_routes(create_app, Config)]
-    return pytest.mark.skipif(bool(missing), reason=f"the service does not serve {', '.join(missing)} yet")
-
-
-def _served_routes(create_app: Callable, config: type) -> set[str]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        app = create_app(config(local_store="memory", local_store_path=Path(folder) / "unused.sqlite3"))
-        served = {re.sub(r"<[^>]+>", "{}", rule) for rule in routes_of(app)}
-        app.extensions["storyart"].close()
-    return served
 
 
 @pytest.mark.slow
@@ -485,7 +450,6 @@ def test_a_pinned_session_outlives_a_ttl_that_expires_the_others(tab: Tab, own_r
 
 
 @pytest.mark.slow
-@requires("/api/v1/session/{}/compare/{}")
 def test_compare_shows_a_changed_prompt_before_and_after(tab: Tab, sessions: Sessions) -> None:
     from playwright.sync_api import expect
 
@@ -523,7 +487,6 @@ def test_compare_shows_a_changed_prompt_before_and_after(tab: Tab, sessions: Ses
 
 
 @pytest.mark.slow
-@requires("/api/v1/backup")
 def test_a_backup_downloads_every_session(tab: Tab, sessions: Sessions) -> None:
     import zipfile
 

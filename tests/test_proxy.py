@@ -13,7 +13,6 @@ import io
 import os
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,23 +24,13 @@ import pytest
 from werkzeug.test import EnvironBuilder
 
 from drain import DRAIN_MAX_EXCESS
-from servers import ROOT, Response, ServiceProcess, free_port, request, wait_for
+from servers import ROOT, Response, ServiceProcess, debian_binary, free_port, request, wait_for
 
 DEPLOY_CONF = ROOT / "deploy" / "nginx-storyart.conf"
 CLIENT = "127.0.0.2"  # any 127.0.0.0/8 address is local; this one is not the proxy's
 APP_LIMIT = 2 * 1024 * 1024  # MAX_CONTENT_LENGTH of the gunicorn behind nginx
 NGINX_LIMIT = "3m"  # client_max_body_size of the nginx in front: larger, so both layers' 413 can be seen
 BROWSER = "http://localhost:3000"
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
-    if found:
-        return found
-    message = "nginx is not installed (Debian: apt-get install nginx; .ci/run installs it when run as root)"
-    if os.environ.get("CI"):
-        pytest.fail(message)  # CI must run this test, never skip it quietly
-    pytest.skip(message)
 
 
 def site_config(listen_port: int, upstream_ports: list[int]) -> str:
@@ -62,7 +51,7 @@ class Nginx:
 
     def __init__(self, prefix: Path, *upstream_ports: int) -> None:
         self.prefix, self.port = prefix, free_port()
-        self.binary = nginx_binary()
+        self.binary = debian_binary("nginx", "/usr/sbin/nginx")
         (prefix / "temp").mkdir(parents=True, exist_ok=True)
         (prefix / "storyart.conf").write_text(site_config(self.port, list(upstream_ports)), encoding="utf-8")
         temp_paths = "\n".join(f"    {kind}_temp_path {prefix}/temp/{kind};"
