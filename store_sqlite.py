@@ -88,6 +88,7 @@ SCHEMA = (
 # Columns added since the first version of the file: `_create` adds what an older file lacks and fills the
 # facets in from the summaries.
 ADDED_COLUMNS = {
+    "save_id": "TEXT NOT NULL DEFAULT ''",  # files of the first days had none
     "pinned": "INTEGER NOT NULL DEFAULT 0",  # kept forever: its expires_at is storage.NEVER
     "story_uuid": "TEXT",  # the list's filters (`storage.Facets`), indexed below
     "episode": "TEXT",
@@ -133,7 +134,8 @@ class SqliteStore(LocalStore):
         store = cls(path, limits, synchronous)
         try:
             store._create()
-        except sqlite3.OperationalError as error:
+        except (sqlite3.OperationalError, StorageUnavailable) as error:  # the latter: from a transaction
+            store.close()
             raise ConfigError(f"LOCAL_STORE_PATH: cannot open {path}: {error}") from None
         except sqlite3.DatabaseError as error:
             store.close()

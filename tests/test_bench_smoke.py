@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_bench_runs_end_to_end_in_a_tiny_mode(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    args = [sys.executable, "bench/run.py", "--duration", "0.5", "--rounds", "1", "--generator", "python",
+    args = [sys.executable, "bench/run.py", "--duration", "0.3", "--rounds", "1", "--generator", "python",
             "--scale", "30", "--no-tuned-floor", "--json", str(out)]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -70,7 +70,7 @@ def test_a_pin_waits_for_redis_rather_than_half_happen(make_app, redis_server, r
 
 
 OLD_SCHEMA = """CREATE TABLE sessions (timestamp INTEGER PRIMARY KEY, body BLOB NOT NULL, summary BLOB NOT NULL,
-    expires_at INTEGER NOT NULL, origin TEXT NOT NULL, save_id TEXT NOT NULL)"""
+    expires_at INTEGER NOT NULL, origin TEXT NOT NULL)"""  # the first files had no save_id either
 
 
 def test_a_store_file_of_the_previous_version_gains_pins_and_filter_columns(make_app, tmp_path) -> None:
@@ -81,7 +81,7 @@ def test_a_store_file_of_the_previous_version_gains_pins_and_filter_columns(make
     body = b'{"scriptText":"x","episodeContext":"","storyUuid":"story-old","analyzedEpisode":{},"timestamp":1000}'
     with sqlite3.connect(path) as db:
         db.execute(OLD_SCHEMA)
-        db.execute("INSERT INTO sessions VALUES (1000, ?, ?, ?, 'client', 'id')", (body, summary, 2**50))
+        db.execute("INSERT INTO sessions VALUES (1000, ?, ?, ?, 'client')", (body, summary, 2**50))
     client = make_app(local_store_path=path).test_client()
     assert client.get("/api/v1/session/1000").get_json()["data"]["timestamp"] == 1000
     for query in ("storyUuid=story-old", "episode=3", "q=old%20TIMES"):
@@ -89,3 +89,15 @@ def test_a_store_file_of_the_previous_version_gains_pins_and_filter_columns(make
     assert listing(client, "view=summary&storyUuid=other")["total"] == 0
     assert pin(client, 1000).status_code == 200
     assert listing(client, "view=summary")["sessions"][0]["pinned"] is True
+
+
+def test_a_store_file_whose_table_is_not_ours_stops_start_up_naming_it(tmp_path) -> None:
+    from config import ConfigError
+    from storage import Limits
+    from store_sqlite import SqliteStore
+
+    path = tmp_path / "foreign.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE sessions (something_else TEXT)")
+    with pytest.raises(ConfigError, match=f"LOCAL_STORE_PATH: cannot open {path}"):
+        SqliteStore.open(path, Limits())

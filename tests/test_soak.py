@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_soak_loses_nothing_while_redis_is_killed_twice_and_the_service_once() -> None:
-    done = subprocess.run([sys.executable, "bench/soak.py", "--duration", "20", "--kill-service", "--json"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "bench/soak.py", "--duration", "14", "--kill-service", "--json"], cwd=ROOT,
                           capture_output=True, text=True, timeout=240)
     print(done.stdout, done.stderr[-4000:], sep="\n")
     result = orjson.loads(done.stdout.strip().splitlines()[-1])
