@@ -37,7 +37,8 @@ bind = [f"{_host}:{_config.port}"]
 #   latest 123 -> 308 (2.77 -> 2.75), save 32 -> 60 (12.0 -> 12.8): keep-alive outweighs the shared GIL.
 #   SQLite, 3 x 4 -> 3 x 32: latest 543 -> 428 (1.79 -> 1.72), save 59 -> 47 (12.7 -> 15.4); again: latest
 #   479 -> 593 (1.78 -> 1.87), save 83 -> 85 (11.9 -> 14.0): req/s within the machine's noise, saves cost
-#   10-20% more CPU (more writers at once per worker).
+#   10-20% more CPU (more writers at once per worker). Run 3, a quiet machine, with the switch interval below:
+#   Redis latest 663 -> 617 (-7%), save 119 -> 114 (-4%); SQLite latest 898 -> 848 (-6%), save 104 -> 98 (-6%).
 # gevent, also measured, did as well on 1 MB requests, but it turns the SQLite store's per-thread connections
 # into one per connection (never closed) and every lock into a greenlet's. Only the volatile memory store
 # without Redis runs one worker: a second worker would hold sessions the first cannot see.
@@ -55,6 +56,12 @@ keepalive = 5  # seconds an idle connection (a browser's preconnect, a kept-aliv
 # gunicorn's gthread worker lets a new connection wait in a thread up to 5 s for its first bytes before parking it
 # in the poller: 50 idle connections then took every thread for 5 s. 0.1 s is ample for a client that sends.
 gthread.DEFAULT_WORKER_DATA_TIMEOUT = 0.1
+# A worker's threads share one GIL, and Python makes a thread that holds it let go every 5 ms when another waits:
+# 8 clients' 1 MB saves then hand it back and forth mid-parse, costing 1 MB saves 15% of their req/s against the
+# 3 sync workers (bench/run.py --variant, same run: 112.7 vs 132.1 req/s; CPU 11.7 vs 8.8 ms per save). Letting
+# a thread keep it 50 ms (a save's CPU work is 5-10 ms, and I/O lets go anyway) brought it to 126.1 (-4.5%);
+# the idle and slow clients' test still answers others in well under a second. Inherited by every worker.
+sys.setswitchinterval(0.05)
 
 if _config.local_store == "sqlite":
     # Create (or check) the store file in the master, so an unusable path stops start-up with one line before
