@@ -93,6 +93,7 @@ class Config:
             env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
         env.update(os.environ if environ is None else environ)
         sentinels = _sentinels(env)
+        hosts = _int(env, "SERVICE_HOSTS", 1, 1, 64)
         return cls(
             redis_url=_redis_url(env, sentinels),
             host=_host(env),
@@ -127,16 +128,11 @@ class Config:
             redis_sentinel_password=_sentinel_setting(env, "REDIS_SENTINEL_PASSWORD", sentinels),
             redis_wait_replicas=_int(env, "REDIS_WAIT_REPLICAS", 1 if sentinels else 0, 0, 16),
             import_max_items=_int(env, "IMPORT_MAX_ITEMS", 1000, 1, 1_000_000),
-            service_hosts=_int(env, "SERVICE_HOSTS", 1, 1, 64),
-            service_host_index=_host_index(env),
+            service_hosts=hosts,
+            service_host_index=_int(env, "SERVICE_HOST_INDEX", 0, 0, hosts - 1),
             import_time_limit=_float(env, "IMPORT_TIME_LIMIT_SECONDS", 20.0, 0.1, 3600),
             api_token=_token(env),
         )
-
-
-def _host_index(env: Mapping[str, str]) -> int:
-    hosts = _int(env, "SERVICE_HOSTS", 1, 1, 64)
-    return _int(env, "SERVICE_HOST_INDEX", 0, 0, hosts - 1)
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:

@@ -258,9 +258,11 @@ end
 return 0
 """
 
-# Forget the sessions that expired, before a filtered list reads the facets. KEYS: index, expiry, pinned.
+# Forget the sessions that expired, before a filtered list reads the facets; 1 when some indexed sessions
+# have no facets yet (see `_complete_facets`), else 0. KEYS: index, expiry, pinned. ARGV: now.
 _PRUNE_NOW = _PRUNE + """
 prune(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]))
+if redis.call('HLEN', '{FACETS}') < redis.call('ZCARD', KEYS[1]) then return 1 end
 return 0
 """
 
@@ -492,8 +494,8 @@ class RedisStore(SessionStore):
         story's (or episode's) set, then the facets of its members: O(its sessions). A title search alone reads
         the facets of every session (~70 bytes each, the timestamp among them) with one HVALS: O(sessions), and
         only those whose bytes contain the search text are decoded."""
-        self._prune_now(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY), args=(now_ms(),))
-        self._complete_facets()
+        if self._prune_now(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY), args=(now_ms(),)):
+            self._complete_facets()
         if query.story_uuid is not None or query.episode is not None:
             source = f"{STORY_PREFIX}{query.story_uuid}" if query.story_uuid is not None \
                 else f"{EPISODE_PREFIX}{query.episode}"
@@ -516,10 +518,9 @@ class RedisStore(SessionStore):
 
     def _complete_facets(self) -> None:
         """Record the facets of indexed sessions that have none (saved by another tool, by an older version of
-        the service, or indexed again by `reindex`): once, when the counts differ. A member left with none (its
-        key is gone, or holds no session) is settled too, or every filtered list would walk the index again."""
-        if self.client.hlen(FACETS_KEY) >= self.client.zcard(INDEX_KEY):
-            return
+        the service, or indexed again by `reindex`): once, when `_PRUNE_NOW` finds the counts differ. A member
+        left with none (its key is gone, or holds no session) is settled too, or every filtered list would walk
+        the index again."""
         for batch in _batches((int(score) for _, score in self.client.zscan_iter(INDEX_KEY, count=1000)), 500):
             for ts, facets in zip(batch, self.client.hmget(FACETS_KEY, batch), strict=True):
                 if facets is None:
