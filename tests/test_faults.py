@@ -439,8 +439,10 @@ def test_local_store_rss_and_file_plateau_at_the_caps(cap, service, session_1mb)
     assert max(settled) - min(settled) < 48 << 20, f"RSS kept growing (MB over baseline): {growth}"
     assert max(samples) - baseline < cap_bytes * 3 + (96 << 20), f"RSS far above the cap: {growth}"
     assert "local store full: evicted" in server.log()
-    # the WAL comes and goes between checkpoints (up to ~16 MB): the file does not keep growing
-    assert max(files[3:]) - min(files[3:]) <= 24 and max(files) < (cap_bytes >> 20) + 40, f"file grew (MB): {files}"
+    # the WAL comes and goes between checkpoints (~16 MB, more while back-to-back writers keep a checkpoint from
+    # resetting it: 68 MB was seen once in the first round, against 40 after it), and up to 16 MB of freed pages
+    # wait to be handed back: the file does not keep growing
+    assert max(files[3:]) - min(files[3:]) <= 24 and max(files) < (cap_bytes >> 20) + 48, f"file grew (MB): {files}"
     assert request(server.port, "GET", f"/api/v1/session/{min(stamps)}").status == 404  # the oldest went
     assert get(server, "/api/v1/session/latest")["data"]["timestamp"] == max(stamps)
     logging.getLogger(__name__).info("RSS growth per 40 saves (MB): %s", growth)
