@@ -56,6 +56,9 @@ PINNED_KEY = "storyart:sessions:pinned"
 FACETS_KEY = "storyart:sessions:facets"
 STORY_PREFIX = "storyart:sessions:story:"
 EPISODE_PREFIX = "storyart:sessions:episode:"
+# How a hang-up reads, by when it came: mid-handshake, or (TLS 1.3 completes the client's side first) at the
+# first read after it.
+HANGUP_SIGNS = ("EOF occurred", "Connection reset", "Error while reading from socket", "Connection closed by server")
 SAVE_ID_TTL_MS = 30 * 86_400_000  # how long a save id is kept when its session has no TTL
 T = TypeVar("T")
 
@@ -599,10 +602,10 @@ class RedisStore(SessionStore):
     def hint(self, error: redis.RedisError) -> str:
         """A likely cause of `error` an operator can act on, for the log (else ""): a TLS server that requires
         client certificates hangs up on a client without one, which the client only sees as the connection
-        ending mid-handshake."""
+        ending (`HANGUP_SIGNS`)."""
         pool = self.probe.connection_pool
         if issubclass(pool.connection_class, redis.SSLConnection) and not pool.connection_kwargs.get("ssl_certfile") \
-                and any(sign in str(error) for sign in ("EOF occurred", "Connection reset")):
+                and any(sign in str(error) for sign in HANGUP_SIGNS):
             return " (a TLS server that requires client certificates hangs up on a client without one: add " \
                    "ssl_certfile and ssl_keyfile to REDIS_URL)"
         return ""
