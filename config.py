@@ -213,14 +213,20 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     return value
 
 
+_PASSWORD = re.compile(r"^([^:/]+://[^:@/]*):[^@]*@")  # scheme://user:PASSWORD@
+
+
 def _redis_url(env: Mapping[str, str], sentinels: tuple[tuple[str, int], ...]) -> str | None:
     """`REDIS_URL`, else `redis://REDIS_HOST:REDIS_PORT/0` when either is set, else no Redis (memory mode).
     With `REDIS_SENTINELS` the Sentinels name the master, so REDIS_URL may only carry what the data nodes need
     (user, password, database, TLS): a host there, or REDIS_HOST/REDIS_PORT, would contradict them."""
     url = env.get("REDIS_URL", "").strip()
     if url:
-        parts = urlsplit(url)
-        shown = url.replace(f":{parts.password}@", ":***@") if parts.password else url  # never log a password
+        shown = _PASSWORD.sub(r"\1:***@", url)  # never log a password, even of a URL that does not parse
+        try:
+            parts = urlsplit(url)
+        except ValueError as error:  # an unbalanced [IPv6] bracket, say
+            raise ConfigError(f"REDIS_URL: {error}, got {shown!r}") from None
         if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path or sentinels):
             raise ConfigError(f"REDIS_URL: expected redis://host:port/db, got {shown!r}")
         db = parts.path.lstrip("/")
@@ -365,6 +371,9 @@ def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
     raw = env.get("CORS_ORIGINS", "").strip()
     origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
     for origin in origins:
-        if origin != "*" and not _ORIGIN.match(origin):
+        if origin == "*":  # with credentials allowed, any web page the user visits could read and delete sessions
+            raise ConfigError("CORS_ORIGINS: '*' (any origin) is refused: any web page could then read and delete "
+                              "the sessions; list the StoryArt frontend's exact origins, e.g. http://localhost:3000")
+        if not _ORIGIN.match(origin):
             raise ConfigError(f"CORS_ORIGINS: {origin!r} is not an origin like http://host:port")
     return origins

@@ -64,7 +64,8 @@ def test_dotenv_fills_in_but_never_overrides_the_environment(tmp_path: Path) -> 
     ("SERVICE_HOSTS", "0"), ("SERVICE_HOST_INDEX", "1"),
     ("SESSION_TTL_SECONDS", "-5"), ("MAX_CONTENT_LENGTH", "1e9"), ("LOG_LEVEL", "loud"),
     ("REDIS_URL", "http://x"), ("REDIS_URL", "redis://host:6379/db"), ("REDIS_PORT", "x"),
-    ("CORS_ORIGINS", "localhost:3000"), ("MEMORY_MAX_SESSIONS", "0"), ("REDIS_CONNECT_TIMEOUT", "soon"),
+    ("CORS_ORIGINS", "localhost:3000"), ("CORS_ORIGINS", "*"), ("MEMORY_MAX_SESSIONS", "0"),
+    ("REDIS_CONNECT_TIMEOUT", "soon"),
     ("TRUSTED_PROXY_HOPS", "-1"), ("REDIS_URL", "redis://127.0.0.1:abc/0"), ("REDIS_URL", "redis://127.0.0.1:99999/0"),
     ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=abc"), ("HOST", "local host"), ("HOST", "-bad-"),
     ("BACKUP_KEEP", "0"), ("BACKUP_KEEP", "many"), ("BACKUP_DIR", "a\0b"), ("BACKUP_DIR", str(ROOT / "app.py")),
@@ -77,12 +78,17 @@ def test_a_bad_value_names_the_variable(name: str, value: str) -> None:
 
 
 @pytest.mark.parametrize("command", [["app.py"], ["-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"]])
-def test_start_up_with_a_bad_value_stops_with_one_line(command: list[str], tmp_path: Path) -> None:
-    env = {**os.environ, "REDIS_API_PORT": "not-a-port"}
+@pytest.mark.parametrize(("name", "value", "line"), [
+    ("REDIS_API_PORT", "not-a-port", "REDIS_API_PORT: expected a number, got 'not-a-port'"),
+    ("REDIS_URL", "redis://user:pw@[::1/0", "REDIS_URL: Invalid IPv6 URL, got 'redis://user:***@[::1/0'"),
+    ("CORS_ORIGINS", "*", "CORS_ORIGINS: '*' (any origin) is refused: any web page could then read and delete the "
+                          "sessions; list the StoryArt frontend's exact origins, e.g. http://localhost:3000"),
+])
+def test_start_up_with_a_bad_value_stops_with_one_line(command: list[str], name: str, value: str, line: str) -> None:
+    env = {**os.environ, name: value}
     done = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert lines == ["storyart: configuration error: REDIS_API_PORT: expected a number, got 'not-a-port'"]
+    assert done.stderr.strip().splitlines() == [f"storyart: configuration error: {line}"]
 
 
 def test_gunicorn_refuses_several_workers_on_the_memory_store_without_redis() -> None:
