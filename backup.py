@@ -31,7 +31,7 @@ import orjson
 
 from allocator import now_ms
 from payload import Draft, PayloadError, draft_from, head_of, summarize
-from storage import EVERY, Query, RedisState, SessionStorage, StorageUnavailable, session_key
+from storage import EVERY, Query, RedisState, SessionStorage, StorageUnavailable, WhenFull, session_key
 
 FORMAT = "storyart-backup"
 VERSION = 1
@@ -281,7 +281,7 @@ def _restore_one(storage: SessionStorage, archive: zipfile.ZipFile, entry: dict[
     try:
         draft = _exact_draft(body, timestamp)
         existed = storage.exists(timestamp)
-        stored, where = storage.save(draft)
+        stored, where = storage.save(draft, when_full=WhenFull.REFUSE)  # never evicts to make room
     except (PayloadError, StorageUnavailable) as error:
         return {**rejected, "error": str(error)}
     if entry["pinned"]:

@@ -25,7 +25,7 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -147,6 +147,35 @@ class Limits:
     max_bytes: int = 512 * 1024 * 1024
     when_full: WhenFull = WhenFull.EVICT_OLDEST
 
+    def victims(self, *, held: tuple[int, int], size: int, replaced: int | None, oldest: Iterable[tuple[int, int]],
+                when_full: WhenFull | None = None) -> list[int]:
+        """The sessions to evict so that one of `size` bytes fits, given (sessions, bytes) `held` now, the size of
+        the copy it replaces (None for a new one) and the unpinned sessions other than it, oldest first, as
+        (timestamp, bytes). Raises `StorageFull` when it cannot fit, or would need evicting where `when_full`
+        (the caller's policy, else the store's) refuses."""
+        if size > self.max_bytes:
+            raise StorageFull("the session is larger than LOCAL_STORE_MAX_BYTES")
+        over_count = held[0] + (0 if replaced is not None else 1) - self.max_sessions
+        over_bytes = held[1] - (replaced or 0) + size - self.max_bytes
+        if over_count <= 0 and over_bytes <= 0:
+            return []
+        if self.when_full is WhenFull.REFUSE:
+            raise StorageFull("the local store is full of sessions waiting for Redis")
+        if when_full is WhenFull.REFUSE:
+            raise StorageFull(f"the local store is at its caps (LOCAL_STORE_MAX_SESSIONS={self.max_sessions}, "
+                              f"LOCAL_STORE_MAX_BYTES={self.max_bytes}), and an import or restore never evicts "
+                              "a session to make room")
+        victims = []
+        for timestamp, length in oldest:
+            if over_count <= 0 and over_bytes <= 0:
+                break
+            victims.append(timestamp)
+            over_count, over_bytes = over_count - 1, over_bytes - length
+        if over_count > 0 or over_bytes > 0:
+            raise StorageFull("the local store is full of pinned sessions")
+        log.warning("local store full: evicted the %d oldest session(s)", len(victims))
+        return victims
+
 
 class Facets(NamedTuple):
     """What a list filters on, from a summary: what the stores index."""
@@ -214,8 +243,10 @@ class SessionStore(abc.ABC):
     storage: str  # the wire name of this store in `storage` fields
 
     @abc.abstractmethod
-    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int) -> int:
-        """Store `draft` under its own timestamp, or under one the allocator's rule chooses; return it."""
+    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None) -> int:
+        """Store `draft` under its own timestamp, or under one the allocator's rule chooses; return it.
+        `when_full` overrides a local store's policy for this save (an import or a restore refuses rather than
+        evict); Redis evicts nothing itself (a Redis that may is refused at start-up) and ignores it."""
 
     @abc.abstractmethod
     def get(self, timestamp: int) -> Stored | None: ...
@@ -256,6 +287,7 @@ class LocalStore(SessionStore):
 
     storage = LOCAL
     kind: str  # "sqlite" or "memory", for /health
+    limits: Limits
     location: str | None  # the file, for /health
     clock_path: Path | None  # where the processes sharing this store keep the allocator's clock
 
@@ -333,9 +365,10 @@ class SessionStorage:
 
     # -- operations
 
-    def save(self, draft: Draft) -> tuple[int, str]:
+    def save(self, draft: Draft, *, when_full: WhenFull | None = None) -> tuple[int, str]:
         """Store and return (timestamp, where). Raises `StorageUnavailable` (or `StorageFull`) when no store
-        could commit it: then nothing was acknowledged."""
+        could commit it: then nothing was acknowledged. An import or a restore passes `WhenFull.REFUSE`: what
+        it was asked to keep never makes room by evicting other sessions."""
         now = now_ms()
         proposal = self.allocator.propose(now) if draft.timestamp is None else now
         if self.redis is not None and self._state is RedisState.CONNECTED:
@@ -350,7 +383,7 @@ class SessionStorage:
                     with self.local.exclusive():  # an older pending copy must not be written back over it
                         self.local.delete(timestamp)
                 return timestamp, "redis"
-        timestamp = self.local.save(draft, now=now, ttl_ms=self.ttl_ms, proposal=proposal)
+        timestamp = self.local.save(draft, now=now, ttl_ms=self.ttl_ms, proposal=proposal, when_full=when_full)
         if draft.timestamp is None:
             self.allocator.observe(timestamp)
         return timestamp, LOCAL

@@ -18,7 +18,7 @@ import orjson
 
 from allocator import choose, now_ms
 from payload import Draft
-from storage import LOCAL, NEVER, Limits, LocalStore, Origin, Query, Record, StorageFull, Stored, WhenFull, expiry
+from storage import LOCAL, NEVER, Limits, LocalStore, Origin, Query, Record, Stored, WhenFull, expiry
 
 log = logging.getLogger("storyart.storage")
 
@@ -60,7 +60,7 @@ class MemoryStore(LocalStore):
         with self._lock:
             yield
 
-    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int) -> int:
+    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None) -> int:
         with self._lock:
             timestamp, origin = draft.timestamp, Origin.CLIENT
             earlier = self._records.get(self._saves.get(draft.save_id, -1))
@@ -73,7 +73,7 @@ class MemoryStore(LocalStore):
             old = self._records.get(timestamp)
             pinned = old is not None and old.pinned
             self._put(Record(timestamp, draft.render(timestamp), draft.summary,
-                             NEVER if pinned else expiry(now, ttl_ms), origin, draft.save_id, pinned), now)
+                             NEVER if pinned else expiry(now, ttl_ms), origin, draft.save_id, pinned), now, when_full)
             return timestamp
 
     def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
@@ -87,12 +87,12 @@ class MemoryStore(LocalStore):
                 heapq.heappush(self._expiry, (record.expires_at, timestamp))
             return True
 
-    def _put(self, record: Record, now: int) -> None:
+    def _put(self, record: Record, now: int, when_full: WhenFull | None) -> None:
         """Insert or replace; room is made (or refused) before anything changes, so a failed replace keeps the
         old copy."""
         self._purge_expired(now)
         old = self._records.get(record.timestamp)
-        self._make_room(record, len(old.body) if old else 0, 0 if old else 1)
+        self._make_room(record, old, when_full)
         if old:
             self._drop(record.timestamp)
         bisect.insort(self._order, record.timestamp)
@@ -101,28 +101,14 @@ class MemoryStore(LocalStore):
         self._bytes += len(record.body)
         heapq.heappush(self._expiry, (record.expires_at, record.timestamp))
 
-    def _make_room(self, record: Record, freed: int, added: int) -> None:
-        limits = self.limits
-        if len(record.body) > limits.max_bytes:
-            raise StorageFull("the session is larger than LOCAL_STORE_MAX_BYTES")
-        over_count = len(self._records) + added - limits.max_sessions
-        over_bytes = self._bytes - freed + len(record.body) - limits.max_bytes
-        if over_count <= 0 and over_bytes <= 0:
-            return
-        if limits.when_full is WhenFull.REFUSE:
-            raise StorageFull("the local store is full of sessions waiting for Redis")
-        victims = []
-        for oldest in self._order:  # never the one being replaced, never a pinned one
-            if over_count <= 0 and over_bytes <= 0:
-                break
-            if oldest != record.timestamp and not self._records[oldest].pinned:
-                victims.append(oldest)
-                over_count, over_bytes = over_count - 1, over_bytes - len(self._records[oldest].body)
-        if over_count > 0 or over_bytes > 0:
-            raise StorageFull("the local store is full of pinned sessions")
-        for victim in victims:
+    def _make_room(self, record: Record, replaced: Record | None, when_full: WhenFull | None) -> None:
+        """Evict the oldest unpinned sessions (never the one being replaced) as `Limits.victims` says."""
+        others = ((ts, len(self._records[ts].body)) for ts in self._order
+                  if ts != record.timestamp and not self._records[ts].pinned)
+        for victim in self.limits.victims(held=(len(self._records), self._bytes), size=len(record.body),
+                                          replaced=len(replaced.body) if replaced else None, oldest=others,
+                                          when_full=when_full):
             self._drop(victim)
-        log.warning("local store full: evicted the %d oldest session(s)", len(victims))
 
     def _purge_expired(self, now: int) -> None:
         """Drop what has expired: only the due end of the expiry heap is looked at, never every session."""

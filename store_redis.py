@@ -45,7 +45,20 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 from allocator import REDIS_ASSIGN, now_ms
 from config import Config
 from payload import Draft, head_of, summarize
-from storage import KEY_PREFIX, NEVER, Facets, Moved, Origin, Outcome, Query, Record, SessionStore, Stored, session_key
+from storage import (
+    KEY_PREFIX,
+    NEVER,
+    Facets,
+    Moved,
+    Origin,
+    Outcome,
+    Query,
+    Record,
+    SessionStore,
+    Stored,
+    WhenFull,
+    session_key,
+)
 
 META_PREFIX = "storyart:meta:"
 SAVE_PREFIX = "storyart:save:"
@@ -428,7 +441,7 @@ class RedisStore(SessionStore):
             return reply
         raise redis.exceptions.NoScriptError("the script could not be loaded")
 
-    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int) -> int:
+    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None) -> int:
         return self._run_save(draft, now, ttl_ms, proposal, None).timestamp
 
     def write_back(self, record: Record, *, now: int) -> Moved:

@@ -40,7 +40,6 @@ from storage import (
     Origin,
     Query,
     Record,
-    StorageFull,
     StorageUnavailable,
     Stored,
     WhenFull,
@@ -231,7 +230,7 @@ class SqliteStore(LocalStore):
 
     # -- writes
 
-    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int) -> int:
+    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None) -> int:
         with self._write() as db:
             self._purge_expired(db, now)
             timestamp, origin = draft.timestamp, Origin.CLIENT
@@ -246,7 +245,7 @@ class SqliteStore(LocalStore):
                 db.execute("UPDATE state SET last_assigned = max(last_assigned, ?)", (timestamp,))
                 origin = Origin.SERVICE
             body = draft.render(timestamp)
-            self._make_room(db, timestamp, len(body))
+            self._make_room(db, timestamp, len(body), when_full)
             db.execute(UPSERT, (timestamp, body, draft.summary, expiry(now, ttl_ms), origin.value, draft.save_id,
                                 *Facets.of(orjson.loads(draft.summary))))
         return timestamp
@@ -257,30 +256,17 @@ class SqliteStore(LocalStore):
                               "pinned = ?1 WHERE timestamp = ?3 AND expires_at > ?4",
                               (int(pinned), NEVER if pinned else expiry(now, ttl_ms), timestamp, now)).rowcount > 0
 
-    def _make_room(self, db: sqlite3.Connection, timestamp: int, size: int) -> None:
-        limits = self.limits
-        if size > limits.max_bytes:
-            raise StorageFull("the session is larger than LOCAL_STORE_MAX_BYTES")
-        count, nbytes = db.execute("SELECT sessions, bytes FROM state").fetchone()
+    def _make_room(self, db: sqlite3.Connection, timestamp: int, size: int, when_full: WhenFull | None) -> None:
+        """Evict the oldest unpinned sessions (never the one being replaced) as `Limits.victims` says."""
+        held = db.execute("SELECT sessions, bytes FROM state").fetchone()
         old = db.execute("SELECT length(body) FROM sessions WHERE timestamp = ?", (timestamp,)).fetchone()
-        over_count = count + (0 if old else 1) - limits.max_sessions
-        over_bytes = nbytes - (old[0] if old else 0) + size - limits.max_bytes
-        if over_count <= 0 and over_bytes <= 0:
-            return
-        if limits.when_full is WhenFull.REFUSE:
-            raise StorageFull("the local store is full of sessions waiting for Redis")
-        victims = []
-        for victim, length in db.execute("SELECT timestamp, length(body) FROM sessions WHERE timestamp != ? "
-                                         "AND NOT pinned ORDER BY timestamp", (timestamp,)):
-            if over_count <= 0 and over_bytes <= 0:
-                break
-            victims.append((victim,))
-            over_count, over_bytes = over_count - 1, over_bytes - length
-        if over_count > 0 or over_bytes > 0:
-            raise StorageFull("the local store is full of pinned sessions")
-        db.executemany("DELETE FROM sessions WHERE timestamp = ?", victims)
-        log.warning("local store full: evicted the %d oldest session(s)", len(victims))
-        self._reclaim()
+        others = db.execute("SELECT timestamp, length(body) FROM sessions WHERE timestamp != ? AND NOT pinned "
+                            "ORDER BY timestamp", (timestamp,))
+        victims = self.limits.victims(held=held, size=size, replaced=old[0] if old else None, oldest=others,
+                                      when_full=when_full)
+        if victims:
+            db.executemany("DELETE FROM sessions WHERE timestamp = ?", [(victim,) for victim in victims])
+            self._reclaim()
 
     def _purge_expired(self, db: sqlite3.Connection, now: int) -> None:
         if db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,)).rowcount:

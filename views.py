@@ -22,7 +22,7 @@ from backup import default_name, stream
 from compare import compare
 from payload import PayloadError, content_hash, draft_from, parse_json, parse_session, value_limit
 from responses import error, json_response, list_item, session_response, summary_item
-from storage import EVERY, NotASession, Query, RedisState, SessionStorage, StorageUnavailable, session_key
+from storage import EVERY, NotASession, Query, RedisState, SessionStorage, StorageUnavailable, WhenFull, session_key
 
 SERVICE_NAME = "storyart-session"
 LIST_MAX = 100  # the largest page; without `limit` a list has every session
@@ -267,7 +267,7 @@ def _import_one(index: int, item: Any) -> dict[str, Any]:
         if draft.timestamp is None:
             draft = replace(draft, save_id=f"import-{content_hash(draft.head)}")
         existed = draft.timestamp is not None and _storage().exists(draft.timestamp)
-        timestamp, where = _storage().save(draft)
+        timestamp, where = _storage().save(draft, when_full=WhenFull.REFUSE)  # never evicts to make room
     except (PayloadError, StorageUnavailable) as exc:
         return {"index": index, "status": "rejected", "error": str(exc)}
     return {"index": index, "status": "replaced" if existed else "imported", "timestamp": timestamp,

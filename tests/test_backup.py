@@ -21,6 +21,7 @@ import pytest
 from flask import Flask
 
 import backup
+import servers
 import store_memory
 from servers import ROOT, RedisServer
 from storage import SessionStorage
@@ -360,3 +361,48 @@ def test_timestamps_beyond_zip_dates_are_backed_up(make_app, redis_server, redis
     with zipfile.ZipFile(tmp_path / "far.zip") as archive:
         assert archive.read(f"sessions/{far}.json") == body and written.count == 1
         assert archive.getinfo(f"sessions/{far}.json").date_time[0] == 2107
+
+
+@pytest.mark.slow
+def test_a_restore_or_import_into_a_capped_store_refuses_what_does_not_fit_and_evicts_nothing(
+        tmp_path, session_10kb, service) -> None:
+    """No Redis, LOCAL_STORE_MAX_SESSIONS=5, two sessions in the store, a backup of 8: the restore stores three,
+    rejects five naming the cap, exits 1, and both earlier sessions are still there; an import over HTTP the
+    same (it used to evict the oldest sessions and report every item `imported`)."""
+    base = {**{k: v for k, v in os.environ.items() if not k.startswith("REDIS_")}, "LOG_LEVEL": "WARNING",
+            "BACKUP_DIR": str(tmp_path / "backups")}
+    flask = [sys.executable, "-m", "flask", "--app", "app", "sessions"]
+    source = {**base, "LOCAL_STORE_PATH": str(tmp_path / "source.sqlite3")}
+    app_source = service("app", REDIS_URL="", LOCAL_STORE_PATH=source["LOCAL_STORE_PATH"])
+    items = [{**orjson.loads(session_10kb), "timestamp": FIRST + n} for n in range(8)]
+    imported = servers.request(app_source.port, "POST", "/api/v1/session/import", orjson.dumps(items),
+                               {"Content-Type": "application/json"})
+    assert imported.status == 200 and imported.json()["imported"] == 8, imported.body
+    app_source.stop()
+    assert subprocess.run([*flask, "backup"], cwd=ROOT, env=source, capture_output=True, timeout=60).returncode == 0
+    [made] = (tmp_path / "backups").iterdir()
+
+    capped = {**base, "LOCAL_STORE_PATH": str(tmp_path / "capped.sqlite3"), "LOCAL_STORE_MAX_SESSIONS": "5"}
+    target = service("app", REDIS_URL="", LOCAL_STORE_PATH=capped["LOCAL_STORE_PATH"], LOCAL_STORE_MAX_SESSIONS="5")
+    earlier = [{**orjson.loads(session_10kb), "timestamp": FIRST - 10 - n} for n in range(2)]
+    for item in earlier:
+        assert servers.save_request(target.port, orjson.dumps(item)).status == 200
+    done = subprocess.run([*flask, "restore", str(made)], cwd=ROOT, env=capped, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert sum(" imported (memory)" in line for line in lines) == 3
+    assert sum("rejected: the local store is at its caps (LOCAL_STORE_MAX_SESSIONS=5" in line for line in lines) == 5
+    assert lines[-1].startswith(f"Restored 3 of 8 session(s) from {made}: 3 imported, 0 replaced, 5 rejected")
+
+    def listed() -> set[int]:
+        listing = servers.request(target.port, "GET", "/api/v1/session/list?limit=100").json()
+        return {session["timestamp"] for session in listing["sessions"]}
+
+    kept = listed()
+    assert len(kept) == 5 and {item["timestamp"] for item in earlier} <= kept
+    more = [{**orjson.loads(session_10kb), "timestamp": FIRST + 100 + n} for n in range(2)]
+    answer = servers.request(target.port, "POST", "/api/v1/session/import", orjson.dumps(more),
+                             {"Content-Type": "application/json"}).json()
+    assert (answer["imported"], answer["rejected"]) == (0, 2) and "at its caps" in answer["results"][0]["error"]
+    assert listed() == kept
