@@ -70,8 +70,9 @@ FACETS_KEY = "storyart:sessions:facets"
 STORY_PREFIX = "storyart:sessions:story:"
 EPISODE_PREFIX = "storyart:sessions:episode:"
 # How a hang-up reads, by when it came: mid-handshake, or (TLS 1.3 completes the client's side first) at the
-# first read after it.
-HANGUP_SIGNS = ("EOF occurred", "Connection reset", "Error while reading from socket", "Connection closed by server")
+# first read after it, as the server's "certificate required" alert when it arrived before the hang-up.
+HANGUP_SIGNS = ("EOF occurred", "Connection reset", "Error while reading from socket", "Connection closed by server",
+                "CERTIFICATE_REQUIRED")
 SAVE_ID_TTL_MS = 30 * 86_400_000  # how long a save id is kept when its session has no TTL
 T = TypeVar("T")
 
