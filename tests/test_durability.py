@@ -40,14 +40,16 @@ def test_every_worker_answers_a_session_saved_during_an_outage(service, own_redi
     acked = saved(server, session("during the outage"))
     assert acked["storage"] == "memory"
     pids, latest, direct = set(), [], []
-    for _ in range(30):
+    # which worker accepts a connection is the kernel's choice (on a busy machine one may take a long run of
+    # them): read until several workers have answered, at least 30 times
+    while len(latest) < 30 or (len(pids) < 2 and len(latest) < 1000):
         got = read(server, "/api/v1/session/latest")
         latest.append((got.status, got.json()["data"]["timestamp"], got.json().get("partial")))
         direct.append(read(server, f"/api/v1/session/{acked['timestamp']}").status)
         pids.add(health(server)["pid"])
     assert len(pids) > 1, pids  # the reads really reached several workers
-    assert latest == [(200, acked["timestamp"], True)] * 30
-    assert direct == [200] * 30
+    assert latest == [(200, acked["timestamp"], True)] * len(latest)
+    assert direct == [200] * len(direct)
     unreachable = read(server, f"/api/v1/session/{older['timestamp']}")  # it is in the Redis that is away
     assert unreachable.status == 503 and unreachable.headers["retry-after"].isdigit()
     listed = read(server, "/api/v1/session/list").json()

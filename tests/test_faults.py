@@ -426,11 +426,12 @@ def test_local_store_rss_and_file_plateau_at_the_caps(cap, service, session_1mb)
             t.join()
 
     baseline = rss_of_worker(server)
-    samples, files = [], []
+    samples, files, wals = [], [], []
     for _ in range(10):
         hammer(40)
         samples.append(rss_of_worker(server))
-        files.append((store.stat().st_size + Path(f"{store}-wal").stat().st_size) >> 20)
+        files.append(store.stat().st_size >> 20)
+        wals.append(Path(f"{store}-wal").stat().st_size >> 20)
     held = health(server)["memorySessions"]
     cap_bytes = 20 * len(bodies[0]) if cap == "count" else 24 << 20
     assert held == (20 if cap == "count" else (24 << 20) // len(bodies[0]))  # full, and no more than full
@@ -439,15 +440,17 @@ def test_local_store_rss_and_file_plateau_at_the_caps(cap, service, session_1mb)
     assert max(settled) - min(settled) < 48 << 20, f"RSS kept growing (MB over baseline): {growth}"
     assert max(samples) - baseline < cap_bytes * 3 + (96 << 20), f"RSS far above the cap: {growth}"
     assert "local store full: evicted" in server.log()
-    # the WAL comes and goes between checkpoints (~16 MB, more while back-to-back writers keep a checkpoint from
-    # resetting it: 68 MB was seen once in the first round, against 40 after it), and up to 16 MB of freed pages
-    # wait to be handed back: the file does not keep growing
+    # up to 16 MB of freed pages wait to be handed back: the store file does not keep growing. The WAL comes and
+    # goes between checkpoints (journal_size_limit 16 MB once one resets it); how far it runs ahead while
+    # back-to-back writers delay a checkpoint depends on the machine's load (68 MB seen on a busy one), so it is
+    # only held to a bound that still catches a WAL that is never reset.
     assert max(files[3:]) - min(files[3:]) <= 24 and max(files) < (cap_bytes >> 20) + 48, f"file grew (MB): {files}"
+    assert max(wals) < (cap_bytes >> 20) * 4 + 128, f"the WAL was never reset (MB): {wals}"
     assert request(server.port, "GET", f"/api/v1/session/{min(stamps)}").status == 404  # the oldest went
     assert get(server, "/api/v1/session/latest")["data"]["timestamp"] == max(stamps)
     logging.getLogger(__name__).info("RSS growth per 40 saves (MB): %s", growth)
     print(f"local store plateau ({cap} cap): RSS over baseline after each 40 saves, MB: {growth}; "
-          f"file + WAL, MB: {files}")
+          f"file, MB: {files}; WAL, MB: {wals}")
 
 
 def test_log_lines_name_the_failure(service) -> None:

@@ -8,7 +8,9 @@ process a test starts is killed by a finalizer, whatever the test did; only 127.
 guard against hangs.
 """
 
+import atexit
 import contextlib
+import functools
 import http.server
 import json
 import os
@@ -306,14 +308,28 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@functools.cache
+def readable_launcher() -> Path:
+    """A copy of launcher.py, with the one package it needs beside it (psutil), that another user can read
+    wherever the checkout and its virtualenv sit (a clone in a folder only its owner may enter is usual)."""
+    folder = Path(tempfile.mkdtemp(prefix="storyart-launcher-script-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    shutil.copyfile(LAUNCHER, folder / LAUNCHER.name)
+    shutil.copytree(Path(psutil.__file__).parent, folder / "psutil")
+    for path in (folder, *folder.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return folder / LAUNCHER.name
+
+
 def launch(
     tmp_path: Path, cleanup: Cleanup, *args: str, env: dict[str, str] | None = None, user: tuple[str, ...] = ()
 ) -> Run:
     """Start launcher.py with args (always --no-browser), as user (a setpriv prefix) when given."""
     log = tmp_path / f"launcher-{len(cleanup.popens)}.log"
+    script = readable_launcher() if user else LAUNCHER
     with log.open("wb") as out:
         popen = subprocess.Popen(
-            [*user, sys.executable, str(LAUNCHER), "--no-browser", *args], stdin=subprocess.DEVNULL, stdout=out,
+            [*user, sys.executable, str(script), "--no-browser", *args], stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, env=env or clean_env(), cwd=tmp_path,
         )
     cleanup.popens.append(popen)
