@@ -90,6 +90,7 @@ class Record:
     origin: Origin
     save_id: str = ""  # the save's id (`payload.Draft.save_id`)
     pinned: bool = False
+    acked: int = 0  # when this copy was acknowledged (wall clock, ms): what orders it against other copies; 0: unknown
 
     @property
     def draft(self) -> Draft:
@@ -103,11 +104,13 @@ class Outcome(enum.Enum):
     SUPERSEDED = "superseded"  # Redis holds a copy of that client timestamp acknowledged later: that one stays
     RENUMBERED = "renumbered"  # Redis held another session under its (service-assigned) timestamp: both kept
     ALREADY = "already"  # a save of these bytes under this save id was applied before: nothing stored again
+    DELETED = "deleted"  # the timestamp was deleted after this copy was acknowledged: the copy is dropped
 
 
 class Moved(NamedTuple):
     outcome: Outcome
     timestamp: int  # where the session is in Redis now (for SUPERSEDED: where the later copy is)
+    removed: int | None = None  # a copy of this very save Redis applied but never confirmed, removed from there
 
 
 @dataclass
@@ -402,7 +405,8 @@ class SessionStorage:
         return StorageUnavailable("Redis is unreachable, and the session may be there")
 
     def get(self, timestamp: int) -> Stored | None:
-        """A pending local copy first (it was acknowledged after any copy in Redis), then Redis. Raises
+        """A pending local copy first (it was acknowledged after any copy in Redis this host saw; one another
+        host saved since is sorted out by the write-back), then Redis. Raises
         `StorageUnavailable` rather than answer "not found" for a session an unreachable Redis may hold, and
         `NotASession` for a record that is not one."""
         found = self.local.get(timestamp)
@@ -515,7 +519,9 @@ class SessionStorage:
         return found._replace(summary=summary)
 
     def delete(self, timestamp: int) -> bool:
-        """Delete everywhere, or not at all: with Redis configured but away, a copy there would come back."""
+        """Delete everywhere, or not at all: with Redis configured but away, a copy there would come back. Redis
+        keeps a tombstone of the delete, so a copy another host acknowledged before it and still holds is
+        dropped when that host writes it back (`store_redis.RedisStore.delete`)."""
         return self._everywhere("deleted", lambda store: store.delete(timestamp))
 
     def pin(self, timestamp: int, pinned: bool) -> bool:
@@ -569,7 +575,9 @@ class SessionStorage:
         Each move runs inside the local store's write lock: the session is read, written to Redis (same
         timestamp, remaining TTL, index entry and summary) and removed, so whichever process gets there first
         moves it and the others find it gone. A process killed halfway leaves it pending; the next move writes
-        the same bytes again, which changes nothing. An expired session is dropped, not revived.
+        the same bytes again, which changes nothing. An expired session is dropped, not revived. Which copy
+        wins when Redis holds another one, or a delete, under the timestamp: `store_redis.RedisStore.write_back`
+        (contract.md §2, "Which copy wins").
         """
         moved = 0
         while True:
@@ -598,9 +606,14 @@ class SessionStorage:
     def _log_move(record: Record, result: Moved) -> None:
         if result.outcome is Outcome.SUPERSEDED:
             log.info("write-back: session %d was saved again since; the later copy stays", record.timestamp)
+        elif result.outcome is Outcome.DELETED:
+            log.info("write-back: session %d was deleted after this copy was saved; it is dropped", record.timestamp)
         elif result.outcome is Outcome.RENUMBERED:
             log.warning("write-back: Redis already held another session %d; this one is now %d",
                         record.timestamp, result.timestamp)
+        if result.removed is not None:
+            log.info("write-back: session %d was stored in Redis as %d too, by a save whose answer was lost; "
+                     "that unconfirmed copy is removed", record.timestamp, result.removed)
 
     def inspect_redis(self, facts: RedisFacts | None = None) -> None:
         """Check the configured Redis once it answers (at start-up, or when it first does): every problem is

@@ -72,8 +72,10 @@ class MemoryStore(LocalStore):
                 self._last_assigned, origin = max(self._last_assigned, timestamp), Origin.SERVICE
             old = self._records.get(timestamp)
             pinned = old is not None and old.pinned
+            acked = now if old is None else max(now, old.acked + 1)  # after the copy it replaces
             self._put(Record(timestamp, draft.render(timestamp), draft.summary,
-                             NEVER if pinned else expiry(now, ttl_ms), origin, draft.save_id, pinned), now, when_full)
+                             NEVER if pinned else expiry(now, ttl_ms), origin, draft.save_id, pinned, acked), now,
+                      when_full)
             return timestamp
 
     def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:

@@ -16,7 +16,16 @@ The service's own, outside the public pattern `storyart:session:*`:
 * `storyart:save:<id>`: the timestamp a save (`payload.Draft.save_id`) was stored under, with the session's TTL.
   A save whose reply was lost (Redis died after applying it) fell back to the local store under a timestamp of
   its own; its write-back finds the unconfirmed copy by this key and removes it, so the session exists once,
-  under the timestamp its client was given.
+  under the timestamp its client was given;
+* `storyart:sessions:acked`: a hash, field `<ms>`, value when the copy Redis holds under it was acknowledged
+  (ms): what a write-back compares a pending copy's own acknowledgement time with;
+* `storyart:deleted:<ms>`: a delete's tombstone, the time of the delete (ms), kept `tombstone_ms` (at least 30
+  days): a pending copy acknowledged before it is dropped at its write-back instead of bringing the session back.
+
+Which copy wins (docs/contract.md §2): the one acknowledged last, by these times, never by expiry. A session key
+another tool wrote keeps whatever `storyart:sessions:acked` said before (nothing, for a key the service never
+wrote: 0): the tool wrote after that time, so a pending copy acknowledged earlier still loses to it, and one
+acknowledged later wins (when the tool wrote in between is unknown; the copy this service acknowledged is kept).
 
 A request that needs several commands runs them in one Lua script: one round trip, and atomic across every
 thread, worker and host that shares the Redis.
@@ -50,7 +59,6 @@ from storage import (
     NEVER,
     Facets,
     Moved,
-    Origin,
     Outcome,
     Query,
     Record,
@@ -62,6 +70,8 @@ from storage import (
 
 META_PREFIX = "storyart:meta:"
 SAVE_PREFIX = "storyart:save:"
+DELETED_PREFIX = "storyart:deleted:"
+ACKED_KEY = "storyart:sessions:acked"
 INDEX_KEY = "storyart:sessions:index"
 EXPIRY_KEY = "storyart:sessions:expiry"
 CLOCK_KEY = "storyart:sessions:clock"
@@ -74,6 +84,10 @@ EPISODE_PREFIX = "storyart:sessions:episode:"
 HANGUP_SIGNS = ("EOF occurred", "Connection reset", "Error while reading from socket", "Connection closed by server",
                 "CERTIFICATE_REQUIRED")
 SAVE_ID_TTL_MS = 30 * 86_400_000  # how long a save id is kept when its session has no TTL
+# How long a delete's tombstone is kept at least (longer when the session TTL is longer): a pending copy
+# acknowledged before the delete has expired by then, unless it is pinned or sessions never expire; such a copy
+# on a host that stays away longer comes back (docs/decisions.md, "Tombstones").
+TOMBSTONE_MS = 30 * 86_400_000
 T = TypeVar("T")
 
 # A session that is gone leaves every structure of the service: the index, the expiry and pinned sets, and the
@@ -103,6 +117,7 @@ local function forget(index, expiry, pinned, key)
   redis.call('ZREM', expiry, key)
   redis.call('SREM', pinned, key)
   unfacet(key, string.sub(key, {ID_AT}))
+  redis.call('HDEL', '{ACKED}', string.sub(key, {ID_AT}))
 end
 """
 
@@ -124,38 +139,51 @@ local function prune(index, expiry, pinned, now)
 end
 """
 
-# Save one session atomically; returns {outcome, timestamp}. KEYS: index, expiry, clock, pinned.
-# ARGV: head, summary, now (ms), TTL (ms; 0: none), the client's timestamp or "", the allocator's proposal,
-# for a write-back the session's origin ("client" or "service"; "" for a save), the save's id, "1" to pin it
-# (a write-back of a pinned session), and its facets. A pinned session saved again stays pinned, without a TTL.
+# Save one session atomically; returns {outcome, timestamp, the unconfirmed copy removed or ""}. KEYS: index,
+# expiry, clock, pinned. ARGV: head, summary, now (ms), TTL (ms; 0: none), the client's timestamp or "", the
+# allocator's proposal, for a write-back the session's origin ("client" or "service"; "" for a save), the save's
+# id, "1" to pin it (a write-back of a pinned session), its facets, and for a write-back when the pending copy
+# was acknowledged (ms). A pinned session saved again stays pinned, without a TTL.
 # A save without a timestamp whose id was applied before to these very bytes (a retried import: its id comes
 # from its content) is not stored again: 'already' and that timestamp.
-# A save replaces whatever holds its timestamp. A write-back that meets a *different* session there: for a
-# client timestamp, the copy acknowledged later wins (the later expiry; 'superseded' when Redis's copy
-# outlives the pending one, which only a save through another host can cause; a pending copy without expiry
-# wins); for a service-assigned one (two processes chose the same millisecond) both are kept and the
-# written-back one takes the next free timestamp ('renumbered').
+# A save is acknowledged now, or just after the copy it replaces or the delete before it, whichever is later
+# (so the order holds when clocks differ a little); `{ACKED}` records it.
+# A write-back is ordered by when its copy was acknowledged: a delete of its timestamp since ('deleted') or a
+# *different* copy acknowledged later ('superseded') wins over it; for a service-assigned timestamp a different
+# session there is another one that met it (two processes chose the same millisecond): both are kept, the
+# written-back one under the next free timestamp ('renumbered'). Expiry and pins play no part. A copy of this
+# very attempt that Redis applied without confirming it (same save id and bytes, same acknowledgement time, so
+# the same request's fallback) is removed; a copy the save id names that was confirmed (a retried import) or
+# pinned never is.
 _SAVE = _PRUNE + """
 local function fmt(n) return string.format('%d', n) end
 local head, summary, now, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local ts, proposal, origin = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local ts, proposal, origin, acked = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[11])
 local clock, save = KEYS[3], '{SAVE}' .. ARGV[8]
-local outcome = 'stored'
+local outcome, removed = 'stored', ''
 local applied = redis.call('GET', save)
 if origin == '' and not ts and applied and redis.call('GET', '{SESSION}' .. applied) == head .. applied .. '}' then
-  return {'already', applied}
+  return {'already', applied, ''}
 end
 if origin ~= '' then
-  if applied and tonumber(applied) ~= ts and redis.call('GET', '{SESSION}' .. applied) == head .. applied .. '}' then
+  local dead = redis.call('GET', '{DELETED}' .. fmt(ts))
+  if dead and acked <= tonumber(dead) then return {'deleted', fmt(ts), ''} end
+  if applied and tonumber(applied) ~= ts and redis.call('HGET', '{ACKED}', applied) == fmt(acked)
+      and redis.call('SISMEMBER', KEYS[4], '{SESSION}' .. applied) == 0
+      and redis.call('GET', '{SESSION}' .. applied) == head .. applied .. '}' then
     redis.call('DEL', '{SESSION}' .. applied, '{META}' .. applied)  -- applied, never confirmed to anyone
     forget(KEYS[1], KEYS[2], KEYS[4], '{SESSION}' .. applied)
+    removed = applied
   end
   local current = redis.call('GET', '{SESSION}' .. fmt(ts))
-  if current and current ~= head .. fmt(ts) .. '}' then
-    if origin == 'service' then
+  if current then
+    local theirs = tonumber(redis.call('HGET', '{ACKED}', fmt(ts)) or '0')
+    if current == head .. fmt(ts) .. '}' then
+      acked = math.max(acked, theirs)
+    elseif origin == 'service' then
       proposal, ts, outcome = ts, nil, 'renumbered'
-    elseif ttl > 0 and redis.call('PTTL', '{SESSION}' .. fmt(ts)) > ttl then
-      return {'superseded', fmt(ts)}
+    elseif theirs > acked then
+      return {'superseded', fmt(ts), removed}
     end
   end
 end
@@ -164,6 +192,10 @@ if not ts then
 end
 local id = fmt(ts)
 local key = '{SESSION}' .. id
+if not acked then
+  acked = math.max(now, tonumber(redis.call('HGET', '{ACKED}', id) or '-1') + 1,
+                   tonumber(redis.call('GET', '{DELETED}' .. id) or '-1') + 1)
+end
 if ARGV[9] == '1' or redis.call('SISMEMBER', KEYS[4], key) == 1 then
   redis.call('SADD', KEYS[4], key)
   ttl = 0
@@ -179,9 +211,10 @@ else
 end
 redis.call('SET', save, id, 'PX', fmt(ttl > 0 and ttl or {SAVE_ID_TTL}))
 redis.call('ZADD', KEYS[1], id, key)
+redis.call('HSET', '{ACKED}', id, fmt(acked))
 facet(key, id, ARGV[10])
 prune(KEYS[1], KEYS[2], KEYS[4], now)
-return {outcome, id}
+return {outcome, id, removed}
 """
 
 # The newest session's timestamp, or false. KEYS: index, expiry, pinned. ARGV: now. Members whose key is gone
@@ -238,12 +271,17 @@ end
 return 1
 """
 
-# Delete one session; 1 if it existed. KEYS: index, expiry, pinned. ARGV: timestamp.
+# Delete one session, found or not, and leave its tombstone: the delete's time (now, or just after the copy it
+# deletes or an earlier delete, whichever is later), kept ARGV[3] ms; 1 if the session existed. KEYS: index,
+# expiry, pinned. ARGV: timestamp, now (ms), how long the tombstone is kept (ms).
 _DELETE = _FORGET + """
-local key = '{SESSION}' .. ARGV[1]
+local key, tomb = '{SESSION}' .. ARGV[1], '{DELETED}' .. ARGV[1]
+local dead = math.max(tonumber(ARGV[2]), tonumber(redis.call('HGET', '{ACKED}', ARGV[1]) or '-1') + 1,
+                      tonumber(redis.call('GET', tomb) or '-1'))
 local existed = redis.call('DEL', key)
 redis.call('DEL', '{META}' .. ARGV[1])
 forget(KEYS[1], KEYS[2], KEYS[3], key)
+redis.call('SET', tomb, string.format('%d', dead), 'PX', ARGV[3])
 return existed
 """
 
@@ -323,6 +361,7 @@ def _facets_json(summary: bytes) -> bytes:
 
 def _script(source: str) -> str:
     names = {"{SESSION}": KEY_PREFIX, "{META}": META_PREFIX, "{SAVE}": SAVE_PREFIX, "{FACETS}": FACETS_KEY,
+             "{ACKED}": ACKED_KEY, "{DELETED}": DELETED_PREFIX,
              "{STORY}": STORY_PREFIX, "{EPISODE}": EPISODE_PREFIX, "{SAVE_ID_TTL}": str(SAVE_ID_TTL_MS),
              "{ID_AT}": str(len(KEY_PREFIX) + 1)}
     for name, value in names.items():
@@ -355,11 +394,13 @@ class RedisStore(SessionStore):
     SCAN_BATCH = 500  # summaries fetched per round trip when a list filters on them
 
     def __init__(self, client: redis.Redis, probe: redis.Redis | None = None, *,
-                 replication: Replication = Replication(), sentinel: Sentinel | None = None) -> None:
+                 replication: Replication = Replication(), sentinel: Sentinel | None = None,
+                 tombstone_ms: int = TOMBSTONE_MS) -> None:
         self.client = client
         self.probe = probe or client  # pings: answers within the connect timeout, or Redis counts as down
         self.replication = replication
         self.sentinel = sentinel
+        self.tombstone_ms = tombstone_ms
         self._save = client.register_script(_script(_SAVE))
         self._latest = client.register_script(_script(_LATEST))
         self._page = client.register_script(_script(_PAGE))
@@ -378,11 +419,12 @@ class RedisStore(SessionStore):
         limits = {"socket_connect_timeout": config.redis_connect_timeout, "retry": Retry(NoBackoff(), 0)}
         pool_size = {"max_connections": config.redis_max_connections, "timeout": config.redis_socket_timeout}
         replication = Replication(config.redis_wait_replicas, max(1, round(config.redis_connect_timeout * 1000)))
+        kept = {"tombstone_ms": max(TOMBSTONE_MS, config.session_ttl_seconds * 1000)}
         if not config.redis_sentinels:
             pool = redis.BlockingConnectionPool.from_url(config.redis_url, socket_timeout=config.redis_socket_timeout,
                                                          **pool_size, **limits)
             probe = redis.Redis.from_url(config.redis_url, socket_timeout=config.redis_connect_timeout, **limits)
-            return cls(redis.Redis(connection_pool=pool), probe, replication=replication)
+            return cls(redis.Redis(connection_pool=pool), probe, replication=replication, **kept)
         node = parse_url(config.redis_url or "redis://")
         tls = {k: v for k, v in node.items() if k.startswith("ssl_")}
         if node.pop("connection_class", None) is redis.SSLConnection:
@@ -394,7 +436,7 @@ class RedisStore(SessionStore):
         client = sentinel.master_for(name, connection_pool_class=_BlockingSentinelPool,
                                      **{"socket_timeout": config.redis_socket_timeout, **pool_size, **limits, **node})
         probe = sentinel.master_for(name, **{"socket_timeout": config.redis_connect_timeout, **limits, **node})
-        return cls(client, probe, replication=replication, sentinel=sentinel)
+        return cls(client, probe, replication=replication, sentinel=sentinel, **kept)
 
     @property
     def master(self) -> str | None:
@@ -413,12 +455,14 @@ class RedisStore(SessionStore):
 
     # -- writes
 
-    def _run_save(self, draft: Draft, now: int, ttl_ms: int, proposal: int, origin: Origin | None,
-                  pin: bool = False) -> Moved:
+    def _run_save(self, draft: Draft, now: int, ttl_ms: int, proposal: int, pending: Record | None = None) -> Moved:
+        """A save (`pending` None) or the write-back of `pending`, whose draft `draft` is."""
+        origin, pin, acked = ("", "", "") if pending is None else \
+            (pending.origin.value, "1" if pending.pinned else "", pending.acked)
         args = (draft.head, draft.summary, now, ttl_ms, "" if draft.timestamp is None else draft.timestamp, proposal,
-                origin.value if origin else "", draft.save_id, "1" if pin else "", _facets_json(draft.summary))
-        outcome, stored_as = self._write(self._save, (INDEX_KEY, EXPIRY_KEY, CLOCK_KEY, PINNED_KEY), args)
-        return Moved(Outcome(outcome.decode()), int(stored_as))
+                origin, draft.save_id, pin, _facets_json(draft.summary), acked)
+        outcome, stored_as, removed = self._write(self._save, (INDEX_KEY, EXPIRY_KEY, CLOCK_KEY, PINNED_KEY), args)
+        return Moved(Outcome(outcome.decode()), int(stored_as), int(removed) if removed else None)
 
     def _write(self, script: Script, keys: tuple[str, ...], args: tuple = ()) -> Any:
         """Run a writing script; with `REDIS_WAIT_REPLICAS`, followed by WAIT on the same connection (WAIT
@@ -443,19 +487,23 @@ class RedisStore(SessionStore):
         raise redis.exceptions.NoScriptError("the script could not be loaded")
 
     def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None) -> int:
-        return self._run_save(draft, now, ttl_ms, proposal, None).timestamp
+        return self._run_save(draft, now, ttl_ms, proposal).timestamp
 
     def write_back(self, record: Record, *, now: int) -> Moved:
-        """Recreate a pending session from the local store with its timestamp, remaining TTL and pin. Writing
-        the same bytes twice changes nothing, so a write-back cut short and repeated stores one copy."""
+        """Recreate a pending session from the local store with its timestamp, remaining TTL, pin and the time
+        it was acknowledged, unless Redis holds a copy acknowledged later or a later delete (see `_SAVE`).
+        Writing the same bytes twice changes nothing, so a write-back cut short and repeated stores one copy."""
         ttl_ms = 0 if record.expires_at == NEVER else record.expires_at - now
-        return self._run_save(record.draft, now, ttl_ms, record.timestamp, record.origin, record.pinned)
+        return self._run_save(record.draft, now, ttl_ms, record.timestamp, record)
 
     def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
         return bool(self._write(self._pin, (EXPIRY_KEY, PINNED_KEY), (timestamp, int(pinned), now, ttl_ms)))
 
     def delete(self, timestamp: int) -> bool:
-        return bool(self._write(self._delete, (INDEX_KEY, EXPIRY_KEY, PINNED_KEY), (timestamp,)))
+        """Delete the session and leave a tombstone (`_DELETE`), found or not: a copy another host still holds
+        and acknowledged before this delete is dropped at its write-back."""
+        return bool(self._write(self._delete, (INDEX_KEY, EXPIRY_KEY, PINNED_KEY),
+                                (timestamp, now_ms(), self.tombstone_ms)))
 
     # -- reads
 

@@ -96,6 +96,9 @@ ADDED_COLUMNS = {
     "story_uuid": "TEXT",  # the list's filters (`storage.Facets`), indexed below
     "episode": "TEXT",
     "title": "TEXT",  # casefolded
+    # When the copy was acknowledged (ms), which orders it against a copy Redis holds; 0 in an older file:
+    # acknowledged before anything this version acknowledged.
+    "acked": "INTEGER NOT NULL DEFAULT 0",
 }
 # Covering indexes: a filtered list is counted and cut from an index alone, never from the rows, whose small
 # columns sit behind the body's overflow pages. (`+expires_at` in the queries keeps SQLite from choosing the
@@ -107,12 +110,14 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS sessions_by_save ON sessions (save_id)",  # a retried import finds its first copy
 )
 
-# A save replaces whatever holds its timestamp; a pinned session stays pinned.
-UPSERT = """INSERT INTO sessions (timestamp, body, summary, expires_at, origin, save_id, story_uuid, episode, title)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+# A save replaces whatever holds its timestamp, acknowledged after it (even should the clock step back); a pinned
+# session stays pinned.
+UPSERT = """INSERT INTO sessions (timestamp, body, summary, expires_at, origin, save_id, story_uuid, episode, title,
+    acked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (timestamp) DO UPDATE SET body = excluded.body, summary = excluded.summary,
     expires_at = CASE WHEN pinned THEN expires_at ELSE excluded.expires_at END, origin = excluded.origin,
-    save_id = excluded.save_id, story_uuid = excluded.story_uuid, episode = excluded.episode, title = excluded.title"""
+    save_id = excluded.save_id, story_uuid = excluded.story_uuid, episode = excluded.episode, title = excluded.title,
+    acked = max(excluded.acked, sessions.acked + 1)"""
 
 
 class SqliteStore(LocalStore):
@@ -247,7 +252,7 @@ class SqliteStore(LocalStore):
             body = draft.render(timestamp)
             self._make_room(db, timestamp, len(body), when_full)
             db.execute(UPSERT, (timestamp, body, draft.summary, expiry(now, ttl_ms), origin.value, draft.save_id,
-                                *Facets.of(orjson.loads(draft.summary))))
+                                *Facets.of(orjson.loads(draft.summary)), now))
         return timestamp
 
     def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
@@ -341,12 +346,12 @@ class SqliteStore(LocalStore):
         return [found[ts] for ts in timestamps if ts in found]
 
     def oldest(self) -> Record | None:
-        rows = self._read("SELECT timestamp, body, summary, expires_at, origin, save_id, pinned FROM sessions "
+        rows = self._read("SELECT timestamp, body, summary, expires_at, origin, save_id, pinned, acked FROM sessions "
                           "ORDER BY timestamp LIMIT 1")
         if not rows:
             return None
-        timestamp, body, summary, expires_at, origin, save_id, pinned = rows[0]
-        return Record(timestamp, body, summary, expires_at, Origin(origin), save_id, bool(pinned))
+        timestamp, body, summary, expires_at, origin, save_id, pinned, acked = rows[0]
+        return Record(timestamp, body, summary, expires_at, Origin(origin), save_id, bool(pinned), acked)
 
     def count(self) -> tuple[int, int]:
         sessions, nbytes = self._read("SELECT sessions, bytes FROM state")[0]

@@ -82,8 +82,10 @@ def test_a_store_file_of_the_previous_version_gains_pins_and_filter_columns(make
     with sqlite3.connect(path) as db:
         db.execute(OLD_SCHEMA)
         db.execute("INSERT INTO sessions VALUES (1000, ?, ?, ?, 'client')", (body, summary, 2**50))
-    client = make_app(local_store_path=path).test_client()
+    app = make_app(local_store_path=path)
+    client = app.test_client()
     assert client.get("/api/v1/session/1000").get_json()["data"]["timestamp"] == 1000
+    assert app.extensions["storyart"].local.oldest().acked == 0  # acknowledged before anything recorded since
     for query in ("storyUuid=story-old", "episode=3", "q=old%20TIMES"):
         assert listing(client, f"view=summary&{query}")["total"] == 1, query
     assert listing(client, "view=summary&storyUuid=other")["total"] == 0

@@ -119,7 +119,9 @@ def test_redis_layout_is_the_public_contract(make_app, redis_server, redis_db: r
     assert len(ours) == 3 + 2 * len(stamps)  # one save id per save
     ours |= {"storyart:sessions:facets"} | {k.decode() for k in redis_db.scan_iter("storyart:sessions:story:*")}
     ours |= {k.decode() for k in redis_db.scan_iter("storyart:sessions:episode:*")}
-    assert len(ours) == 6 + 2 * len(stamps)  # the list filters' facets: one story, one episode
+    ours |= {"storyart:sessions:acked"}  # when each copy was acknowledged: a hash beside the session keys
+    assert len(ours) == 7 + 2 * len(stamps)  # the list filters' facets: one story, one episode
+    assert sorted(int(ts) for ts in redis_db.hkeys("storyart:sessions:acked")) == sorted(stamps)
     assert {k.decode() for k in redis_db.scan_iter("*")} - set(session_keys) == ours
     assert redis_db.zcard(INDEX_KEY) == 3
 
@@ -419,6 +421,19 @@ def test_oldest_and_exclusive_are_what_a_write_back_walks(local_kind) -> None:
     assert local.oldest().origin is Origin.SERVICE and local.oldest().timestamp == assigned
 
 
+def test_each_copy_keeps_when_it_was_acknowledged(local_kind) -> None:
+    """What orders a pending copy against Redis's: the time of its save, after the copy it replaced even when
+    the clock stepped back; a pin or an unpin is not a save and changes nothing."""
+    local = local_kind(Limits())
+    now = now_ms()
+    ts = put(local, draft("v0", timestamp=now - 50), now=now)
+    assert local.oldest().acked == now
+    put(local, draft("v1", timestamp=ts), now=now - 5_000)  # the clock stepped back
+    assert local.oldest().acked == now + 1
+    assert local.pin(ts, True, now=now + 10, ttl_ms=60_000) and local.pin(ts, False, now=now + 20, ttl_ms=60_000)
+    assert local.oldest().acked == now + 1
+
+
 def test_build_storage_uses_the_configured_local_store(tmp_path) -> None:
     import store_memory
 
@@ -574,25 +589,64 @@ def test_two_hosts_in_the_same_millisecond_get_distinct_timestamps(redis_server,
         host.close()
 
 
-def test_write_back_outcomes(redis_store: RedisStore) -> None:
-    """Redis holds another session under a pending one's timestamp: a client timestamp's later copy wins,
-    a service-assigned clash keeps both, and the same bytes again change nothing."""
+def test_write_back_outcomes(redis_store: RedisStore, redis_db) -> None:
+    """Redis holds another copy under a pending one's timestamp: the copy acknowledged later wins, whatever
+    their expiries and pins; a service-assigned clash keeps both; the same bytes again change nothing; a delete
+    acknowledged after the pending copy drops it, and a copy acknowledged after the delete is stored."""
     now = now_ms()
-    put(redis_store, draft("in redis", timestamp=now))
+    put(redis_store, draft("in redis", timestamp=now), now=now)
+    assert redis_store.pin(now, True, now=now, ttl_ms=60_000)  # no expiry at all: expiry must not decide
 
-    def pending(text: str, origin: Origin, ttl_ms: int) -> Record:
+    def pending(text: str, origin: Origin, acked: int, ttl_ms: int = 30_000) -> Record:
         d = draft(text, timestamp=now)
-        return Record(now, d.render(now), d.summary, now_ms() + ttl_ms, origin)
+        return Record(now, d.render(now), d.summary, now_ms() + ttl_ms, origin, acked=acked)
 
-    assert redis_store.write_back(pending("older", Origin.CLIENT, 30_000), now=now_ms()) == (Outcome.SUPERSEDED, now)
+    older = redis_store.write_back(pending("older", Origin.CLIENT, now - 1, ttl_ms=90_000), now=now_ms())
+    assert older == (Outcome.SUPERSEDED, now, None)
     assert body_of(redis_store.get(now))["scriptText"] == "in redis"
-    moved = redis_store.write_back(pending("clash", Origin.SERVICE, 30_000), now=now_ms())
+    moved = redis_store.write_back(pending("clash", Origin.SERVICE, now + 5), now=now_ms())
     assert moved.outcome is Outcome.RENUMBERED and moved.timestamp > now
     assert body_of(redis_store.get(moved.timestamp)) == {**body_of(redis_store.get(now)), "scriptText": "clash",
                                                           "timestamp": moved.timestamp}
-    assert redis_store.write_back(pending("in redis", Origin.SERVICE, 30_000), now=now_ms()) == (Outcome.STORED, now)
-    assert redis_store.write_back(pending("newer", Origin.CLIENT, 90_000), now=now_ms()) == (Outcome.STORED, now)
-    assert body_of(redis_store.get(now))["scriptText"] == "newer"
+    same = redis_store.write_back(pending("in redis", Origin.SERVICE, now - 5), now=now_ms())
+    assert same == (Outcome.STORED, now, None) and redis_db.hget("storyart:sessions:acked", now) == b"%d" % now
+    newer = redis_store.write_back(pending("newer", Origin.CLIENT, now + 1, ttl_ms=1_000), now=now_ms())
+    assert newer == (Outcome.STORED, now, None)
+    assert body_of(redis_store.get(now))["scriptText"] == "newer" and redis_store.get(now).pinned
+    assert redis_store.delete(now) and not redis_store.delete(now)
+    dead = int(redis_db.get(f"storyart:deleted:{now}"))
+    assert dead > now + 1 and redis_db.pttl(f"storyart:deleted:{now}") > 29 * DAY_MS  # the tombstone, bounded
+    dropped = redis_store.write_back(pending("acknowledged before the delete", Origin.CLIENT, dead), now=now_ms())
+    assert dropped == (Outcome.DELETED, now, None) and redis_store.get(now) is None
+    again = redis_store.write_back(pending("acknowledged after it", Origin.CLIENT, dead + 1), now=now_ms())
+    assert again == (Outcome.STORED, now, None)
+    assert body_of(redis_store.get(now))["scriptText"] == "acknowledged after it"
+    put(redis_store, draft("saved after a later delete", timestamp=now), now=now - 60_000)  # a clock behind
+    redis_store.delete(now)
+    put(redis_store, draft("saved after that", timestamp=now), now=now - 60_000)
+    assert int(redis_db.hget("storyart:sessions:acked", now)) > int(redis_db.get(f"storyart:deleted:{now}")) > dead
+
+
+def test_a_key_another_tool_rewrote_is_ordered_by_what_the_service_knows(redis_store: RedisStore, redis_db) -> None:
+    """A tool SETs a session key without touching `storyart:sessions:acked`: it wrote after the service's last
+    recorded copy, so a pending copy acknowledged before that loses to the tool's bytes; one acknowledged after
+    it (or any, for a key the service never wrote) is the copy a client was told is saved, and wins."""
+    now = now_ms()
+    put(redis_store, draft("service", timestamp=now), now=now)
+    redis_db.set(f"storyart:session:{now}", draft("tool", timestamp=now).render(now), keepttl=True)
+
+    def pending(text: str, timestamp: int, acked: int) -> Record:
+        d = draft(text, timestamp=timestamp)
+        return Record(timestamp, d.render(timestamp), d.summary, now_ms() + 60_000, Origin.CLIENT, acked=acked)
+
+    assert redis_store.write_back(pending("before", now, now - 1), now=now_ms()).outcome is Outcome.SUPERSEDED
+    assert body_of(redis_store.get(now))["scriptText"] == "tool"
+    assert redis_store.write_back(pending("after", now, now + 1), now=now_ms()).outcome is Outcome.STORED
+    assert body_of(redis_store.get(now))["scriptText"] == "after"
+    foreign = now - 1000
+    redis_db.set(f"storyart:session:{foreign}", draft("tool only", timestamp=foreign).render(foreign))
+    assert redis_store.write_back(pending("pending", foreign, 0), now=now_ms()).outcome is Outcome.STORED
+    assert body_of(redis_store.get(foreign))["scriptText"] == "pending"
 
 
 def test_reads_during_an_outage_say_they_may_be_incomplete(redis_server, redis_db, pending_store) -> None:
@@ -666,11 +720,28 @@ def test_a_save_redis_applied_but_could_not_confirm_ends_up_once(redis_store: Re
     unconfirmed = redis_store.save(d, now=now, ttl_ms=60_000, proposal=now)
     acknowledged = pending_store.save(d, now=now, ttl_ms=60_000, proposal=unconfirmed + 5)
     assert acknowledged != unconfirmed
-    assert redis_store.write_back(pending_store.oldest(), now=now_ms()) == (Outcome.STORED, acknowledged)
+    assert redis_store.write_back(pending_store.oldest(), now=now_ms()) == (Outcome.STORED, acknowledged, unconfirmed)
     assert redis_store.get(unconfirmed) is None and redis_db.zcard(INDEX_KEY) == 1
+    assert not redis_db.hexists("storyart:sessions:acked", unconfirmed)
     assert body_of(redis_store.get(acknowledged))["scriptText"] == "reply lost"
     other = draft("another session that took the number")  # never removes a different session
     taken = put(redis_store, other)
     record = Record(taken + 7, d.render(taken + 7), d.summary, now_ms() + 60_000, Origin.SERVICE, other.save_id)
     redis_store.write_back(record, now=now_ms())
     assert body_of(redis_store.get(taken))["scriptText"] == "another session that took the number"
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_retried_save_never_removes_the_copy_its_first_attempt_confirmed(redis_store: RedisStore, redis_db,
+                                                                          pending_store, pinned: bool) -> None:
+    """The same save id and bytes (a retried import), stored in Redis and confirmed, then stored again in the
+    local store by a later attempt while Redis was away: that is not a reply that was lost, so the write-back
+    keeps both copies (and never one that is pinned)."""
+    d = draft("imported twice")
+    first = redis_store.save(d, now=now_ms() - 5_000, ttl_ms=60_000, proposal=now_ms() - 5_000)
+    if pinned:
+        redis_store.pin(first, True, now=now_ms(), ttl_ms=60_000)
+    retried = pending_store.save(d, now=now_ms(), ttl_ms=60_000, proposal=first + 5)
+    assert redis_store.write_back(pending_store.oldest(), now=now_ms()) == (Outcome.STORED, retried, None)
+    assert body_of(redis_store.get(first))["scriptText"] == body_of(redis_store.get(retried))["scriptText"]
+    assert redis_store.get(first).pinned is pinned
