@@ -22,10 +22,17 @@ A save costs one round trip (or one transaction) however many milliseconds are a
 out on a save it may still apply, the local fallback stores the session under the same proposal, so the
 write-back finds the same bytes there and keeps one copy. Across hosts only Redis can tell; a clash met at
 write-back keeps both sessions (see store_redis.py).
+
+Every clock (the clock file, Redis's clock key, the local store's last assigned timestamp) is checked where it
+is read: a value that is not a millisecond timestamp at most `MAX_AHEAD_MS` ahead of this host's clock (a file
+copied from a host whose clock ran ahead, bytes damaged on disk, a key another tool set) is logged, ignored
+and replaced by the next assignment. Trusted, it would carry every later timestamp with it, on every host
+sharing the Redis, and past 2^53 Lua's numbers (doubles) could no longer count up. See docs/decisions.md.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -38,31 +45,73 @@ try:
 except ImportError:  # Windows: no record locks; the clock is this process's own (one process there anyway)
     fcntl = None
 
+log = logging.getLogger("storyart.allocator")
+
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
 SKEW_MS = 1000  # a proposal this far behind a store's last assignment comes from a host whose clock lags
+# The furthest a clock may run ahead of this host's wall clock and still be trusted. A burst of assignments
+# faster than one per millisecond runs ahead by one per save (an import of small sessions: a few seconds); a
+# clock further ahead was not made by this service's saves.
+MAX_AHEAD_MS = 5 * 60_000
+PROBES = 1000  # taken timestamps Redis's save script skips at most (~3 ms), so that it always ends (REDIS_ASSIGN)
 
 
-def choose(proposal: int, last: int, taken: Callable[[int], bool]) -> int:
-    """Step 2, for a store that keeps its own `last` assigned timestamp and can tell a taken one."""
+def trusted(clock: object, now: int) -> bool:
+    """Whether a clock's value is a millisecond timestamp this service could have assigned by `now`."""
+    return type(clock) is int and 0 <= clock <= now + MAX_AHEAD_MS
+
+
+def distrusted(where: str, value: object, now: int) -> None:
+    """Log a clock's value that `trusted` refused (it is replaced by the next assignment)."""
+    log.warning("%s held %s, not a timestamp in ms at most %d s ahead of this host's clock (%d): ignored and "
+                "replaced", where, value, MAX_AHEAD_MS // 1000, now)
+
+
+def choose(proposal: int, last: object, taken: Callable[[int], bool], now: int, where: str) -> tuple[int, int]:
+    """Step 2, for a store that keeps its own `last` assigned timestamp (a clock named `where`) and can tell a
+    taken one: (the timestamp, the store's clock after it). A `last` that is not `trusted` counts as none.
+    (Unlike its Lua twin the loop needs no bound: Python's integers are exact and a local store is finite.)"""
+    if not trusted(last, now):
+        distrusted(where, repr(last), now)
+        last = 0
     timestamp = proposal if proposal + SKEW_MS >= last else last + 1
     while taken(timestamp):
         timestamp += 1
-    return timestamp
+    return timestamp, max(last, timestamp)
 
 
-# Step 2 in Lua, for Redis's save script. Expects `proposal` (a number) and `clock` (the clock key's name) in
-# scope and leaves the chosen timestamp in `ts`; the clock key keeps the greatest timestamp assigned.
+# Step 2 in Lua, for Redis's save script: `assign(clock, proposal, now)` with `clock` the clock key's name
+# returns the chosen timestamp, and what the clock key held when that was not a trusted value (else nil); nil
+# alone when `PROBES` timestamps from the start were all taken. The clock key keeps the greatest timestamp
+# assigned. A value is trusted (as `trusted`) if it is at most 15 digits, so exact in a double, and at most
+# `MAX_AHEAD_MS` ahead of `now`; anything else (another type included) is replaced.
 REDIS_ASSIGN = """
-local last = tonumber(redis.call('GET', clock) or '0')
-ts = proposal
-if ts + {SKEW_MS} < last then ts = last + 1 end
-while redis.call('EXISTS', '{SESSION}' .. string.format('%d', ts)) == 1 do ts = ts + 1 end
-if ts > last then redis.call('SET', clock, string.format('%d', ts)) end
-""".replace("{SKEW_MS}", str(SKEW_MS))
+local function assign(clock, proposal, now)
+  local held, last, bad = redis.pcall('GET', clock), 0, nil
+  if type(held) == 'string' and #held <= 15 and string.match(held, '^%d+$')
+      and tonumber(held) <= now + {MAX_AHEAD_MS} then
+    last = tonumber(held)
+  elseif type(held) == 'string' then
+    bad = string.sub(held, 1, 40)
+  elseif held then
+    bad = 'a ' .. redis.call('TYPE', clock)['ok']
+  end
+  local ts = proposal
+  if ts + {SKEW_MS} < last then ts = last + 1 end
+  for _ = 1, {PROBES} do
+    if redis.call('EXISTS', '{SESSION}' .. string.format('%d', ts)) == 0 then
+      if ts > last or bad then redis.call('SET', clock, string.format('%d', ts)) end
+      return ts, bad
+    end
+    ts = ts + 1
+  end
+  return nil
+end
+""".replace("{SKEW_MS}", str(SKEW_MS)).replace("{MAX_AHEAD_MS}", str(MAX_AHEAD_MS)).replace("{PROBES}", str(PROBES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +130,14 @@ ONE_HOST = Slot()
 class Allocator:
     """Step 1: proposals never below the wall clock, each one above every timestamp proposed or seen assigned
     before, by this process or (with `shared`, a file path) by any process using the same file, and in this
-    host's `Slot`."""
+    host's `Slot`. A clock file that does not hold a `trusted` value (8 bytes, little-endian) is logged and
+    replaced: the proposal is then the wall clock's."""
 
     def __init__(self, shared: Path | None = None, slot: Slot = ONE_HOST) -> None:
         self._lock = threading.Lock()
         self._slot = slot
         self._last = 0
+        self._path = shared
         self._fd: int | None = None
         if shared is not None and fcntl is not None:
             self._fd = os.open(shared, os.O_RDWR | os.O_CREAT, 0o600)
@@ -100,21 +151,27 @@ class Allocator:
             least = max(now, last + 1)
             return least + (index - least) % count
 
-        return self._update(next_free)
+        return self._update(next_free, now)
 
     def observe(self, timestamp: int) -> None:
         """Record a timestamp a store assigned (it may be above the proposal: taken ones were skipped)."""
-        self._update(lambda last: max(last, timestamp))
+        self._update(lambda last: max(last, timestamp), now_ms())
 
-    def _update(self, step: Callable[[int], int]) -> int:
+    def _update(self, step: Callable[[int], int], now: int) -> int:
         with self._lock:
+            mine = self._last if trusted(self._last, now) else 0
             if self._fd is None:
-                self._last = step(self._last)
+                self._last = step(mine)
                 return self._last
             fcntl.lockf(self._fd, fcntl.LOCK_EX)  # released by the kernel if this process dies holding it
             try:
                 raw = os.pread(self._fd, 8, 0)
-                value = step(max(self._last, int.from_bytes(raw, "little") if len(raw) == 8 else 0))
+                held = int.from_bytes(raw, "little")
+                if len(raw) not in (0, 8) or not trusted(held, now):
+                    shown = f"{held} (bytes 0x{raw.hex()})" if len(raw) == 8 else f"{len(raw)} bytes (0x{raw.hex()})"
+                    distrusted(f"The clock file {self._path}", shown, now)
+                    held = 0
+                value = step(max(mine, held))
                 os.pwrite(self._fd, value.to_bytes(8, "little"), 0)
             finally:
                 fcntl.lockf(self._fd, fcntl.LOCK_UN)

@@ -68,8 +68,9 @@ class MemoryStore(LocalStore):
                     and earlier.body == draft.render(earlier.timestamp):
                 return earlier.timestamp  # this very save was applied before (a retried import)
             if timestamp is None:
-                timestamp = choose(proposal, self._last_assigned, self._records.__contains__)
-                self._last_assigned, origin = max(self._last_assigned, timestamp), Origin.SERVICE
+                timestamp, self._last_assigned = choose(proposal, self._last_assigned, self._records.__contains__,
+                                                        now, "The memory store's last assigned timestamp")
+                origin = Origin.SERVICE
             old = self._records.get(timestamp)
             pinned = old is not None and old.pinned
             acked = now if old is None else max(now, old.acked + 1)  # after the copy it replaces

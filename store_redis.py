@@ -51,7 +51,7 @@ from redis.connection import parse_url
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from allocator import REDIS_ASSIGN, now_ms
+from allocator import PROBES, REDIS_ASSIGN, distrusted, now_ms
 from config import Config
 from payload import Draft, head_of, summarize
 from storage import (
@@ -88,6 +88,9 @@ SAVE_ID_TTL_MS = 30 * 86_400_000  # how long a save id is kept when its session 
 # acknowledged before the delete has expired by then, unless it is pinned or sessions never expire; such a copy
 # on a host that stays away longer comes back (docs/decisions.md, "Tombstones").
 TOMBSTONE_MS = 30 * 86_400_000
+# Every loop in a script is bounded, so that no script holds Redis (which answers nobody else meanwhile) for long:
+FORGET_BATCH = 1000  # the most expired or dead index members one script forgets
+PAGE_ROUNDS = 16  # the most windows of a list page one script reads
 T = TypeVar("T")
 
 # A session that is gone leaves every structure of the service: the index, the expiry and pinned sets, and the
@@ -122,10 +125,10 @@ end
 """
 
 # Index members whose session expired are forgotten; run by every save, latest and list page. The work is the
-# number of sessions that expired since the last run.
+# number of sessions that expired since the last run, at most `FORGET_BATCH` (the next run goes on).
 _PRUNE = _FORGET + """
 local function prune(index, expiry, pinned, now)
-  local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', now)
+  local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, {FORGET_BATCH})
   for _, k in ipairs(due) do
     local left = redis.call('PTTL', k)
     if left == -2 then
@@ -155,12 +158,14 @@ end
 # very attempt that Redis applied without confirming it (same save id and bytes, same acknowledgement time, so
 # the same request's fallback) is removed; a copy the save id names that was confirmed (a retried import) or
 # pinned never is.
-_SAVE = _PRUNE + """
+# A fourth item, when the timestamp was chosen and the clock key held no trusted value: what it held
+# (`allocator.REDIS_ASSIGN`), replaced.
+_SAVE = _PRUNE + REDIS_ASSIGN + """
 local function fmt(n) return string.format('%d', n) end
 local head, summary, now, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local ts, proposal, origin, acked = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[11])
 local clock, save = KEYS[3], '{SAVE}' .. ARGV[8]
-local outcome, removed = 'stored', ''
+local outcome, removed, distrusted = 'stored', '', nil
 local applied = redis.call('GET', save)
 if origin == '' and not ts and applied and redis.call('GET', '{SESSION}' .. applied) == head .. applied .. '}' then
   return {'already', applied, ''}
@@ -188,7 +193,10 @@ if origin ~= '' then
   end
 end
 if not ts then
-""" + REDIS_ASSIGN + """
+  ts, distrusted = assign(clock, proposal, now)
+  if not ts then
+    return redis.error_reply('no free timestamp among the {PROBES} from ' .. fmt(proposal) .. ' on')
+  end
 end
 local id = fmt(ts)
 local key = '{SESSION}' .. id
@@ -214,41 +222,46 @@ redis.call('ZADD', KEYS[1], id, key)
 redis.call('HSET', '{ACKED}', id, fmt(acked))
 facet(key, id, ARGV[10])
 prune(KEYS[1], KEYS[2], KEYS[4], now)
-return {outcome, id, removed}
+return {outcome, id, removed, distrusted}
 """
 
 # The newest session's timestamp, or false. KEYS: index, expiry, pinned. ARGV: now. Members whose key is gone
-# without an expiry entry (written by another tool, then deleted) are pruned on the way. The body is fetched
-# with a plain MGET after it: a 1 MB value returned through Lua costs Redis 2.5 ms of copying (measured), a GET 0.3 ms.
+# without an expiry entry (written by another tool, then deleted) are pruned on the way, at most `FORGET_BATCH`
+# of them: then 0, and the caller asks again. The body is fetched with a plain MGET after it: a 1 MB value
+# returned through Lua costs Redis 2.5 ms of copying (measured), a GET 0.3 ms.
 _LATEST = _PRUNE + """
 prune(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]))
-while true do
+for _ = 1, {FORGET_BATCH} do
   local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   if #top == 0 then return false end
   if redis.call('EXISTS', top[1]) == 1 then return top[2] end
   forget(KEYS[1], KEYS[2], KEYS[3], top[1])
 end
+return 0
 """
 
 # The timestamps of one page newest first within a score range: {total, score1, score2, ...}. KEYS: index,
 # expiry, pinned. ARGV: offset, limit, min, max, now. Dead members in the window are forgotten first, so a
-# page is never short while matches remain.
+# page is never short while matches remain; after `PAGE_ROUNDS` windows that held some, {} (the caller asks
+# again).
 _PAGE = _PRUNE + """
 prune(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[5]))
-local rows, dead
-repeat
-  rows = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[4], ARGV[3], 'WITHSCORES', 'LIMIT', ARGV[1], ARGV[2])
-  dead = 0
+for _ = 1, {PAGE_ROUNDS} do
+  local rows = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[4], ARGV[3], 'WITHSCORES', 'LIMIT', ARGV[1], ARGV[2])
+  local dead = 0
   for i = 1, #rows, 2 do
     if redis.call('EXISTS', rows[i]) == 0 then
       forget(KEYS[1], KEYS[2], KEYS[3], rows[i])
       dead = dead + 1
     end
   end
-until dead == 0
-local out = {redis.call('ZCOUNT', KEYS[1], ARGV[3], ARGV[4])}
-for i = 2, #rows, 2 do out[#out + 1] = rows[i] end
-return out
+  if dead == 0 then
+    local out = {redis.call('ZCOUNT', KEYS[1], ARGV[3], ARGV[4])}
+    for i = 2, #rows, 2 do out[#out + 1] = rows[i] end
+    return out
+  end
+end
+return {}
 """
 
 # Pin (ARGV[2] "1") or unpin one session; 1 if it exists, else 0. KEYS: expiry, pinned. ARGV: timestamp, pin,
@@ -363,7 +376,8 @@ def _script(source: str) -> str:
     names = {"{SESSION}": KEY_PREFIX, "{META}": META_PREFIX, "{SAVE}": SAVE_PREFIX, "{FACETS}": FACETS_KEY,
              "{ACKED}": ACKED_KEY, "{DELETED}": DELETED_PREFIX,
              "{STORY}": STORY_PREFIX, "{EPISODE}": EPISODE_PREFIX, "{SAVE_ID_TTL}": str(SAVE_ID_TTL_MS),
-             "{ID_AT}": str(len(KEY_PREFIX) + 1)}
+             "{ID_AT}": str(len(KEY_PREFIX) + 1), "{PROBES}": str(PROBES),
+             "{FORGET_BATCH}": str(FORGET_BATCH), "{PAGE_ROUNDS}": str(PAGE_ROUNDS)}
     for name, value in names.items():
         source = source.replace(name, value)
     return source
@@ -461,7 +475,10 @@ class RedisStore(SessionStore):
             (pending.origin.value, "1" if pending.pinned else "", pending.acked)
         args = (draft.head, draft.summary, now, ttl_ms, "" if draft.timestamp is None else draft.timestamp, proposal,
                 origin, draft.save_id, pin, _facets_json(draft.summary), acked)
-        outcome, stored_as, removed = self._write(self._save, (INDEX_KEY, EXPIRY_KEY, CLOCK_KEY, PINNED_KEY), args)
+        outcome, stored_as, removed, *held = self._write(self._save, (INDEX_KEY, EXPIRY_KEY, CLOCK_KEY, PINNED_KEY),
+                                                         args)
+        if held:
+            distrusted(f"Redis's clock key {CLOCK_KEY}", repr(held[0].decode(errors="replace")), now)
         return Moved(Outcome(outcome.decode()), int(stored_as), int(removed) if removed else None)
 
     def _write(self, script: Script, keys: tuple[str, ...], args: tuple = ()) -> Any:
@@ -517,13 +534,17 @@ class RedisStore(SessionStore):
         return bool(self.client.exists(session_key(timestamp)))
 
     def latest(self) -> Stored | None:
-        for _ in range(3):  # the newest may expire or be deleted between the two round trips: look again
+        missed = 0
+        while missed < 3:  # the newest may expire or be deleted between the two round trips: look again
             top = self._latest(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY), args=(now_ms(),))
+            if top == 0:
+                continue  # the script forgot a batch of dead members: on with the rest
             if not top:
                 return None
             found = self.get(int(top))
             if found is not None:
                 return found
+            missed += 1
         return None
 
     def timestamps(self, query: Query) -> tuple[int, list[int]]:
@@ -531,8 +552,10 @@ class RedisStore(SessionStore):
         if query.filters_summaries:
             total, matched = self._filtered(query)
             return total, matched[: wide.limit]
-        out = self._page(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY),
-                         args=(wide.offset, wide.limit, wide.low, wide.high, now_ms()))
+        out: list[bytes] = []
+        while not out:  # empty: the script forgot dead members for a while and stopped; on with the rest
+            out = self._page(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY),
+                             args=(wide.offset, wide.limit, wide.low, wide.high, now_ms()))
         return int(out[0]), [int(ts) for ts in out[1:]]
 
     def rows(self, timestamps: list[int], summaries: bool = False) -> list[Stored]:

@@ -245,9 +245,10 @@ class SqliteStore(LocalStore):
                     if body == draft.render(earlier):  # this very save was applied before (a retried import)
                         return earlier
                 last = db.execute("SELECT last_assigned FROM state").fetchone()[0]
-                timestamp = choose(proposal, last, lambda ts: bool(
-                    db.execute("SELECT 1 FROM sessions WHERE timestamp = ?", (ts,)).fetchone()))
-                db.execute("UPDATE state SET last_assigned = max(last_assigned, ?)", (timestamp,))
+                timestamp, clock = choose(proposal, last, lambda ts: bool(
+                    db.execute("SELECT 1 FROM sessions WHERE timestamp = ?", (ts,)).fetchone()), now,
+                    f"The local store's last assigned timestamp ({self.path})")
+                db.execute("UPDATE state SET last_assigned = ?", (clock,))
                 origin = Origin.SERVICE
             body = draft.render(timestamp)
             self._make_room(db, timestamp, len(body), when_full)
