@@ -634,12 +634,13 @@ def pending_and_in_redis(redis_server, sessions: SessionStorage, pending: int, i
 
 
 @pytest.mark.parametrize("summaries", [False, True], ids=["full", "summary"])
-def test_a_list_read_while_the_write_back_runs_misses_nothing(redis_server, redis_db, pending_store,
-                                                              summaries: bool) -> None:
+def test_a_list_read_while_the_write_back_runs_misses_nothing(own_redis, pending_store, summaries: bool) -> None:
     """The list is made while 10 sessions are pending; the write-back moves them all to Redis after its first
-    rows are read: the rest of them are read from Redis (they were in neither store as listed, and left out)."""
-    sessions = failover(redis_server, pending_store)
-    everything = pending_and_in_redis(redis_server, sessions, pending=10, in_redis=3)
+    rows are read: the rest of them are read from Redis (they were in neither store as listed, and left out).
+    (A Redis of its own: it is restarted, and the shared one may load a snapshot another test saved.)"""
+    server = own_redis()
+    sessions = failover(server, pending_store)
+    everything = pending_and_in_redis(server, sessions, pending=10, in_redis=3)
     listing = sessions.listing(Query(limit=EVERY), summaries)
     first = next(listing.rows)
     assert sessions.write_back() == 10 and pending_store.count() == (0, 0)
