@@ -118,8 +118,7 @@ class Listing:
 
     total: int  # how many sessions match
     rows: Iterator[Stored]  # newest first
-    partial: bool = False  # a configured Redis could not be read (at the start or midway), or `missed`: there may
-    # be more
+    partial: bool = False  # Redis could not be read (at the start or midway), or `missed`: there may be more
     skipped: int = 0  # records that are not sessions (another tool wrote something else under the key)
     missed: int = 0  # listed sessions that were not read though a store still holds them (see `SessionStorage._rows`)
 
@@ -385,9 +384,6 @@ class SessionStorage:
         if checked is None:
             raise NotASession(f"The record stored under {timestamp} is not a session (not a JSON object).")
         return checked
-
-    def exists(self, timestamp: int) -> bool:
-        return self.local.exists(timestamp) or bool(self._from_redis(lambda r: r.exists(timestamp)))
 
     def held(self, timestamps: list[int]) -> tuple[set[int], bool]:
         """(which of `timestamps` hold a session in either store, whether a configured Redis was asked). The local
