@@ -106,7 +106,9 @@ class _Pipe(io.RawIOBase):
 def stream(storage: SessionStorage, on_step: OnStep | None = None) -> Backup:
     """The backup of every live session (pinned ones included), newest first. Raises `StorageUnavailable` at
     once when a configured Redis is unreachable (a backup would miss what it holds); if Redis goes away
-    midway, iterating `chunks` raises it before the manifest is written, so the file is never complete."""
+    midway, or a listed session a store still holds could not be read (`storage.Listing.missed`), iterating
+    `chunks` raises it before the manifest is written, so the file is never complete. (A session deleted or
+    expired while the backup runs is simply not in it.)"""
     listing = storage.listing(Query(limit=EVERY))
     if listing.partial:
         raise StorageUnavailable("Redis is unreachable, so a backup would miss the sessions it holds")
@@ -127,6 +129,9 @@ def stream(storage: SessionStorage, on_step: OnStep | None = None) -> Backup:
                 if on_step:
                     on_step(Step(backup.count, listing.total, backup.bytes))
                 yield pipe.take()
+            if listing.missed:
+                raise StorageUnavailable(f"{listing.missed} listed session(s) could not be read while the backup "
+                                         "ran, though a store holds them; back up again")
             if listing.partial:
                 raise StorageUnavailable("Redis became unreachable during the backup")
             backup.skipped = listing.skipped
@@ -228,10 +233,15 @@ def restore(storage: SessionStorage, path: Path, max_bytes: int, on_step: OnStep
         raise BackupError(f"{path} is not a StoryArt backup ({reason})") from None
     with archive:
         entries = _manifest(archive, path)
+        # Whether a session is "replaced" is decided by what the stores held when the restore began, asked while
+        # Redis answers: if Redis goes away midway, the rest go to the local store, which cannot say what Redis has.
+        held, asked = storage.held([entry["timestamp"] for entry in entries])
+        if not asked:
+            raise StorageUnavailable("Redis is configured but unreachable; restore when it answers again")
         report = Restored()
         done = size = 0
         for index, entry in enumerate(entries):
-            result = _restore_one(storage, archive, entry, max_bytes)
+            result = _restore_one(storage, archive, entry, max_bytes, held)
             report.results.append({"index": index, **result})
             done, size = done + 1, size + entry["bytes"]
             if on_step:
@@ -267,8 +277,9 @@ def _well_formed(entry: Any) -> bool:
             and type(entry.get("pinned")) is bool)
 
 
-def _restore_one(storage: SessionStorage, archive: zipfile.ZipFile, entry: dict[str, Any],
-                 max_bytes: int) -> dict[str, Any]:
+def _restore_one(storage: SessionStorage, archive: zipfile.ZipFile, entry: dict[str, Any], max_bytes: int,
+                 held: set[int]) -> dict[str, Any]:
+    """Restore one entry; `held` (the timestamps that hold a session) gains the one restored."""
     timestamp = entry["timestamp"]
     rejected = {"status": "rejected", "timestamp": timestamp}
     try:
@@ -280,10 +291,11 @@ def _restore_one(storage: SessionStorage, archive: zipfile.ZipFile, entry: dict[
                                      "changed or damaged)"}
     try:
         draft = _exact_draft(body, timestamp)
-        existed = storage.exists(timestamp)
         stored, where = storage.save(draft, when_full=WhenFull.REFUSE)  # never evicts to make room
     except (PayloadError, StorageUnavailable) as error:
         return {**rejected, "error": str(error)}
+    existed = stored in held
+    held.add(stored)
     if entry["pinned"]:
         try:
             storage.pin(stored, True)

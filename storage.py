@@ -121,8 +121,9 @@ class Listing:
 
     total: int  # how many sessions match
     rows: Iterator[Stored]  # newest first
-    partial: bool = False  # a configured Redis could not be read (at the start or midway): there may be more
+    partial: bool = False  # Redis could not be read (at the start or midway), or `missed`: there may be more
     skipped: int = 0  # records that are not sessions (another tool wrote something else under the key)
+    missed: int = 0  # listed sessions that were not read though a store still holds them (see `SessionStorage._rows`)
 
 
 class StorageUnavailable(Exception):
@@ -421,8 +422,14 @@ class SessionStorage:
             raise NotASession(f"The record stored under {timestamp} is not a session (not a JSON object).")
         return checked
 
-    def exists(self, timestamp: int) -> bool:
-        return self.local.exists(timestamp) or bool(self._from_redis(lambda r: r.exists(timestamp)))
+    def held(self, timestamps: list[int]) -> tuple[set[int], bool]:
+        """(which of `timestamps` hold a session in either store, whether a configured Redis was asked). The local
+        store is asked first: a session the write-back moves meanwhile is in Redis by the time Redis is asked."""
+        held = {ts for ts in timestamps if self.local.exists(ts)}
+        if self.redis is None:
+            return held, True
+        remote = self._from_redis(lambda r: r.existing([ts for ts in timestamps if ts not in held]))
+        return held | (remote or set()), remote is not None
 
     def latest(self) -> tuple[Stored | None, bool]:
         """(the newest session of both stores, whether an unreachable Redis may hold a newer one)."""
@@ -478,16 +485,27 @@ class SessionStorage:
         return listing
 
     def _rows(self, page: list[int], local: set[int], summaries: bool, listing: Listing) -> Iterator[Stored]:
+        """`page`'s sessions, read a batch at a time. A session listed in the local store may have been written
+        back since the list was made: the write-back removes it there only once Redis holds it, so what the local
+        store no longer has is asked of Redis. Every listed session is then read, skipped (not a session), gone
+        (deleted or expired meanwhile: no store holds it) or `missed` (a store holds it, yet it could not be
+        read: the list says it is partial, and a backup refuses)."""
         for start in range(0, len(page), ROWS_PER_READ):
             batch = page[start : start + ROWS_PER_READ]
             found = {row.timestamp: row for row in self.local.rows([ts for ts in batch if ts in local], summaries)}
-            remote = [ts for ts in batch if ts not in local]
-            if remote:
-                rows = self._from_redis(lambda r, stamps=remote: r.rows(stamps, summaries))
+            wanted = [ts for ts in batch if ts not in found]
+            if wanted and self.redis is not None:
+                rows = self._from_redis(lambda r, stamps=wanted: r.rows(stamps, summaries))
                 if rows is None:
                     listing.partial = True
-                    return
-                found.update((row.timestamp, row) for row in rows)
+                    if not local.issuperset(wanted):  # the rest of what Redis holds cannot be read either
+                        return
+                found.update((row.timestamp, row) for row in rows or ())
+            lost = [ts for ts in wanted if ts not in found]
+            if lost:
+                held, asked = self.held(lost)
+                listing.missed += len(held)
+                listing.partial = listing.partial or bool(held) or not asked
             for ts in batch:
                 row = found.get(ts)
                 checked = row if row is None or summaries else self._checked(row)

@@ -185,7 +185,11 @@ def import_sessions() -> Response:
         return error(413, f"The import has {len(items):,} items; at most {config.import_max_items:,} are taken per "
                           "request (IMPORT_MAX_ITEMS): send them in parts. Nothing was imported.")
     deadline = time.monotonic() + config.import_time_limit
-    results = [_import_one(index, item) if time.monotonic() < deadline else _skipped(index)
+    # "replaced" is decided by what the stores held when the import began: if Redis goes away midway, the rest go
+    # to the local store, which cannot say what Redis has. (Unreachable from the start: only the local store's.)
+    held = _storage().held([item["timestamp"] for item in items if isinstance(item, dict)
+                            and type(item.get("timestamp")) is int and 0 < item["timestamp"] <= MAX_TIMESTAMP])[0]
+    results = [_import_one(index, item, held) if time.monotonic() < deadline else _skipped(index)
                for index, item in enumerate(items)]
     statuses = [r["status"] for r in results]
     counts = {status: statuses.count(status) for status in ("imported", "replaced", "rejected", "skipped")}
@@ -261,15 +265,18 @@ def not_a_session(exc: NotASession) -> Response:
     return error(422, str(exc))
 
 
-def _import_one(index: int, item: Any) -> dict[str, Any]:
+def _import_one(index: int, item: Any, held: set[int]) -> dict[str, Any]:
+    """Store one item; `held` (the timestamps that hold a session) gains one the item names."""
     try:
         draft = draft_from(item, now_ms())
         if draft.timestamp is None:
             draft = replace(draft, save_id=f"import-{content_hash(draft.head)}")
-        existed = draft.timestamp is not None and _storage().exists(draft.timestamp)
         timestamp, where = _storage().save(draft, when_full=WhenFull.REFUSE)  # never evicts to make room
     except (PayloadError, StorageUnavailable) as exc:
         return {"index": index, "status": "rejected", "error": str(exc)}
+    existed = draft.timestamp is not None and timestamp in held
+    if draft.timestamp is not None:
+        held.add(timestamp)
     return {"index": index, "status": "replaced" if existed else "imported", "timestamp": timestamp,
             "sessionKey": session_key(timestamp), "storage": where}
 

@@ -9,6 +9,7 @@ import io
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 import tracemalloc
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import redis
 from flask import Flask
 
 import backup
@@ -406,3 +408,112 @@ def test_a_restore_or_import_into_a_capped_store_refuses_what_does_not_fit_and_e
                              {"Content-Type": "application/json"}).json()
     assert (answer["imported"], answer["rejected"]) == (0, 2) and "at its caps" in answer["results"][0]["error"]
     assert listed() == kept
+
+
+def pending_and_in_redis(app: Flask, server: RedisServer, body: bytes, pending: int, in_redis: int) -> list[int]:
+    """`pending` sessions saved while Redis was away, then `in_redis` older ones saved to Redis once it answers
+    again, before any write-back (the app's background retry waits an hour): every timestamp. `server` is the
+    test's own: the shared one may load a snapshot another test saved when it restarts."""
+    client, base = app.test_client(), orjson.loads(body)
+
+    def saved(timestamp: int) -> str:
+        got = client.post("/api/v1/session/save", data=orjson.dumps({**base, "timestamp": timestamp}), headers=JSON)
+        assert got.status_code == 200, got.data
+        return got.get_json()["storage"]
+
+    server.kill()
+    assert {saved(FIRST + in_redis + i) for i in range(pending)} == {"memory"}
+    server.start()
+    assert storage_of(app).check(when_down=True).value == "connected"
+    assert {saved(FIRST + i) for i in range(in_redis)} == {"redis"}
+    assert storage_of(app).local.count()[0] == pending
+    return list(range(FIRST, FIRST + in_redis + pending))
+
+
+def backed_up(archive_bytes: bytes | Path) -> list[int]:
+    """The timestamps a backup's manifest lists, checked against its members."""
+    with zipfile.ZipFile(archive_bytes if isinstance(archive_bytes, Path) else io.BytesIO(archive_bytes)) as archive:
+        manifest = orjson.loads(archive.read("manifest.json"))
+        assert sorted(archive.namelist()) == sorted(["manifest.json", *(e["file"] for e in manifest["sessions"])])
+    assert manifest["count"] == len(manifest["sessions"])
+    return sorted(entry["timestamp"] for entry in manifest["sessions"])
+
+
+@pytest.mark.slow
+def test_the_command_run_while_the_write_back_runs_backs_up_every_session(make_app, own_redis, tmp_path,
+                                                                          session_10kb) -> None:
+    """5 sessions in Redis and 20 pending (300 KB each). `flask sessions backup` lists them and is held still
+    (SIGSTOP) as soon as it asks Redis for its list; the write-back then moves every pending session to Redis, and
+    the backup goes on: it holds all 25 (before, it exited 0 without the pending ones it had not read yet)."""
+    padded = orjson.dumps({**orjson.loads(session_10kb), "pad": "x" * 290_000})
+    server = own_redis()
+    app = make_app(redis_url=server.url, redis_retry_interval=3600)
+    everything = pending_and_in_redis(app, server, padded, pending=20, in_redis=5)
+    env = {**os.environ, "REDIS_URL": server.url, "LOCAL_STORE_PATH": str(tmp_path / "sessions.sqlite3"),
+           "REDIS_RETRY_INTERVAL": "3600", "LOG_LEVEL": "WARNING"}
+    watcher = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=60)
+    with watcher.monitor() as monitor:
+        command = subprocess.Popen([sys.executable, "-m", "flask", "--app", "app", "sessions", "backup",
+                                    str(tmp_path / "during.zip")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        try:
+            while not monitor.next_command()["command"].startswith("EVALSHA"):  # its list: the local one is made
+                pass
+            command.send_signal(signal.SIGSTOP)
+            assert storage_of(app).write_back() == 20
+        finally:
+            command.send_signal(signal.SIGCONT)
+            out, err = command.communicate(timeout=120)
+    watcher.close()
+    assert command.returncode == 0, err
+    assert out.decode().startswith("Backed up 25 session(s) (0 pinned, 7.5 MB)"), out
+    assert backed_up(tmp_path / "during.zip") == everything
+
+
+def test_a_download_read_while_the_write_back_runs_holds_every_session(make_app, own_redis, session_10kb) -> None:
+    """GET /api/v1/backup, its first session sent while 10 are pending; the write-back then moves them all
+    to Redis before the rest is read: the file holds all 13 (it held 7 before)."""
+    server = own_redis()
+    app = make_app(redis_url=server.url, redis_retry_interval=3600)
+    everything = pending_and_in_redis(app, server, session_10kb, pending=10, in_redis=3)
+    got = app.test_client().get("/api/v1/backup", buffered=False)
+    chunks = iter(got.response)
+    first = next(chunks)
+    assert storage_of(app).write_back() == 10
+    assert backed_up(first + b"".join(chunks)) == everything
+    got.close()
+
+
+@pytest.mark.slow
+def test_a_restore_that_loses_redis_midway_reports_each_session_as_it_was(make_app, own_redis, tmp_path,
+                                                                           session_10kb) -> None:
+    """12 sessions backed up, then every other one deleted; Redis (AOF, every write synced) is killed after the
+    restore's 6th session, so the other 6 go to the local store: 6 imported and 6 replaced, each as it was (the
+    replaced ones restored after the kill were reported imported before); once Redis is back and the write-back
+    ran, every session is in Redis byte for byte."""
+    durable = ("--appendonly", "yes", "--appendfsync", "always")
+    server = own_redis(*durable)
+    app = make_app(redis_url=server.url, redis_retry_interval=3600)
+    storage = storage_of(app)
+    client, base = app.test_client(), orjson.loads(session_10kb)
+    stamps = [FIRST + i for i in range(12)]
+    for ts in stamps:
+        assert client.post("/api/v1/session/save", data=orjson.dumps({**base, "timestamp": ts}),
+                           headers=JSON).status_code == 200
+    saved = {ts: storage.get(ts).body for ts in stamps}
+    backup.write_file(storage, tmp_path / "all.zip")
+    for ts in stamps[1::2]:
+        assert storage.delete(ts)
+
+    def kill_redis_midway(step: backup.Step) -> None:
+        if step.done == 6:
+            server.kill()
+
+    report = backup.restore(storage, tmp_path / "all.zip", 50 * 1024 * 1024, kill_redis_midway)
+    assert [r["storage"] for r in report.results] == ["redis"] * 6 + ["memory"] * 6
+    assert {r["timestamp"]: r["status"] for r in report.results} == \
+        {ts: "imported" if ts in stamps[1::2] else "replaced" for ts in stamps}
+    assert report.counts() == {"imported": 6, "replaced": 6, "rejected": 0}
+    server.start(*durable)
+    assert storage.recover() == 6
+    assert {ts: server.client().get(f"storyart:session:{ts}") for ts in stamps} == saved

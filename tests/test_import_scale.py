@@ -3,6 +3,8 @@ import stores nothing twice, and filtered lists read the stores' indexes (the ti
 
 from __future__ import annotations
 
+import threading
+
 import orjson
 import pytest
 from flask.testing import FlaskClient
@@ -79,3 +81,30 @@ def test_index_members_without_a_session_are_settled_once(make_app, redis_server
     assert redis_db.zscore(INDEX_KEY, "storyart:session:9") is None  # forgotten, as a list page forgets it
     assert redis_db.hlen(FACETS_KEY) == redis_db.zcard(INDEX_KEY) == 2  # nothing left to complete
     assert listing(client, "storyUuid=s1")["total"] == 1 and listing(client, "q=not")["total"] == 0
+
+
+@pytest.mark.slow
+def test_an_import_that_loses_redis_midway_reports_each_item_as_it_was(make_app, redis_server, redis_db) -> None:
+    """200 sessions of 100 KB, every other one already stored; Redis is killed once it holds 5 of the new ones,
+    so the rest go to the local store: each item is still reported imported or replaced as it was (those stored
+    locally were all reported imported before: the local store was asked whether Redis held them)."""
+    client = make_app(redis_url=redis_server.url, redis_retry_interval=3600).test_client()
+    items = [session(title=f"t{i}", timestamp=1_700_000_000_000 + i, pad="x" * 100_000) for i in range(200)]
+    assert imported(client, items[::2])["imported"] == 100
+    done = threading.Event()
+
+    def kill_redis_midway() -> None:
+        watcher = redis_server.client()
+        while not done.is_set() and watcher.zcard(INDEX_KEY) < 105:
+            pass
+        redis_server.kill()
+
+    killer = threading.Thread(target=kill_redis_midway)
+    killer.start()
+    try:
+        report = imported(client, items)
+    finally:
+        done.set()
+        killer.join()
+    assert {"redis", "memory"} <= {r["storage"] for r in report["results"]}, "Redis was not killed midway"
+    assert [r["status"] for r in report["results"]] == ["replaced", "imported"] * 100

@@ -15,22 +15,27 @@ import orjson
 import pytest
 import redis
 
+import backup
 import storage as storage_module
 from allocator import Allocator, Slot, now_ms
 from config import Config
 from payload import Draft, parse_session
 from storage import (
+    EVERY,
     Limits,
     LocalStore,
     Origin,
     Outcome,
     Query,
     Record,
+    RedisState,
     SessionStorage,
     SessionStore,
     StorageFull,
+    StorageUnavailable,
     WhenFull,
     build_storage,
+    session_key,
 )
 from store_memory import MemoryStore
 from store_redis import INDEX_KEY, RedisStore
@@ -668,6 +673,53 @@ def test_reads_during_an_outage_say_they_may_be_incomplete(redis_server, redis_d
         assert [r.timestamp for r in listing.rows] == [pending] and listing.partial
     finally:
         redis_server.start()
+    sessions.close()
+
+
+def pending_and_in_redis(redis_server, sessions: SessionStorage, pending: int, in_redis: int) -> list[int]:
+    """`pending` sessions saved while Redis was away, then `in_redis` older ones in Redis once it answers again
+    (before any write-back): every timestamp, newest first."""
+    redis_server.kill()
+    stamps = [sessions.save(draft(f"pending {i}"))[0] for i in range(pending)]
+    redis_server.start()
+    assert sessions.check(when_down=True) is RedisState.CONNECTED and sessions.local.count()[0] == pending
+    stamps += [put(sessions.redis, draft(f"in redis {i}", timestamp=stamps[0] - 1000 - i)) for i in range(in_redis)]
+    return sorted(stamps, reverse=True)
+
+
+@pytest.mark.parametrize("summaries", [False, True], ids=["full", "summary"])
+def test_a_list_read_while_the_write_back_runs_misses_nothing(own_redis, pending_store, summaries: bool) -> None:
+    """The list is made while 10 sessions are pending; the write-back moves them all to Redis after its first
+    rows are read: the rest of them are read from Redis (they were in neither store as listed, and left out).
+    (A Redis of its own: it is restarted, and the shared one may load a snapshot another test saved.)"""
+    server = own_redis()
+    sessions = failover(server, pending_store)
+    everything = pending_and_in_redis(server, sessions, pending=10, in_redis=3)
+    listing = sessions.listing(Query(limit=EVERY), summaries)
+    first = next(listing.rows)
+    assert sessions.write_back() == 10 and pending_store.count() == (0, 0)
+    rows = [first, *listing.rows]
+    assert [row.timestamp for row in rows] == everything and listing.total == 13
+    assert {row.storage for row in rows[storage_module.ROWS_PER_READ :]} == {"redis"}  # the first batch was read
+    assert not listing.partial and listing.missed == 0
+    sessions.close()
+
+
+def test_a_listed_session_a_store_holds_but_the_list_did_not_read_makes_it_partial(redis_server, redis_db,
+                                                                                   pending_store) -> None:
+    """Every listed session is read, gone (deleted or expired meanwhile), or counted `missed`: here Redis lost
+    it while a copy was saved locally (the list read Redis only), so the list says it is partial and a backup
+    refuses rather than write a manifest without it."""
+    sessions = failover(redis_server, pending_store)
+    kept, moved, gone = (sessions.save(draft(name))[0] for name in ("kept", "moved", "gone"))
+    listing = sessions.listing(Query(limit=EVERY))
+    written = backup.stream(sessions)
+    redis_db.delete(session_key(moved), session_key(gone))  # as another tool deletes them
+    put(pending_store, draft("moved", timestamp=moved))
+    assert [row.timestamp for row in listing.rows] == [kept]
+    assert (listing.total, listing.missed, listing.partial) == (3, 1, True)
+    with pytest.raises(StorageUnavailable, match=r"^1 listed session\(s\) could not be read while the backup ran"):
+        b"".join(written.chunks)
     sessions.close()
 
 
