@@ -106,7 +106,9 @@ class _Pipe(io.RawIOBase):
 def stream(storage: SessionStorage, on_step: OnStep | None = None) -> Backup:
     """The backup of every live session (pinned ones included), newest first. Raises `StorageUnavailable` at
     once when a configured Redis is unreachable (a backup would miss what it holds); if Redis goes away
-    midway, iterating `chunks` raises it before the manifest is written, so the file is never complete."""
+    midway, iterating `chunks` raises it before the manifest is written, so the file is never complete. Session
+    keys another tool wrote without the index are indexed first, so the backup has them too."""
+    storage.index_every_key()
     listing = storage.listing(Query(limit=EVERY))
     if listing.partial:
         raise StorageUnavailable("Redis is unreachable, so a backup would miss the sessions it holds")
