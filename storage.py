@@ -624,8 +624,8 @@ class SessionStorage:
         except redis.ResponseError as error:
             if str(error) != self._reconcile_error:
                 self._reconcile_error = str(error)
-                log.warning("reconcile: Redis refused it (%s); a key another tool writes without the index "
-                            "shows only after `flask --app app sessions reindex`", error)
+                log.warning("reconcile: Redis refused it (%s); keys other tools write without the index are not "
+                            "listed until it accepts", error)
             return
         self._reconcile_error = None
         if done is not None and (done.indexed or done.recorded):
@@ -635,12 +635,26 @@ class SessionStorage:
     def index_every_key(self) -> int:
         """Index every session key the Redis index lacks (another tool wrote it without the index), now: a full
         pass over the keys, before a backup lists the index, so it never misses a live session key. Returns how
-        many were indexed; raises `StorageUnavailable` when a configured Redis cannot be read."""
+        many were indexed. Raises `StorageUnavailable` when a configured Redis cannot be read, or refuses writes
+        (full, a replica) while some session key is not indexed."""
+        unreachable = StorageUnavailable("Redis is unreachable, so a backup would miss the sessions it holds")
         if self.redis is None:
             return 0
-        adopted = self._from_redis(lambda r: r.reindex())
-        if adopted is None:
-            raise StorageUnavailable("Redis is unreachable, so a backup would miss the sessions it holds")
+        if not self._readable():
+            raise unreachable
+        try:
+            adopted = self.redis.reindex()
+        except redis.ResponseError as error:  # it refuses writes: a backup is still whole if nothing is missing
+            missing = self._from_redis(lambda r: r.unindexed())
+            if missing is None:
+                raise unreachable from error
+            if missing:
+                raise StorageUnavailable(f"{missing} session key(s) another tool wrote are not in the index, and "
+                                         f"Redis refuses to add them ({error}), so a backup would miss them") from None
+            return 0
+        except redis.RedisError as error:
+            self._redis_failed(error)
+            raise unreachable from error
         if adopted.indexed:
             log.warning("indexed %d session key(s) another tool wrote without %s", adopted.indexed,
                         "storyart:sessions:index")

@@ -16,7 +16,9 @@ The service's own, outside the public pattern `storyart:session:*`:
 * `storyart:save:<id>`: the timestamp a save (`payload.Draft.save_id`) was stored under, with the session's TTL.
   A save whose reply was lost (Redis died after applying it) fell back to the local store under a timestamp of
   its own; its write-back finds the unconfirmed copy by this key and removes it, so the session exists once,
-  under the timestamp its client was given.
+  under the timestamp its client was given;
+* `storyart:sessions:reconciler`: the token of the process whose `Reconciler` takes in the session keys other
+  tools write without the index, or rewrite in place (a lease with a TTL).
 
 A request that needs several commands runs them in one Lua script: one round trip, and atomic across every
 thread, worker and host that shares the Redis.
@@ -403,13 +405,14 @@ def _summary_of(body: bytes, timestamp: int) -> bytes | None:
 
 def _recorded(body: bytes, timestamp: int, meta: bytes | None, facets: bytes | None) -> bool:
     """Whether the summary and facets Redis holds for a key are those of the bytes it holds: the summary's
-    content hash is theirs and the facets are the summary's; for a record that is not a session, no summary and
-    empty facets. A same-size rewrite by another tool changes only the hash, which needs the bytes."""
+    content hash and size are theirs and the facets are the summary's; for a record that is not a session, no
+    summary and empty facets. A same-size rewrite by another tool changes only the hash, which needs the bytes."""
     if meta is None:
         return facets == _facets_field(NO_FACETS, timestamp) and _summary_of(body, timestamp) is None
     try:
-        return (orjson.loads(meta).get("etag") == content_hash(hashed_part(body, timestamp))
-                and facets == _facets_field(_facets_json(meta), timestamp))
+        summary = orjson.loads(meta)
+        return (summary.get("etag") == content_hash(hashed_part(body, timestamp))
+                and summary.get("sizeBytes") == len(body) and facets == _facets_field(_facets_json(meta), timestamp))
     except (orjson.JSONDecodeError, AttributeError):  # not a summary this service wrote
         return False
 
@@ -446,6 +449,7 @@ class RedisStore(SessionStore):
 
     storage = "redis"
     SCAN_BATCH = 500  # summaries fetched per round trip when a list filters on them
+    ADOPT_BATCH = 100  # session keys one `_ADOPT` checks: about 1 ms of Redis's time (docs/decisions.md)
 
     def __init__(self, client: redis.Redis, probe: redis.Redis | None = None, *,
                  replication: Replication = Replication(), sentinel: Sentinel | None = None) -> None:
@@ -661,19 +665,30 @@ class RedisStore(SessionStore):
         batches (never KEYS, which would stall Redis): for when the index was lost (a tool, a careless FLUSH, an
         eviction) while the sessions are still there, and before a backup lists the index. Returns how many
         session keys exist, how many were indexed now, and which need their summary recorded anew."""
-        sessions, indexed, stale = 0, 0, []
+        return self.adopt(key for key in self.client.scan_iter(match=f"{KEY_PREFIX}*", count=1000)
+                          if SESSION_KEY.fullmatch(key))
+
+    def unindexed(self) -> int:
+        """How many session keys the index lacks, found without writing (for a Redis that refuses writes)."""
+        missing = 0
         keys = (key for key in self.client.scan_iter(match=f"{KEY_PREFIX}*", count=1000) if SESSION_KEY.fullmatch(key))
         for batch in _batches(keys, 500):
-            adopted = self.adopt(batch)
-            sessions, indexed = sessions + adopted.sessions, indexed + adopted.indexed
-            stale += adopted.stale
-        return Adopted(sessions, indexed, stale)
+            with self.client.pipeline(transaction=False) as pipe:
+                for key in batch:
+                    pipe.zscore(INDEX_KEY, key)
+                missing += sum(score is None for score in pipe.execute())
+        return missing
 
-    def adopt(self, keys: list[bytes]) -> Adopted:
+    def adopt(self, keys: Iterable[bytes]) -> Adopted:
         """Index those of `keys` (session keys) that exist but are not indexed, and name those whose summary and
-        facets need recording anew (see `_ADOPT`): one round trip, no value read."""
-        sessions, indexed, stale = self._adopt(keys=(INDEX_KEY, EXPIRY_KEY), args=(now_ms(), *keys))
-        return Adopted(sessions, indexed, [int(ts) for ts in stale])
+        facets need recording anew (see `_ADOPT`); no value is read. One round trip per `ADOPT_BATCH` keys, so
+        Redis serves other clients between them."""
+        sessions, indexed, stale = 0, 0, []
+        for batch in _batches(keys, self.ADOPT_BATCH):
+            found, added, names = self._adopt(keys=(INDEX_KEY, EXPIRY_KEY), args=(now_ms(), *batch))
+            sessions, indexed = sessions + found, indexed + added
+            stale += [int(ts) for ts in names]
+        return Adopted(sessions, indexed, stale)
 
     def check_summary(self, timestamp: int) -> Checked:
         """Compare the summary and facets recorded for a session with the bytes its key holds, and record them
@@ -777,7 +792,8 @@ class RedisStore(SessionStore):
 class Budget:
     """The most one reconcile round does (docs/decisions.md, "Tool writes reach the index": what it costs)."""
 
-    keys: int = 1000  # session keys SCAN finds and `_ADOPT` checks; also the most sessions read in full
+    keys: int = 1000  # session keys SCAN finds and `_ADOPT` checks
+    reads: int = 100  # sessions read in full (one round trip each; real ones are 0.3-3 MB: `bytes` binds first)
     bytes: int = 16 << 20  # session bytes read in full (the session that crosses it is read whole)
     scans: int = 10  # SCAN calls, COUNT `keys` each (a database of mostly other keys is walked no faster)
     rest: int = 20  # rounds from the start of one pass reading every session in full to the start of the next
@@ -829,11 +845,11 @@ class Reconciler:
             return None
         self._rounds += 1
         keys = self._next_keys()
-        adopted = self.store.adopt(keys) if keys else Adopted(0, 0, [])
+        adopted = self.store.adopt(keys)
         for ts in adopted.stale[: max(0, self.budget.stale - len(self._stale))]:
             self._stale[ts] = None
         sessions = read = recorded = 0
-        while sessions < self.budget.keys and read < self.budget.bytes and (ts := self._next_to_read()) is not None:
+        while sessions < self.budget.reads and read < self.budget.bytes and (ts := self._next_to_read()) is not None:
             checked = self.store.check_summary(ts)
             sessions, read, recorded = sessions + 1, read + checked.read, recorded + checked.recorded
         return Reconciled(len(keys), adopted.indexed, read, recorded)
