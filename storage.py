@@ -629,8 +629,8 @@ class SessionStorage:
             return
         self._reconcile_error = None
         if done is not None and (done.indexed or done.recorded):
-            log.info("reconcile: indexed %d session key(s) another tool wrote, recorded %d summary(ies) anew "
-                     "(%d keys checked, %d bytes read)", done.indexed, done.recorded, done.checked, done.read)
+            log.info("reconcile: %d session key(s) another tool wrote indexed, %d summary(ies) recorded anew "
+                     "(%d keys checked, %.1f MB read)", done.indexed, done.recorded, done.checked, done.read / 1e6)
 
     def index_every_key(self) -> int:
         """Index every session key the Redis index lacks (another tool wrote it without the index), now: a full

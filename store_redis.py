@@ -796,7 +796,7 @@ class Budget:
     reads: int = 100  # sessions read in full (one round trip each; real ones are 0.3-3 MB: `bytes` binds first)
     bytes: int = 16 << 20  # session bytes read in full (the session that crosses it is read whole)
     scans: int = 10  # SCAN calls, COUNT `keys` each (a database of mostly other keys is walked no faster)
-    rest: int = 20  # rounds from the start of one pass reading every session in full to the start of the next
+    rest: int = 10  # rounds from the start of one pass reading every session in full to the start of the next
     stale: int = 10_000  # timestamps kept to read first; more are met by the pass reading every session
 
 
