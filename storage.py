@@ -627,19 +627,24 @@ class SessionStorage:
                 log.warning("reconcile: Redis refused it (%s); keys other tools write without the index are not "
                             "listed until it accepts", error)
             return
+        except redis.RedisError:
+            raise
+        except Exception:  # whatever a round meets, the thread that also writes sessions back must go on
+            log.exception("reconcile: the round failed; the next one tries again")
+            return
         self._reconcile_error = None
         if done is not None and (done.indexed or done.recorded):
             log.info("reconcile: %d session key(s) another tool wrote indexed, %d summary(ies) recorded anew "
                      "(%d keys checked, %.1f MB read)", done.indexed, done.recorded, done.checked, done.read / 1e6)
 
-    def index_every_key(self) -> int:
+    def index_every_key(self) -> None:
         """Index every session key the Redis index lacks (another tool wrote it without the index), now: a full
-        pass over the keys, before a backup lists the index, so it never misses a live session key. Returns how
-        many were indexed. Raises `StorageUnavailable` when a configured Redis cannot be read, or refuses writes
-        (full, a replica) while some session key is not indexed."""
+        pass over the keys, before a backup lists the index, so it never misses a live session key. Raises
+        `StorageUnavailable` when a configured Redis cannot be read, or refuses writes (full, a replica) while
+        some session key is not indexed."""
         unreachable = StorageUnavailable("Redis is unreachable, so a backup would miss the sessions it holds")
         if self.redis is None:
-            return 0
+            return
         if not self._readable():
             raise unreachable
         try:
@@ -651,14 +656,13 @@ class SessionStorage:
             if missing:
                 raise StorageUnavailable(f"{missing} session key(s) another tool wrote are not in the index, and "
                                          f"Redis refuses to add them ({error}), so a backup would miss them") from None
-            return 0
+            return
         except redis.RedisError as error:
             self._redis_failed(error)
             raise unreachable from error
         if adopted.indexed:
             log.warning("indexed %d session key(s) another tool wrote without %s", adopted.indexed,
                         "storyart:sessions:index")
-        return adopted.indexed
 
     def close(self) -> None:
         """Stop the background thread and try one last write-back, then say what is left: with the SQLite

@@ -75,8 +75,8 @@ FACETS_KEY = "storyart:sessions:facets"
 STORY_PREFIX = "storyart:sessions:story:"
 EPISODE_PREFIX = "storyart:sessions:episode:"
 RECONCILER_KEY = "storyart:sessions:reconciler"
-# A key the service counts as a session's: the prefix and a timestamp as the API names one (digits, no leading
-# zero, at most 2^53), which is also what other tools keep ("exactly two colons").
+# A key the service counts as a session's: the prefix and a timestamp as the API names one (1-16 digits, no
+# leading zero), which is also what other tools keep ("exactly two colons").
 SESSION_KEY = re.compile(re.escape(KEY_PREFIX.encode()) + rb"[1-9][0-9]{0,15}")
 # How a hang-up reads, by when it came: mid-handshake, or (TLS 1.3 completes the client's side first) at the
 # first read after it.
