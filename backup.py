@@ -108,7 +108,9 @@ def stream(storage: SessionStorage, on_step: OnStep | None = None) -> Backup:
     once when a configured Redis is unreachable (a backup would miss what it holds); if Redis goes away
     midway, or a listed session a store still holds could not be read (`storage.Listing.missed`), iterating
     `chunks` raises it before the manifest is written, so the file is never complete. (A session deleted or
-    expired while the backup runs is simply not in it.)"""
+    expired while the backup runs is simply not in it.) Session keys another tool wrote without the index are
+    indexed first, so the backup has them too."""
+    storage.index_every_key()
     listing = storage.listing(Query(limit=EVERY))
     if listing.partial:
         raise StorageUnavailable("Redis is unreachable, so a backup would miss the sessions it holds")

@@ -26,10 +26,10 @@ def reindex() -> None:
         click.echo("No Redis is configured (REDIS_URL): the local store keeps its own index; nothing to do.")
         return
     try:
-        indexed = storage.redis.reindex()
+        adopted = storage.redis.reindex()
     except redis.RedisError as error:
         raise click.ClickException(f"Redis could not be reached: {error}") from None
-    click.echo(f"Indexed {indexed} session(s) in storyart:sessions:index.")
+    click.echo(f"Indexed {adopted.sessions} session(s) in storyart:sessions:index ({adopted.indexed} were missing).")
 
 
 @sessions.command("backup")

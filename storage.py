@@ -332,6 +332,7 @@ class SessionStorage:
         self._stopping = threading.Event()
         self._reported: set[int] = set()  # timestamps of records that are not sessions, logged once
         self._index_checked = -REINDEX_CHECK_S
+        self._reconcile_error: str | None = None  # what Redis answered the last reconcile round, logged once
         self.allow_eviction = allow_eviction  # an eviction policy only warns (REDIS_ALLOW_EVICTION)
         self.redis_warnings: list[str] = []  # what is wrong with the configured Redis, for /health
         self._inspected = False
@@ -457,10 +458,12 @@ class SessionStorage:
         self._index_checked = now
         if not self._from_redis(lambda r: r.index_lost()):
             return False
-        indexed = self._from_redis(lambda r: r.reindex())
+        adopted = self._from_redis(lambda r: r.reindex())
+        if adopted is None:
+            return False
         log.warning("the Redis index %s was empty while sessions existed: rebuilt it with %s session(s)",
-                    "storyart:sessions:index", indexed)
-        return bool(indexed)
+                    "storyart:sessions:index", adopted.sessions)
+        return bool(adopted.sessions)
 
     def listing(self, query: Query, summaries: bool = False) -> Listing:
         """Sessions (or their summaries) newest first. The matching timestamps are found first (merged by
@@ -518,7 +521,7 @@ class SessionStorage:
         """`found` if its bytes are the ones this service recorded (their hash is the summary's), else checked
         now: a JSON object gets a fresh summary (stored for next time); anything else is not a session (None,
         logged once per process)."""
-        hashed = _hashed_part(found)
+        hashed = hashed_part(found.body, found.timestamp)
         if found.summary and orjson.loads(found.summary).get("etag") == content_hash(hashed):
             return found
         try:
@@ -663,15 +666,67 @@ class SessionStorage:
 
     def _recover_loop(self) -> None:
         """Every `retry_interval`, while Redis is away or sessions are pending (left by this process, another
-        worker, or an earlier run): `recover`."""
+        worker, or an earlier run): `recover`; else a round of `reconcile`."""
         while not self._stopping.wait(self.retry_interval):
             try:
                 if self._state is not RedisState.CONNECTED or self.local.count()[0]:
                     self.recover()
+                else:
+                    self.reconcile()
             except redis.RedisError as error:
                 self._redis_failed(error)
             except StorageUnavailable as error:  # the local store is busy or failing: try again next round
                 log.warning("write-back postponed: %s", error)
+
+    def reconcile(self) -> None:
+        """One round of bringing Redis's index and list filters in step with the session keys other tools write
+        (`store_redis.Reconciler`; one process of all sharing the Redis does it). An error Redis answers with (an
+        ACL without SCAN, a replica or a full Redis refusing writes) is logged once and changes nothing else: the
+        next save finds out what it means for saves. Raises a lost connection."""
+        try:
+            done = self.redis.reconciler.round(lease_ms=round((3 * self.retry_interval + 1) * 1000))
+        except redis.ResponseError as error:
+            if str(error) != self._reconcile_error:
+                self._reconcile_error = str(error)
+                log.warning("reconcile: Redis refused it (%s); keys other tools write without the index are not "
+                            "listed until it accepts", error)
+            return
+        except redis.RedisError:
+            raise
+        except Exception:  # whatever a round meets, the thread that also writes sessions back must go on
+            log.exception("reconcile: the round failed; the next one tries again")
+            return
+        self._reconcile_error = None
+        if done is not None and (done.indexed or done.recorded):
+            log.info("reconcile: %d session key(s) another tool wrote indexed, %d summary(ies) recorded anew "
+                     "(%d keys checked, %.1f MB read)", done.indexed, done.recorded, done.checked, done.read / 1e6)
+
+    def index_every_key(self) -> None:
+        """Index every session key the Redis index lacks (another tool wrote it without the index), now: a full
+        pass over the keys, before a backup lists the index, so it never misses a live session key. Raises
+        `StorageUnavailable` when a configured Redis cannot be read, or refuses writes (full, a replica) while
+        some session key is not indexed."""
+        unreachable = StorageUnavailable("Redis is unreachable, so a backup would miss the sessions it holds")
+        if self.redis is None:
+            return
+        if not self._readable():
+            raise unreachable
+        try:
+            adopted = self.redis.reindex()
+        except redis.ResponseError as error:  # it refuses writes: a backup is still whole if nothing is missing
+            missing = self._from_redis(lambda r: r.unindexed())
+            if missing is None:
+                raise unreachable from error
+            if missing:
+                raise StorageUnavailable(f"{missing} session key(s) another tool wrote are not in the index, and "
+                                         f"Redis refuses to add them ({error}), so a backup would miss them") from None
+            return
+        except redis.RedisError as error:
+            self._redis_failed(error)
+            raise unreachable from error
+        if adopted.indexed:
+            log.warning("indexed %d session key(s) another tool wrote without %s", adopted.indexed,
+                        "storyart:sessions:index")
 
     def close(self) -> None:
         """Stop the background thread and try one last write-back, then say what is left: with the SQLite
@@ -698,11 +753,11 @@ class SessionStorage:
         self.local.close()
 
 
-def _hashed_part(found: Stored) -> memoryview | bytes:
+def hashed_part(body: bytes, timestamp: int) -> memoryview | bytes:
     """What the recorded content hash covers: the stored bytes up to the timestamp the service appends (all of
     them for a record that does not end that way, which the service did not write)."""
-    tail = b"%d}" % found.timestamp
-    return memoryview(found.body)[: -len(tail)] if found.body.endswith(tail) else found.body
+    tail = b"%d}" % timestamp
+    return memoryview(body)[: -len(tail)] if body.endswith(tail) else body
 
 
 def build_storage(config: Config) -> SessionStorage:

@@ -26,6 +26,8 @@ Which copy wins (docs/contract.md §2): the one acknowledged last, by these time
 another tool wrote keeps whatever `storyart:sessions:acked` said before (nothing, for a key the service never
 wrote: 0): the tool wrote after that time, so a pending copy acknowledged earlier still loses to it, and one
 acknowledged later wins (when the tool wrote in between is unknown; the copy this service acknowledged is kept).
+* `storyart:sessions:reconciler`: the token of the process whose `Reconciler` takes in the session keys other
+  tools write without the index, or rewrite in place (a lease with a TTL).
 
 A request that needs several commands runs them in one Lua script: one round trip, and atomic across every
 thread, worker and host that shares the Redis.
@@ -39,9 +41,12 @@ many replicas confirmed it (`WAIT`), so a failover cannot take an acknowledged s
 
 from __future__ import annotations
 
+import re
+import secrets
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 import redis
@@ -53,7 +58,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from allocator import PROBES, REDIS_ASSIGN, distrusted, now_ms
 from config import Config
-from payload import Draft, head_of, summarize
+from payload import Draft, content_hash, summarize
 from storage import (
     KEY_PREFIX,
     NEVER,
@@ -65,6 +70,7 @@ from storage import (
     SessionStore,
     Stored,
     WhenFull,
+    hashed_part,
     session_key,
 )
 
@@ -79,6 +85,10 @@ PINNED_KEY = "storyart:sessions:pinned"
 FACETS_KEY = "storyart:sessions:facets"
 STORY_PREFIX = "storyart:sessions:story:"
 EPISODE_PREFIX = "storyart:sessions:episode:"
+RECONCILER_KEY = "storyart:sessions:reconciler"
+# A key the service counts as a session's: the prefix and a timestamp as the API names one (1-16 digits, no
+# leading zero), which is also what other tools keep ("exactly two colons").
+SESSION_KEY = re.compile(re.escape(KEY_PREFIX.encode()) + rb"[1-9][0-9]{0,15}")
 # How a hang-up reads, by when it came: mid-handshake, or (TLS 1.3 completes the client's side first) at the
 # first read after it, as the server's "certificate required" alert when it arrived before the hang-up.
 HANGUP_SIGNS = ("EOF occurred", "Connection reset", "Error while reading from socket", "Connection closed by server",
@@ -315,15 +325,57 @@ return 1
 
 # An indexed record with no facets to record, so that `_complete_facets` does not meet it again: one that is
 # gone leaves every structure; one that is not a session gets empty facets, which no filter matches (they are
-# recorded anew when it is read as a session). KEYS: index, expiry, pinned. ARGV: timestamp.
+# recorded anew when it is read as a session). Either loses any summary left from when it was a session. Run
+# only under WATCH of the key (`RedisStore._record`): a session saved meanwhile keeps what its save recorded.
+# KEYS: index, expiry, pinned. ARGV: timestamp.
 _NO_FACETS = _FORGET + """
 local key = '{SESSION}' .. ARGV[1]
+redis.call('DEL', '{META}' .. ARGV[1])
 if redis.call('EXISTS', key) == 0 then
   forget(KEYS[1], KEYS[2], KEYS[3], key)
 else
   facet(key, ARGV[1], '["","",""]')
 end
 return 0
+"""
+
+# Index the given session keys that exist but are not indexed (another tool SET them and left the index alone),
+# track the expiry of those with a TTL, and name those whose summary or facets need recording anew: none yet, or
+# a summary of another size than the key holds (another tool rewrote it). O(keys given), no value is read.
+# KEYS: index, expiry. ARGV: now, then the session keys. Returns {keys that exist, keys indexed, {stale ids}}.
+_ADOPT = """
+local now, existing, indexed, stale = tonumber(ARGV[1]), 0, 0, {}
+for i = 2, #ARGV do
+  local key = ARGV[i]
+  local left = redis.call('PTTL', key)
+  if left ~= -2 then
+    local id = string.sub(key, {ID_AT})
+    existing = existing + 1
+    if not redis.call('ZSCORE', KEYS[1], key) then
+      redis.call('ZADD', KEYS[1], id, key)
+      indexed = indexed + 1
+    end
+    if left > 0 and not redis.call('ZSCORE', KEYS[2], key) then
+      redis.call('ZADD', KEYS[2], string.format('%d', now + left), key)
+    end
+    local facets, meta = redis.call('HGET', '{FACETS}', id), redis.call('GET', '{META}' .. id)
+    if not facets
+        or (meta and tonumber(string.match(meta, '"sizeBytes":(%d+)')) ~= redis.call('STRLEN', key))
+        or (not meta and facets ~= '["","","",' .. id .. ']') then
+      stale[#stale + 1] = id
+    end
+  end
+end
+return {existing, indexed, stale}
+"""
+
+# Hold the reconciler's lease, so one process of all that share this Redis reconciles at a time: 1 when the
+# caller holds it now (taken, or renewed), else 0. KEYS: the lease. ARGV: the caller's token, the lease (ms).
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 """
 
 # Forget the sessions that expired, before a filtered list reads the facets; 1 when some indexed sessions
@@ -367,9 +419,55 @@ def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
+class Adopted(NamedTuple):
+    """What `_ADOPT` found among the session keys it was given."""
+
+    sessions: int  # keys that exist
+    indexed: int  # of them, added to the index
+    stale: list[int]  # timestamps whose summary and facets need recording anew
+
+
+class Checked(NamedTuple):
+    """What `RedisStore.check_summary` did."""
+
+    read: int  # session bytes read
+    recorded: bool  # the summary and facets were recorded anew
+
+
 def _facets_json(summary: bytes) -> bytes:
     """A summary's `Facets` as the save script records them: a JSON array, "" for none."""
     return orjson.dumps([value or "" for value in Facets.of(orjson.loads(summary))])
+
+
+def _facets_field(facets: bytes, timestamp: int) -> bytes:
+    """Facets as `storyart:sessions:facets` stores them: the timestamp appended (see `_FORGET`'s `facet`)."""
+    return b"%s,%d]" % (facets[:-1], timestamp)
+
+
+NO_FACETS = b'["","",""]'  # a record that is not a session: no filter matches it
+
+
+def _summary_of(body: bytes, timestamp: int) -> bytes | None:
+    """The summary of a stored record; None when it is not a session (not a JSON object)."""
+    try:
+        session = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return summarize(session, len(body), hashed_part(body, timestamp)) if isinstance(session, dict) else None
+
+
+def _recorded(body: bytes, timestamp: int, meta: bytes | None, facets: bytes | None) -> bool:
+    """Whether the summary and facets Redis holds for a key are those of the bytes it holds: the summary's
+    content hash and size are theirs and the facets are the summary's; for a record that is not a session, no
+    summary and empty facets. A same-size rewrite by another tool changes only the hash, which needs the bytes."""
+    if meta is None:
+        return facets == _facets_field(NO_FACETS, timestamp) and _summary_of(body, timestamp) is None
+    try:
+        summary = orjson.loads(meta)
+        return (summary.get("etag") == content_hash(hashed_part(body, timestamp))
+                and summary.get("sizeBytes") == len(body) and facets == _facets_field(_facets_json(meta), timestamp))
+    except (orjson.JSONDecodeError, AttributeError):  # not a summary this service wrote
+        return False
 
 
 def _script(source: str) -> str:
@@ -406,6 +504,7 @@ class RedisStore(SessionStore):
 
     storage = "redis"
     SCAN_BATCH = 500  # summaries fetched per round trip when a list filters on them
+    ADOPT_BATCH = 100  # session keys one `_ADOPT` checks: about 1 ms of Redis's time (docs/decisions.md)
 
     def __init__(self, client: redis.Redis, probe: redis.Redis | None = None, *,
                  replication: Replication = Replication(), sentinel: Sentinel | None = None,
@@ -423,6 +522,9 @@ class RedisStore(SessionStore):
         self._summary = client.register_script(_script(_SUMMARY))
         self._prune_now = client.register_script(_script(_PRUNE_NOW))
         self._no_facets = client.register_script(_script(_NO_FACETS))
+        self._adopt = client.register_script(_script(_ADOPT))
+        self._lease = client.register_script(_script(_LEASE))
+        self.reconciler = Reconciler(self)
 
     @classmethod
     def from_config(cls, config: Config) -> RedisStore:
@@ -623,21 +725,16 @@ class RedisStore(SessionStore):
             for ts, facets in zip(batch, self.client.hmget(FACETS_KEY, batch), strict=True):
                 if facets is None:
                     meta = self.client.get(f"{META_PREFIX}{ts}")
-                    if not (self.store_summary(ts, meta) if meta is not None else self._backfill(ts)):
-                        self._no_facets(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY), args=(ts,))
+                    if meta is None or not self.store_summary(ts, meta):
+                        self._record(ts)
 
     def _backfill(self, timestamp: int) -> bytes:
         """The summary of a session saved without one (by another tool or an older version), stored for next
         time; empty when the session is gone or the record is not a JSON object (not a session)."""
         body = self.client.get(session_key(timestamp))
-        try:
-            session = orjson.loads(body) if body is not None else None
-        except orjson.JSONDecodeError:
-            session = None
-        if not isinstance(session, dict):
+        summary = _summary_of(body, timestamp) if body is not None else None
+        if summary is None:
             return b""
-        summary = summarize(session, len(body), head_of(body, timestamp) if body.endswith(b"%d}" % timestamp)
-                            else body)
         self.store_summary(timestamp, summary)
         return summary
 
@@ -646,28 +743,71 @@ class RedisStore(SessionStore):
         False when the session is gone."""
         return bool(self._summary(args=(timestamp, summary, _facets_json(summary))))
 
-    def reindex(self) -> int:
-        """Rebuild the index (and the expiry set) from the session keys themselves, walking them with SCAN in
-        batches (never KEYS, which would stall Redis): for when the index was lost (a tool, a careless FLUSH,
-        an eviction) while the sessions are still there. Returns how many sessions are indexed now."""
-        indexed = 0
-        now = now_ms()
-        for batch in _batches(self.client.scan_iter(match=f"{KEY_PREFIX}*", count=1000), 500):
-            keys = [k for k in batch if k.count(b":") == 2 and k.rsplit(b":", 1)[1].isdigit()]
+    def reindex(self) -> Adopted:
+        """Index every session key the index lacks, with its TTL, in one pass over the keys with SCAN in
+        batches (never KEYS, which would stall Redis): for when the index was lost (a tool, a careless FLUSH, an
+        eviction) while the sessions are still there, and before a backup lists the index. Returns how many
+        session keys exist, how many were indexed now, and which need their summary recorded anew."""
+        return self.adopt(key for key in self.client.scan_iter(match=f"{KEY_PREFIX}*", count=1000)
+                          if SESSION_KEY.fullmatch(key))
+
+    def unindexed(self) -> int:
+        """How many session keys the index lacks, found without writing (for a Redis that refuses writes)."""
+        missing = 0
+        keys = (key for key in self.client.scan_iter(match=f"{KEY_PREFIX}*", count=1000) if SESSION_KEY.fullmatch(key))
+        for batch in _batches(keys, 500):
             with self.client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.pttl(key)
-                left = pipe.execute()
-            with self.client.pipeline(transaction=False) as pipe:
-                for key, ttl in zip(keys, left, strict=True):
-                    if ttl == -2:
-                        continue  # expired meanwhile
-                    pipe.zadd(INDEX_KEY, {key: int(key.rsplit(b":", 1)[1])})
-                    if ttl > 0:
-                        pipe.zadd(EXPIRY_KEY, {key: now + ttl})
-                    indexed += 1
+                for key in batch:
+                    pipe.zscore(INDEX_KEY, key)
+                missing += sum(score is None for score in pipe.execute())
+        return missing
+
+    def adopt(self, keys: Iterable[bytes]) -> Adopted:
+        """Index those of `keys` (session keys) that exist but are not indexed, and name those whose summary and
+        facets need recording anew (see `_ADOPT`); no value is read. One round trip per `ADOPT_BATCH` keys, so
+        Redis serves other clients between them."""
+        sessions, indexed, stale = 0, 0, []
+        for batch in _batches(keys, self.ADOPT_BATCH):
+            found, added, names = self._adopt(keys=(INDEX_KEY, EXPIRY_KEY), args=(now_ms(), *batch))
+            sessions, indexed = sessions + found, indexed + added
+            stale += [int(ts) for ts in names]
+        return Adopted(sessions, indexed, stale)
+
+    def check_summary(self, timestamp: int) -> Checked:
+        """Compare the summary and facets recorded for a session with the bytes its key holds, and record them
+        anew where they differ (another tool rewrote the key, or wrote it without them); a session that is gone
+        leaves the index and the filters. The bytes are read once (twice when they changed)."""
+        key = session_key(timestamp)
+        with self.client.pipeline(transaction=False) as pipe:
+            body, meta, facets = pipe.get(key).get(f"{META_PREFIX}{timestamp}").hget(FACETS_KEY, timestamp).execute()
+        if body is not None and _recorded(body, timestamp, meta, facets):
+            return Checked(len(body), False)
+        again = self._record(timestamp)
+        return again._replace(read=len(body or b"") + again.read)
+
+    def _record(self, timestamp: int) -> Checked:
+        """Record the summary and facets of the bytes the session's key holds now (a record that is not a
+        session: none, and empty facets), unless the key or its summary changes meanwhile: WATCH makes the
+        write fail then, and a later round looks again (a save recorded them itself)."""
+        key, meta_key = session_key(timestamp), f"{META_PREFIX}{timestamp}"
+        with self.client.pipeline() as pipe:
+            pipe.watch(key, meta_key)
+            body = pipe.get(key)
+            summary = _summary_of(body, timestamp) if body is not None else None
+            pipe.multi()
+            if summary is None:
+                self._no_facets(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY), args=(timestamp,), client=pipe)
+            else:
+                self._summary(args=(timestamp, summary, _facets_json(summary)), client=pipe)
+            try:
                 pipe.execute()
-        return indexed
+            except redis.WatchError:
+                return Checked(len(body or b""), False)
+        return Checked(len(body or b""), True)
+
+    def lease(self, token: str, lease_ms: int) -> bool:
+        """Take or renew the reconciler's lease for `lease_ms` (see `_LEASE`); False while another holds it."""
+        return bool(self._lease(keys=(RECONCILER_KEY,), args=(token, lease_ms)))
 
     def index_lost(self) -> bool:
         """The index is empty while session keys exist (one SCAN step tells)."""
@@ -729,3 +869,104 @@ class RedisStore(SessionStore):
             client.connection_pool.disconnect()
         if self.sentinel is not None:
             self.sentinel.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """The most one reconcile round does (docs/decisions.md, "Tool writes reach the index": what it costs)."""
+
+    keys: int = 1000  # session keys SCAN finds and `_ADOPT` checks
+    reads: int = 100  # sessions read in full (one round trip each; real ones are 0.3-3 MB: `bytes` binds first)
+    bytes: int = 16 << 20  # session bytes read in full (the session that crosses it is read whole)
+    scans: int = 10  # SCAN calls, COUNT `keys` each (a database of mostly other keys is walked no faster)
+    rest: int = 10  # rounds from the start of one pass reading every session in full to the start of the next
+    stale: int = 10_000  # timestamps kept to read first; more are met by the pass reading every session
+
+
+class Reconciled(NamedTuple):
+    """What one reconcile round did."""
+
+    checked: int  # session keys SCAN found, whose index entry, expiry and summary size were checked
+    indexed: int  # of them, added to the index (another tool SET them without it)
+    read: int  # session bytes read in full, to compare with their summaries' content hash
+    recorded: int  # sessions whose summary and facets were recorded anew (new, rewritten, or gone)
+
+
+class Reconciler:
+    """Keeps the index, the expiry set, the summaries and the list filters' facets in step with the session keys
+    themselves, which other StoryArt tools write directly (contract.md §0): a key SET without the index, a
+    session rewritten with `SET ... KEEPTTL`. In rounds of bounded work (`Budget`), run by the background thread
+    of one process at a time among all that share the Redis (a lease, `storyart:sessions:reconciler`):
+
+    * a SCAN pass over the session keys, `Budget.keys` per round: each key the index lacks is indexed (with its
+      TTL), and one whose summary is missing or names another size than the key holds is read first;
+    * a pass over the index, newest first, reading every session in full (`Budget.bytes` per round, one pass
+      at most every `Budget.rest` rounds): a summary whose content hash is not the bytes' is recorded anew, so
+      a same-size rewrite is found too.
+
+    The hot path (save, latest, get) does nothing more: saves record their index entry and facets themselves.
+    """
+
+    WALK_STEP = 64  # index members fetched at a time by the pass reading every session
+
+    def __init__(self, store: RedisStore, budget: Budget = Budget()) -> None:
+        self.store = store
+        self.budget = budget
+        self.token = secrets.token_hex(8)
+        self._cursor = 0
+        self._found: deque[bytes] = deque()  # session keys SCAN returned beyond a round's share
+        self._stale: dict[int, None] = {}  # timestamps to read first, in order, each once
+        self._walk: list[int] = []  # the next timestamps of the reading pass, oldest first (popped from the end)
+        self._below: int | None = None  # where the reading pass goes on (None: no pass under way)
+        self._rounds = 0
+        self._pass_started = -budget.rest  # the round the last reading pass started in
+
+    def round(self, lease_ms: int) -> Reconciled | None:
+        """One round, when this process holds the lease (taken or renewed for `lease_ms`); None while another
+        process holds it."""
+        if not self.store.lease(self.token, lease_ms):
+            return None
+        self._rounds += 1
+        keys = self._next_keys()
+        adopted = self.store.adopt(keys)
+        for ts in adopted.stale[: max(0, self.budget.stale - len(self._stale))]:
+            self._stale[ts] = None
+        sessions = read = recorded = 0
+        while sessions < self.budget.reads and read < self.budget.bytes and (ts := self._next_to_read()) is not None:
+            checked = self.store.check_summary(ts)
+            sessions, read, recorded = sessions + 1, read + checked.read, recorded + checked.recorded
+        return Reconciled(len(keys), adopted.indexed, read, recorded)
+
+    def _next_keys(self) -> list[bytes]:
+        """The next `Budget.keys` session keys of the SCAN pass; a round ends where a pass does, so a database
+        of fewer keys is walked whole every round."""
+        for _ in range(self.budget.scans):
+            if len(self._found) >= self.budget.keys:
+                break
+            self._cursor, keys = self.store.client.scan(self._cursor, match=f"{KEY_PREFIX}*", count=self.budget.keys)
+            self._found.extend(key for key in keys if SESSION_KEY.fullmatch(key))
+            if not self._cursor:
+                break
+        return [self._found.popleft() for _ in range(min(self.budget.keys, len(self._found)))]
+
+    def _next_to_read(self) -> int | None:
+        """The next session to read in full: one found stale, else the next of the reading pass; None when
+        neither has one this round (the pass ended, or rests)."""
+        if self._stale:
+            ts = next(iter(self._stale))
+            del self._stale[ts]
+            return ts
+        if not self._walk:
+            if self._below is None:
+                if self._rounds - self._pass_started < self.budget.rest:
+                    return None
+                self._pass_started = self._rounds
+            high = "+inf" if self._below is None else f"({self._below}"
+            rows = self.store.client.zrevrangebyscore(INDEX_KEY, high, "-inf", start=0, num=self.WALK_STEP,
+                                                      withscores=True)
+            self._walk = [int(score) for _, score in reversed(rows)]
+            if not self._walk:
+                self._below = None
+                return None
+        self._below = self._walk.pop()
+        return self._below

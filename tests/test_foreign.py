@@ -103,7 +103,7 @@ def test_a_bare_list_of_130_sessions_returns_130(service) -> None:
 
 def test_a_lost_index_is_rebuilt_from_the_session_keys(service, own_redis) -> None:
     redis_server = own_redis()
-    server = service("app", REDIS_URL=redis_server.url)
+    server = service("app", REDIS_URL=redis_server.url, REDIS_RETRY_INTERVAL="3600")  # no reconcile round before
     stamps = [save_request(server.port, session(f"kept-{i}")).json()["timestamp"] for i in range(5)]
     client = redis_server.client()
     client.delete(INDEX_KEY, "storyart:sessions:expiry")  # a tool, a careless FLUSH, an eviction
