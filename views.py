@@ -125,32 +125,36 @@ def export_session(raw: str) -> Response:
 @api.get("/api/v1/session/<session_id:raw>/compare/<session_id:other>")
 def compare_sessions(raw: str, other: str) -> Response:
     """What changed from session `raw` to session `other` (see `compare.py`), bounded as docs/contract.md §1
-    says: a pair over COMPARE_MAX_BYTES is a 422 before it is parsed, and a compare that finds
-    COMPARE_CONCURRENCY others computing in this process a 503 at once (a compare holds the GIL for up to a
-    second or two: more of them at once would keep other requests from their answers)."""
+    says: a compare that finds COMPARE_CONCURRENCY others under way in this process is a 503 at once (one holds
+    the GIL for up to a second or two: more at once would keep other requests from their answers), and a pair
+    over COMPARE_MAX_BYTES a 422 before it is parsed."""
     stamps = (_timestamp(raw), _timestamp(other))
-    found = [_storage().get(timestamp) for timestamp in stamps]
-    missing = list(dict.fromkeys(str(timestamp) for timestamp, row in zip(stamps, found, strict=True) if row is None))
-    if missing:
-        return error(404, f"Session{'s' if len(missing) > 1 else ''} {' and '.join(missing)} not found")
     config = current_app.config["STORYART"]
     turns = current_app.extensions["storyart-compares"]
     if not turns.acquire(blocking=False):
         return error(503, f"The service is comparing other sessions (at most {config.compare_concurrency} at a time "
                           "per process, COMPARE_CONCURRENCY); retry in a second.", {"Retry-After": "1"})
     try:
-        bodies = [row.body for row in found]
-        del found  # from here on, only the bodies and what is parsed from them
-        budget = Budget(config.compare_max_bytes)
+        return _compared(stamps, Budget(config.compare_max_bytes))
+    finally:
+        turns.release()
+
+
+def _compared(stamps: tuple[int, int], budget: Budget) -> Response:
+    found = [_storage().get(timestamp) for timestamp in stamps]
+    missing = list(dict.fromkeys(str(timestamp) for timestamp, row in zip(stamps, found, strict=True) if row is None))
+    if missing:
+        return error(404, f"Session{'s' if len(missing) > 1 else ''} {' and '.join(missing)} not found")
+    bodies = [row.body for row in found]
+    del found  # from here on only the bodies, then only what is parsed from them
+    try:
         budget.take(bodies, "they")
         before, after = orjson.loads(bodies[0]), orjson.loads(bodies[1])
         del bodies
-        body = orjson.dumps({"success": True, "from": stamps[0], "to": stamps[1], **compare(before, after, budget)})
+        report = compare(before, after, budget)
     except TooLarge as exc:
         return error(422, f"Sessions {stamps[0]} and {stamps[1]} are too large to compare: {exc}.")
-    finally:
-        turns.release()
-    return Response(body, mimetype="application/json")
+    return json_response({"success": True, "from": stamps[0], "to": stamps[1], **report})
 
 
 @api.delete("/api/v1/session/<session_id:raw>")

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import copy
 import random
-import statistics
-import threading
-import time
 
 import orjson
 import pytest
 from flask.testing import FlaskClient
 
 from compare import BYTES_PER_VALUE, SCRIPT_MAX_LINES, LineDiff, line_diff
-from servers import PeakRss, request, save_request
 
 JSON = {"Content-Type": "application/json"}
 FIRST, SECOND = 1_700_000_000_000, 1_700_000_100_000
@@ -30,6 +26,11 @@ def save(client: FlaskClient, session: dict, timestamp: int) -> None:
 
 def compared(client: FlaskClient, a: int | str, b: int | str):
     return client.get(f"/api/v1/session/{a}/compare/{b}")
+
+
+def minimal(**fields: object) -> dict:
+    """A session with only the fields a save requires, and `fields`."""
+    return {"scriptText": "A", "episodeContext": "{}", "storyUuid": "u", "analyzedEpisode": {}, **fields}
 
 
 def beats_of(session: dict) -> list[dict]:
@@ -214,3 +215,141 @@ def test_reordered_beats_are_not_identical(client: FlaskClient, session_10kb: by
     report = compared(client, FIRST, SECOND).get_json()
     assert report["identical"] is False
     assert report["beats"] == {"added": [], "removed": [], "changed": [], "unchanged": len(beats_of(base))}
+
+
+def test_a_scene_numbered_like_a_position_and_the_scene_at_that_position_do_not_collide(client: FlaskClient) -> None:
+    """The first scene's `sceneNumber` is "#2" and the second has none (so it is named "#2" by its position):
+    each is matched with itself, the changes of both are reported, and `position` tells them apart; so does a
+    beat without a `beatId` in each (matched by its scene and its place there)."""
+    def session(titles: tuple[str, str], prompts: tuple[str, str]) -> dict:
+        beats = [[{"prompts": {"cinematic": {"prompt": prompt}}}] for prompt in prompts]
+        return minimal(analyzedEpisode={"scenes": [
+            {"sceneNumber": "#2", "title": titles[0], "beats": beats[0]},
+            {"title": titles[1], "beats": beats[1]},
+            {"sceneNumber": "#2", "title": "a repeated number", "beats": []},  # named "#3" by its position
+        ]})
+
+    save(client, session(("Numbered", "Unnumbered"), ("one", "two")), FIRST)
+    save(client, session(("Numbered, retitled", "Unnumbered, retitled"), ("one, rewritten", "two, rewritten")), SECOND)
+    report = compared(client, FIRST, SECOND).get_json()
+    assert report["identical"] is False
+    assert report["scenes"] == {"added": [], "removed": [], "changed": [
+        {"sceneNumber": "#2", "added": [], "removed": [], "changed": ["title"]},
+        {"sceneNumber": "#2", "position": 2, "added": [], "removed": [], "changed": ["title"]},
+    ]}
+    changed = ["prompts.cinematic.prompt"]
+    assert report["beats"] == {"added": [], "removed": [], "unchanged": 0, "changed": [
+        {"beatId": None, "sceneNumber": "#2", "index": 0, "added": [], "removed": [], "changed": changed,
+         "prompts": {"cinematic": {"before": "one", "after": "one, rewritten"}}},
+        {"beatId": None, "sceneNumber": "#2", "scenePosition": 2, "index": 0, "added": [], "removed": [],
+         "changed": changed, "prompts": {"cinematic": {"before": "two", "after": "two, rewritten"}}},
+    ]}
+
+
+# ------------------------------------------------------------------------------------ bounded compares
+
+
+def short_lines(count: int, seed: int, kinds: int = 120) -> str:
+    """`count` lines of 3 characters, `kinds` different ones in a random order: each common enough to match
+    almost anywhere on the other side, and rare enough (under 1%) that difflib did not skip it as junk."""
+    rng = random.Random(seed)
+    lines = [f"{chr(97 + i % 26)}{i // 26:02d}" for i in range(kinds)]
+    return "\n".join(rng.choice(lines) for _ in range(count))
+
+
+def test_a_script_of_80000_short_repeated_lines_is_counted_by_the_coarser_diff(make_app) -> None:
+    """The issue's bomb (313 KB: difflib took 48 s on it, quadratic): the exact diff stops after its steps, and
+    the counts are a real diff's, marked `exact: false`."""
+    client = make_app(local_store="memory").test_client()
+    save(client, minimal(scriptText=short_lines(80_000, 1)), FIRST)
+    save(client, minimal(scriptText=short_lines(80_000, 2)), SECOND)
+    script = compared(client, FIRST, SECOND).get_json()["scriptText"]
+    assert script["exact"] is False and script["changed"] is True
+    assert script["linesBefore"] == script["linesAfter"] == 80_000
+    assert 0 < script["linesAdded"] == script["linesRemoved"] <= 80_000
+
+
+def test_a_few_edits_in_a_script_of_80000_repeated_lines_are_counted_exactly(make_app) -> None:
+    """The same kind of script, 100 lines deleted and 100 copies of its lines inserted: the fewest lines
+    added and removed, `exact`."""
+    client = make_app(local_store="memory").test_client()
+    old = short_lines(80_000, 1).splitlines()
+    new = list(old)
+    rng = random.Random(8)
+    for _ in range(100):
+        del new[rng.randrange(len(new))]
+    for _ in range(100):
+        new.insert(rng.randrange(len(new)), rng.choice(old))
+    save(client, minimal(scriptText="\n".join(old)), FIRST)
+    save(client, minimal(scriptText="\n".join(new)), SECOND)
+    script = compared(client, FIRST, SECOND).get_json()["scriptText"]
+    assert script["exact"] is True and 0 < script["linesAdded"] == script["linesRemoved"] <= 100
+
+
+def test_a_script_of_more_lines_than_the_diff_takes_is_counted_not_diffed(make_app) -> None:
+    """Past SCRIPT_MAX_LINES a side (each line would cost the diff ~100 bytes), the lines are counted without
+    being split out, and every one counts as replaced: a diff, if the coarsest, `exact: false`."""
+    client = make_app(local_store="memory").test_client()
+    lines = SCRIPT_MAX_LINES + 1
+    save(client, minimal(scriptText="a\n" * lines), FIRST)
+    save(client, minimal(scriptText="b\r\n" * lines + "c"), SECOND)
+    assert compared(client, FIRST, SECOND).get_json()["scriptText"] == {
+        "changed": True, "linesBefore": lines, "linesAfter": lines + 1, "linesAdded": lines + 1,
+        "linesRemoved": lines, "exact": False}
+
+
+def test_a_pair_over_compare_max_bytes_is_a_422_naming_it(make_app, session_1mb: bytes) -> None:
+    client = make_app(local_store="memory", compare_max_bytes=1_500_000).test_client()
+    save(client, orjson.loads(session_1mb), FIRST)
+    save(client, orjson.loads(session_1mb), SECOND)
+    for a, b in ((FIRST, SECOND), (FIRST, FIRST)):
+        got = compared(client, a, b)
+        size = 2 * len(client.get(f"/api/v1/session/{FIRST}/export").data)
+        assert (got.status_code, got.get_json()) == (422, {"success": False, "error": (
+            f"Sessions {a} and {b} are too large to compare: they hold {size:,} bytes, more than the 1,500,000 a "
+            "compare takes (COMPARE_MAX_BYTES).")})
+
+
+def test_a_pair_of_many_tiny_values_is_a_422_before_it_is_parsed(make_app) -> None:
+    """Empty beats cost a worker ~150 bytes each once parsed and compared (600,000 of them: +170 MB and 3.5 s),
+    in 1.8 MB: the JSON values are counted first, at most one per 32 bytes of COMPARE_MAX_BYTES."""
+    client = make_app(local_store="memory").test_client()
+    session = minimal(analyzedEpisode={"scenes": [{"beats": [{}] * 300_000}]})
+    save(client, session, FIRST)
+    save(client, session, SECOND)
+    got = compared(client, FIRST, SECOND)
+    limit = 16 * 1024 * 1024 // BYTES_PER_VALUE
+    assert (got.status_code, got.get_json()) == (422, {"success": False, "error": (
+        f"Sessions {FIRST} and {SECOND} are too large to compare: they hold more than {limit:,} JSON values, the "
+        "most a compare takes (one per 32 bytes of COMPARE_MAX_BYTES).")})
+
+
+def test_an_episode_context_of_many_tiny_values_is_a_422(make_app) -> None:
+    """`episodeContext` is a JSON document inside a string: its values count as well, before it is parsed."""
+    client = make_app(local_store="memory").test_client()
+    context = orjson.dumps({"episode": {"items": [{}] * 300_000}}).decode()
+    save(client, minimal(episodeContext=context), FIRST)
+    save(client, minimal(scriptText="B", episodeContext=context), SECOND)
+    got = compared(client, FIRST, SECOND)
+    assert got.status_code == 422
+    assert "with their episodeContext documents, they hold more than" in got.get_json()["error"]
+
+
+def test_a_compare_beyond_compare_concurrency_is_a_503_with_retry_after(make_app, session_10kb: bytes) -> None:
+    """Two compares under way in this process (COMPARE_CONCURRENCY=2, their turns held here): a third is
+    answered at once, 503 with Retry-After; once one ends, compares are answered again."""
+    app = make_app(local_store="memory", compare_concurrency=2)
+    client = app.test_client()
+    save(client, orjson.loads(session_10kb), FIRST)
+    save(client, orjson.loads(session_10kb), SECOND)
+    turns = app.extensions["storyart-compares"]
+    assert turns.acquire(blocking=False) and turns.acquire(blocking=False)
+    try:
+        busy = compared(client, FIRST, SECOND)
+    finally:
+        turns.release()
+    assert (busy.status_code, busy.headers["Retry-After"], busy.get_json()) == (503, "1", {"success": False, "error": (
+        "The service is comparing other sessions (at most 2 at a time per process, COMPARE_CONCURRENCY); retry in "
+        "a second.")})
+    assert compared(client, FIRST, SECOND).get_json()["identical"] is True
+    turns.release()
