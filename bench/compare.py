@@ -131,7 +131,7 @@ def bomb_pairs(names: list[str]) -> dict[str, tuple[bytes, bytes]]:
     small = orjson.loads(FIXTURE_10KB.read_bytes())
     makers = {
         "script80k": lambda seed: orjson.dumps({**small, "scriptText": short_lines(80_000, seed)}),
-        "590kb": lambda seed: orjson.dumps({**small, "scriptText": short_lines(145_000, seed)}),
+        "590kb": lambda seed: orjson.dumps({**small, "scriptText": short_lines(116_000, seed)}),
         "17.8mb": lambda seed: _made(17_800_000, seed),
     }
     return {name: (makers[name](1), makers[name](2)) for name in names}
