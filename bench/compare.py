@@ -10,7 +10,8 @@
 
 `--bombs` measures pairs built to be expensive, against gunicorn with one worker (every request meets the
 compares in the same process): a 313 KB script of 80,000 short lines repeated in another order on each side,
-two 590 KB sessions whose scripts are such lines, and two unrelated 17.8 MB sessions. For each pair: one
+two 590 KB sessions whose scripts are such lines, two unrelated 17.8 MB sessions, and the costliest pairs within
+the default COMPARE_MAX_BYTES: two unrelated 8.3 MB sessions, and 130,000 empty beats a side. For each pair: one
 compare alone (its time and the worker's RSS growth), then `--clients` compares at once while a prober asks for
 `/health` and `/api/v1/session/latest` in turn, one after the other (their slowest answers, and how many took
 over a second). Each pair gets a fresh service, so a compare still running from the pair before cannot slow it.
@@ -84,7 +85,7 @@ def main() -> None:
     parser.add_argument("--bombs", action="store_true", help="measure the compare bombs instead")
     parser.add_argument("--clients", type=int, default=6, help="compares at once in --bombs (default 6)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a --bombs client waits (default 60)")
-    parser.add_argument("--pairs", default="script80k,590kb,17.8mb", help="the --bombs pairs to measure")
+    parser.add_argument("--pairs", default="script80k,590kb,17.8mb,8.3mb,beats", help="the --bombs pairs to measure")
     args = parser.parse_args()
     if args.bombs:
         bombs(args.pairs.split(","), args.clients, args.timeout)
@@ -133,6 +134,9 @@ def bomb_pairs(names: list[str]) -> dict[str, tuple[bytes, bytes]]:
         "script80k": lambda seed: orjson.dumps({**small, "scriptText": short_lines(80_000, seed)}),
         "590kb": lambda seed: orjson.dumps({**small, "scriptText": short_lines(116_000, seed)}),
         "17.8mb": lambda seed: _made(17_800_000, seed),
+        "8.3mb": lambda seed: _made(8_300_000, seed),
+        "beats": lambda seed: orjson.dumps({**small, "scriptText": str(seed),
+                                            "analyzedEpisode": {"scenes": [{"beats": [{}] * 130_000}]}}),
     }
     return {name: (makers[name](1), makers[name](2)) for name in names}
 
@@ -196,8 +200,10 @@ def _bomb(server: ServiceProcess, name: str, a: bytes, b: bytes, clients: int, t
 
 
 def _made(size: int, seed: int) -> bytes:
-    if not MAKER.is_file():
-        return session_of(size)
+    if not MAKER.is_file():  # the 1 MB fixture, padded: a pair differs in its padding
+        session = orjson.loads(session_of(1_000_000))
+        session["padding"] = str(seed) * (size - 1_000_000)
+        return orjson.dumps(session)
     made = subprocess.run([sys.executable, str(MAKER), "--bytes", str(size), "--seed", str(seed)],
                           capture_output=True, check=True)
     return made.stdout.strip()

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import copy
 import random
+import threading
+import time
+from collections.abc import Callable
 
 import orjson
 import pytest
 from flask.testing import FlaskClient
 
 from compare import BYTES_PER_VALUE, SCRIPT_MAX_LINES, LineDiff, line_diff
+from servers import PeakRss, ServiceProcess, request, save_request, wait_for
 
 JSON = {"Content-Type": "application/json"}
 FIRST, SECOND = 1_700_000_000_000, 1_700_000_100_000
@@ -353,3 +357,84 @@ def test_a_compare_beyond_compare_concurrency_is_a_503_with_retry_after(make_app
         "a second.")})
     assert compared(client, FIRST, SECOND).get_json()["identical"] is True
     turns.release()
+
+
+# ------------------------------------------------------------------------------------- a real gunicorn
+
+
+@pytest.mark.slow
+def test_compare_bombs_leave_others_answered_and_the_worker_bounded(service: Callable[..., ServiceProcess],
+                                                                    session_1mb: bytes) -> None:
+    """gunicorn with one worker, so every request meets the compares in one process. Three clients compare
+    expensive pairs, each until every pair has been answered twice (a 503 waits its Retry-After, as the page's
+    user would): the 80,000-line scripts, two 590 KB sessions of such lines, 260,000 empty beats (just under
+    the values a compare takes) and two 17.8 MB sessions (over COMPARE_MAX_BYTES). Meanwhile `/health` and
+    `/api/v1/session/latest` are asked in turn: each is answered within 2 s (within one on a quiet machine);
+    every compare gets its answer within seconds, and the worker grows by less than 200 MB."""
+    server = service("gunicorn", WEB_CONCURRENCY="1", LOG_LEVEL="WARNING")
+    padded = orjson.loads(session_1mb)
+    pairs = {
+        "80,000 lines": [minimal(scriptText=short_lines(80_000, seed)) for seed in (1, 2)],
+        "590 KB": [minimal(scriptText=short_lines(116_000, seed)) for seed in (1, 2)],
+        "empty beats": [minimal(scriptText=text, analyzedEpisode={"scenes": [{"beats": [{}] * 130_000}]})
+                        for text in "AB"],
+        "17.8 MB": [{**padded, "padding": str(seed) * 16_800_000} for seed in (1, 2)],
+    }
+    paths = {}
+    for number, (name, (before, after)) in enumerate(pairs.items()):
+        stamps = [FIRST + 2 * number, FIRST + 2 * number + 1]
+        for session, stamp in zip((before, after), stamps, strict=True):
+            assert save_request(server.port, orjson.dumps({**session, "timestamp": stamp})).status == 200
+        paths[name] = f"/api/v1/session/{stamps[0]}/compare/{stamps[1]}"
+    latest = save_request(server.port, orjson.dumps(minimal(timestamp=SECOND)))  # so /latest reads a small one
+    assert latest.status == 200
+
+    done, answers, probes = threading.Event(), [], []
+
+    def bomb(start: int) -> None:
+        names = list(paths)
+        for turn in range(start, 10_000):
+            if done.is_set():
+                return
+            name = names[turn % len(names)]
+            began = time.monotonic()
+            got = request(server.port, "GET", paths[name], timeout=30)
+            answers.append((name, got, time.monotonic() - began))
+            if got.status == 503:
+                done.wait(int(got.headers["retry-after"]))
+
+    def probe() -> None:
+        for turn in range(1_000_000):
+            if done.is_set():
+                return
+            began = time.monotonic()
+            got = request(server.port, "GET", "/health" if turn % 2 else "/api/v1/session/latest", timeout=30)
+            probes.append((got.status, time.monotonic() - began))
+
+    def every_pair_answered_twice() -> bool:
+        counted = [name for name, got, _ in answers if got.status != 503]
+        return all(counted.count(name) >= 2 for name in paths)
+
+    threads = [threading.Thread(target=bomb, args=(start,), daemon=True) for start in range(3)]
+    threads.append(threading.Thread(target=probe, daemon=True))
+    with PeakRss(server.proc.pid, interval=0.01) as rss:
+        for thread in threads:
+            thread.start()
+        try:
+            wait_for(every_pair_answered_twice, "two answers to every pair", timeout=120)
+        finally:
+            done.set()
+            for thread in threads:
+                thread.join(60)
+    for name, got, took in answers:
+        assert got.status in (200, 422, 503) and got.headers["content-type"] == "application/json", (name, got.body)
+        assert took < 10, f"a compare of the {name} pair took {took:.1f} s"
+    report = {name: got.json() for name, got, _ in answers if got.status != 503}
+    assert report["80,000 lines"]["scriptText"]["exact"] is False
+    assert report["590 KB"]["scriptText"]["exact"] is False
+    assert report["empty beats"]["beats"]["unchanged"] == 130_000
+    assert "COMPARE_MAX_BYTES" in report["17.8 MB"]["error"]
+    slowest = max(took for _, took in probes)
+    assert len(probes) >= 10 and all(status == 200 for status, _ in probes)
+    assert slowest < 2, f"a probe waited {slowest:.2f} s while compares ran"
+    assert rss.growth < 200 * 2**20, f"the worker grew by {rss.growth / 2**20:.0f} MB"
