@@ -281,13 +281,10 @@ class Scene:
     """A scene and what it is matched by: its `sceneNumber`, or its position (from 1) when it has none or
     repeats one. The two never meet: a scene numbered "#2" is not the second scene that has no number."""
 
+    key: tuple[str, Any]  # what it is matched by: ("number", its sceneNumber) or ("position", its position)
     number: Any  # the `sceneNumber` shown: its own, or "#<position>"
     position: int | None  # set when the scene is matched by its position
     fields: dict[str, Any]
-
-    @property
-    def key(self) -> tuple[str, Any]:
-        return ("position", self.position) if self.position is not None else ("number", self.number)
 
     def ref(self) -> dict[str, Any]:
         """How the report names it: `sceneNumber`, and `position` when it is matched by that."""
@@ -302,9 +299,9 @@ def _scenes(episode: dict[str, Any]) -> dict[tuple[str, Any], Scene]:
         scene = _object(scene)
         number = scene.get("sceneNumber")
         if isinstance(number, int | str) and not isinstance(number, bool) and ("number", number) not in scenes:
-            named = Scene(number, None, scene)
+            named = Scene(("number", number), number, None, scene)
         else:
-            named = Scene(f"#{position}", position, scene)
+            named = Scene(("position", position), f"#{position}", position, scene)
         scenes[named.key] = named
     return scenes
 
@@ -361,10 +358,10 @@ def _compare_beats(before: dict[Any, Beat], after: dict[Any, Beat]) -> dict[str,
         if old is None:
             continue
         moved = old.scene.key != new.scene.key
-        changes = diff_fields(old.fields, new.fields, depth=BEAT_DEPTH)
-        if not changes and not moved:
+        if not moved and old.fields == new.fields:
             unchanged += 1
             continue
+        changes = diff_fields(old.fields, new.fields, depth=BEAT_DEPTH)
         item = {**new.ident(), **changes.report(), "prompts": _prompts(old.fields, new.fields)}
         if moved:
             item["movedFrom"] = old.scene.number
