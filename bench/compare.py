@@ -12,9 +12,10 @@
 compares in the same process): a 313 KB script of 80,000 short lines repeated in another order on each side,
 two 590 KB sessions whose scripts are such lines, two unrelated 17.8 MB sessions, and the costliest pairs within
 the default COMPARE_MAX_BYTES: two unrelated 8.3 MB sessions, and 130,000 empty beats a side. For each pair: one
-compare alone (its time and the worker's RSS growth), then `--clients` compares at once while a prober asks for
-`/health` and `/api/v1/session/latest` in turn, one after the other (their slowest answers, and how many took
-over a second). Each pair gets a fresh service, so a compare still running from the pair before cannot slow it.
+compare alone (its time and the worker's RSS growth), then `--clients` clients comparing it back to back for
+`--seconds` (a 503 waits its Retry-After) while a prober asks for `/health` and `/api/v1/session/latest` (a
+10 KB session) in turn, one after the other: their slowest answers, and how many took over a second. Each pair
+gets a fresh service, so a compare still running from the pair before cannot slow it.
 
 Sessions come from ../shared/fixtures/make_session.py (without it: the 1 MB fixture, padded, and only the edited
 pair). It prints one line per
@@ -83,12 +84,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=3_000_000)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--bombs", action="store_true", help="measure the compare bombs instead")
-    parser.add_argument("--clients", type=int, default=6, help="compares at once in --bombs (default 6)")
+    parser.add_argument("--clients", type=int, default=6, help="clients comparing at once in --bombs (default 6)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long they compare (default 10)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a --bombs client waits (default 60)")
     parser.add_argument("--pairs", default="script80k,590kb,17.8mb,8.3mb,beats", help="the --bombs pairs to measure")
     args = parser.parse_args()
     if args.bombs:
-        bombs(args.pairs.split(","), args.clients, args.timeout)
+        bombs(args.pairs.split(","), args.clients, args.timeout, args.seconds)
         return
     base = session_of(args.size)
     pairs = {"edited": (base, edited(base))}
@@ -141,7 +143,7 @@ def bomb_pairs(names: list[str]) -> dict[str, tuple[bytes, bytes]]:
     return {name: (makers[name](1), makers[name](2)) for name in names}
 
 
-def bombs(names: list[str], clients: int, timeout: float) -> None:
+def bombs(names: list[str], clients: int, timeout: float, seconds: float) -> None:
     with tempfile.TemporaryDirectory(prefix="storyart-bench-bombs-") as folder:
         workdir = Path(folder)
         redis_server = RedisServer(workdir / "redis").start()
@@ -152,15 +154,17 @@ def bombs(names: list[str], clients: int, timeout: float) -> None:
                                                      "LOG_LEVEL": "WARNING"}, workdir / f"gunicorn-{name}.log")
                 try:
                     server.start()
-                    _bomb(server, name, a, b, clients, timeout)
+                    _bomb(server, name, a, b, clients, timeout, seconds)
                 finally:
                     server.stop(timeout=5)
         finally:
             redis_server.kill_all()
 
 
-def _bomb(server: ServiceProcess, name: str, a: bytes, b: bytes, clients: int, timeout: float) -> None:
+def _bomb(server: ServiceProcess, name: str, a: bytes, b: bytes, clients: int, timeout: float,
+          seconds: float) -> None:
     first, second = (_saved(server, body, offset) for offset, body in enumerate((a, b)))
+    _saved(server, FIXTURE_10KB.read_bytes(), 10)  # the latest: the probe's /latest reads 10 KB, not a bomb
     path = f"/api/v1/session/{first}/compare/{second}"
     label = f"{name} ({len(a) / 1e6:.2f} + {len(b) / 1e6:.2f} MB)"
 
@@ -177,6 +181,7 @@ def _bomb(server: ServiceProcess, name: str, a: bytes, b: bytes, clients: int, t
     print(f"{label}: alone {took:.2f} s, status {status}, worker RSS +{rss.growth / 2**20:.0f} MB", flush=True)
     stop = threading.Event()
     probes: list[float] = []
+    results: list[tuple[float, str]] = []
 
     def probe() -> None:
         for number in range(1_000_000):
@@ -186,15 +191,24 @@ def _bomb(server: ServiceProcess, name: str, a: bytes, b: bytes, clients: int, t
             request(server.port, "GET", "/health" if number % 2 else "/api/v1/session/latest", timeout=timeout)
             probes.append(time.perf_counter() - started)
 
+    def client(deadline: float) -> None:
+        while time.monotonic() < deadline:
+            results.append(one())
+            if results[-1][1] == "503":
+                stop.wait(1)  # its Retry-After
+
     prober = threading.Thread(target=probe, daemon=True)
     with PeakRss(server.proc.pid, interval=0.01) as rss:
         prober.start()
+        deadline = time.monotonic() + seconds
         with ThreadPoolExecutor(clients) as pool:
-            results = list(pool.map(lambda _: one(), range(clients)))
+            list(pool.map(client, [deadline] * clients))
         stop.set()
         prober.join()
-    statuses = sorted({status for _, status in results})
-    print(f"{label}: {clients} at once, slowest {max(t for t, _ in results):.2f} s, statuses {statuses}, worker RSS "
+    answered = [(took, status) for took, status in results if status != "503"]
+    statuses = sorted({status for _, status in answered})
+    print(f"{label}: {clients} clients for {seconds:.0f} s, {len(answered)} compares answered {statuses} (slowest "
+          f"{max(t for t, _ in answered):.2f} s), {len(results) - len(answered)} busy (503); worker RSS "
           f"+{rss.growth / 2**20:.0f} MB; {len(probes)} probes, median {statistics.median(probes) * 1000:.0f} ms, "
           f"slowest {max(probes) * 1000:.0f} ms, {sum(p > 1 for p in probes)} over 1 s", flush=True)
 
