@@ -3,9 +3,11 @@ and back through `responses.py`. What each answers is in `openapi.yaml`; the pro
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -137,7 +139,28 @@ def compare_sessions(raw: str, other: str) -> Response:
     try:
         return _compared(stamps, Budget(config.compare_max_bytes))
     finally:
+        _give_back_freed_heap()
         turns.release()
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's; other C libraries may lack it
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def _give_back_freed_heap() -> None:
+    """Hand the heap a compare freed back to the kernel. Each thread allocates from its own glibc arena, which
+    keeps up to 64 MB free (gunicorn.conf.py): compares served one after another by different threads of a
+    worker otherwise left it 180-220 MB larger after ten seconds of them, though only one ran at a time."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _compared(stamps: tuple[int, int], budget: Budget) -> Response:
