@@ -32,7 +32,7 @@ CONTEXT_DEPTH = 2  # `episodeContext`'s down to `episode.<field>`
 SCENE_DEPTH = 2  # a scene's down to `metadata.<field>`
 BYTES_PER_VALUE = 32  # a pair may hold one JSON value per 32 bytes of the budget (real sessions: ~1 per 35)
 SCRIPT_MAX_LINES = 100_000  # a side with more lines is counted, not diffed (a line costs ~100 bytes in the diff)
-DIFF_STEPS = 500_000  # the exact line diff's work (~0.3 s; about 1,000 lines changed); past it, a coarser diff
+DIFF_STEPS = 500_000  # the exact line diff's work (~0.2 s of CPU; about 1,000 lines changed); past it, a coarser diff
 RUN = 32  # lines the exact diff compares at once along a run of equal lines
 LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # where `str.splitlines` splits (and "\r\n")
 
