@@ -14,6 +14,7 @@ import logging
 import random
 import re
 import sys
+import threading
 import time
 
 from flask import Flask, Response, g, request
@@ -66,6 +67,7 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
     app.wsgi_app = BodyDeadline(app.wsgi_app, config.body_timeout)  # a trickled body cannot keep a thread
     storage = storage or build_storage(config)
     app.extensions["storyart"] = storage
+    app.extensions["storyart-compares"] = threading.BoundedSemaphore(config.compare_concurrency)  # views.py
     CORS(
         app,
         resources={r"/api/*": {}, r"/health*": {}},

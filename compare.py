@@ -2,26 +2,72 @@
 in, a JSON-able report out (no storage, no HTTP), so the history page can show what a re-analysis changed.
 
 The report follows the session's shape (see the README's "Compare two sessions"): the top-level fields, the
-script text as line counts (the standard library's `difflib`), the fields of `episodeContext` (a JSON document
-kept in a string), `analyzedEpisode`'s own fields, its scenes (matched by `sceneNumber`) and their beats
-(matched by `beatId` across scenes, so a beat moved to another scene is one change, not a removal and an
-addition), with each changed beat's prompt text before and after. Sessions other tools wrote may lack any of
-these parts: a missing or mistyped part compares as empty, never as an error.
+script text as line counts (a line diff, `line_diff`), the fields of `episodeContext` (a JSON document kept in a
+string), `analyzedEpisode`'s own fields, its scenes (matched by `sceneNumber`, or by position when they have
+none) and their beats (matched by `beatId` across scenes, so a beat moved to another scene is one change, not a
+removal and an addition), with each changed beat's prompt text before and after. Sessions other tools wrote may
+lack any of these parts: a missing or mistyped part compares as empty, never as an error.
+
+The work is bounded whatever the sessions hold (docs/contract.md §1): `Budget` refuses pairs whose bytes or JSON
+values would cost a worker more than about 100 MB, everything else here is linear in them but the line diff,
+whose exact part stops after a fixed number of steps (a coarser diff then gives the counts, `exact: false`).
 """
 
 from __future__ import annotations
 
-import difflib
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from payload import count_values
 
 # Parts reported in their own sections, not among the top-level fields; `timestamp` always differs.
 OWN_SECTIONS = frozenset({"scriptText", "episodeContext", "analyzedEpisode", "timestamp"})
 BEAT_DEPTH = 3  # a beat's changes are named down to `prompts.<format>.<field>`
 CONTEXT_DEPTH = 2  # `episodeContext`'s down to `episode.<field>`
 SCENE_DEPTH = 2  # a scene's down to `metadata.<field>`
+BYTES_PER_VALUE = 32  # a pair may hold one JSON value per 32 bytes of the budget (real sessions: ~1 per 35)
+SCRIPT_MAX_LINES = 100_000  # a side with more lines is counted, not diffed (a line costs ~100 bytes in the diff)
+DIFF_STEPS = 500_000  # the exact line diff's work (~0.2 s of CPU; about 1,000 lines changed); past it, a coarser diff
+RUN = 32  # lines the exact diff compares at once along a run of equal lines
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # where `str.splitlines` splits (and "\r\n")
+
+
+class TooLarge(ValueError):
+    """The two sessions would cost more than the compare's budget; the message says what and by how much."""
+
+
+@dataclass
+class Budget:
+    """What one compare may parse: at most `max_bytes` (COMPARE_MAX_BYTES) of the two sessions, and at most one
+    JSON value per `BYTES_PER_VALUE` of that, the values of `episodeContext` (a document in a string) included.
+
+    Parsing costs a worker about 2.5 bytes per byte of real sessions, but 40-200 per JSON value of sessions made
+    of little else (empty beats, keys): counting both, before parsing, keeps any pair within the budget under
+    about 100 MB and 2 s, and refuses the rest (`TooLarge`) before it costs anything but the count."""
+
+    max_bytes: int
+    values: int = 0  # counted so far
+
+    @property
+    def max_values(self) -> int:
+        return self.max_bytes // BYTES_PER_VALUE
+
+    def take(self, documents: Sequence[bytes], what: str) -> None:
+        """Count `documents` (`what` names them in the message) against the budget, or raise `TooLarge`."""
+        size = sum(len(document) for document in documents)
+        if size > self.max_bytes:
+            raise TooLarge(f"{what} hold {size:,} bytes, more than the {self.max_bytes:,} a compare takes "
+                           "(COMPARE_MAX_BYTES)")
+        for document in documents:
+            self.values += count_values(document, stop_above=self.max_values - self.values)
+            if self.values > self.max_values:
+                raise TooLarge(f"{what} hold more than {self.max_values:,} JSON values, the most a compare takes "
+                               f"(one per {BYTES_PER_VALUE} bytes of COMPARE_MAX_BYTES)")
 
 
 @dataclass
@@ -39,13 +85,14 @@ class Changes:
         return {"added": self.added, "removed": self.removed, "changed": self.changed}
 
 
-def compare(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+def compare(before: dict[str, Any], after: dict[str, Any], budget: Budget | None = None) -> dict[str, Any]:
     """The report of what changed from `before` to `after` (both parsed sessions); `identical` is true when
     nothing but the timestamp differs (the order of scenes or beats included, which the sections do not
-    report)."""
+    report). `budget`, when given, holds what parsing the sessions took: the `episodeContext` documents are
+    parsed only within what is left (else `TooLarge`)."""
+    context = _context(before.get("episodeContext"), after.get("episodeContext"), budget)
     fields = diff_fields(before, after, depth=1, skip=OWN_SECTIONS)
     script = _script(before.get("scriptText"), after.get("scriptText"))
-    context = _context(before.get("episodeContext"), after.get("episodeContext"))
     episode_before, episode_after = _object(before.get("analyzedEpisode")), _object(after.get("analyzedEpisode"))
     episode = diff_fields(episode_before, episode_after, depth=2, skip=frozenset({"scenes"}))
     scenes_before, scenes_after = _scenes(episode_before), _scenes(episode_after)
@@ -92,21 +139,136 @@ def diff_fields(before: Any, after: Any, *, depth: int, skip: frozenset[str] = f
 
 
 def _script(before: Any, after: Any) -> dict[str, Any]:
-    """Line counts: how many lines each side has, and how many a line diff adds and removes."""
-    old, new = _text(before).splitlines(), _text(after).splitlines()
-    added = removed = 0
-    if old != new:
-        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, old, new).get_opcodes():
-            if tag != "equal":
-                removed += i2 - i1
-                added += j2 - j1
-    return {"changed": _text(before) != _text(after), "linesBefore": len(old), "linesAfter": len(new),
-            "linesAdded": added, "linesRemoved": removed}
+    """Line counts: how many lines each side has, and how many a line diff adds and removes (`exact` when they
+    are the fewest possible; else those of a coarser diff, never fewer than the fewest)."""
+    old, new = _text(before), _text(after)
+    lines_before, lines_after = line_count(old), line_count(new)
+    if old == new:
+        diff = LineDiff(0, 0, exact=True)
+    elif max(lines_before, lines_after) > SCRIPT_MAX_LINES:  # every line replaced: a diff, if the coarsest
+        diff = LineDiff(lines_after, lines_before, exact=False)
+    else:
+        diff = line_diff(old.splitlines(), new.splitlines())
+    return {"changed": old != new, "linesBefore": lines_before, "linesAfter": lines_after,
+            "linesAdded": diff.added, "linesRemoved": diff.removed, "exact": diff.exact}
 
 
-def _context(before: Any, after: Any) -> dict[str, Any]:
+def line_count(text: str) -> int:
+    """`len(text.splitlines())` without making the lines (a script may have millions of them)."""
+    breaks = sum(text.count(mark) for mark in LINE_BREAKS) - text.count("\r\n")
+    return breaks + (1 if text and text[-1] not in LINE_BREAKS else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class LineDiff:
+    added: int
+    removed: int
+    exact: bool  # the fewest lines added and removed (a longest common subsequence); else a coarser diff's
+
+
+def line_diff(old: Sequence[str], new: Sequence[str], steps: int = DIFF_STEPS) -> LineDiff:
+    """How many lines a diff from `old` to `new` adds and removes: the fewest possible (Myers' O(ND) algorithm)
+    when that takes at most `steps` steps, else those of a diff that keeps the lines unique on both sides in
+    order (patience diff's anchors, O(n log n)); either way linear in memory.
+
+    Lines found on one side only are added or removed whatever the diff, so only the others are diffed: two
+    unrelated scripts cost a pass over their lines. Thousands of short lines repeated in another order (a
+    quadratic case for difflib: 80,000 of them took 48 s) end within `steps`."""
+    canonical: dict[str, str] = {}  # one object per distinct line: equal lines are then identical, fast to compare
+    old = [canonical.setdefault(line, line) for line in old]
+    new = [canonical.setdefault(line, line) for line in new]
+    in_old, in_new = set(old), set(new)
+    shared_old = [line for line in old if line in in_new]
+    shared_new = [line for line in new if line in in_old]
+    distance = _edit_distance(shared_old, shared_new, steps)
+    if distance is None:
+        common, exact = _anchored_common(shared_old, shared_new), False
+    else:
+        common, exact = (len(shared_old) + len(shared_new) - distance) // 2, True
+    return LineDiff(len(new) - common, len(old) - common, exact)
+
+
+def _edit_distance(a: list[str], b: list[str], steps: int) -> int | None:
+    """The fewest lines to add and remove to turn `a` into `b` (E. Myers, "An O(ND) difference algorithm and
+    its variations", 1986: the furthest reaching path of each diagonal, one more edit per round), or None
+    when that needs more than `steps` steps (diagonals visited, runs of `RUN` equal lines, and single ones)."""
+    n, m = len(a), len(b)
+    if not n or not m:
+        return n + m
+    offset = n + m + 1
+    furthest = [0] * (2 * offset + 1)  # by diagonal k = x - y, shifted by `offset`: the furthest x reached
+    for distance in range(n + m + 1):
+        for k in range(-distance, distance + 1, 2):
+            if k == -distance or (k != distance and furthest[offset + k - 1] < furthest[offset + k + 1]):
+                x = furthest[offset + k + 1]  # down from diagonal k + 1: a line added
+            else:
+                x = furthest[offset + k - 1] + 1  # right from diagonal k - 1: a line removed
+            y = x - k
+            if x < n and y < m and a[x] is b[y]:
+                while x + RUN <= n and y + RUN <= m and a[x : x + RUN] == b[y : y + RUN]:
+                    x, y, steps = x + RUN, y + RUN, steps - 1
+                run_end = x
+                while x < n and y < m and a[x] is b[y]:
+                    x, y = x + 1, y + 1
+                steps -= x - run_end
+            furthest[offset + k] = x
+            if x >= n and y >= m:
+                return distance
+        steps -= distance + 1
+        if steps < 0:
+            return None
+    return n + m
+
+
+def _anchored_common(a: list[str], b: list[str]) -> int:
+    """The length of a common subsequence of `a` and `b` found in O(n log n): the lines found once on each side,
+    the longest run of them in the same order on both, and the equal lines around each of them."""
+    count_a, count_b = Counter(a), Counter(b)
+    where_b = {line: j for j, line in enumerate(b) if count_b[line] == 1}
+    pairs = [(i, where_b[line]) for i, line in enumerate(a) if count_a[line] == 1 and line in where_b]
+    tails: list[int] = []  # the longest increasing run of `where_b` positions, patience sorting's piles
+    tops: list[int] = []  # per pile, the index in `pairs` on top of it
+    previous = [-1] * len(pairs)
+    for index, (_, j) in enumerate(pairs):
+        pile = bisect_left(tails, j)
+        previous[index] = tops[pile - 1] if pile else -1
+        if pile == len(tails):
+            tails.append(j)
+            tops.append(index)
+        else:
+            tails[pile], tops[pile] = j, index
+    anchors = []
+    index = tops[-1] if tops else -1
+    while index >= 0:
+        anchors.append(pairs[index])
+        index = previous[index]
+    anchors.reverse()
+    common = i0 = j0 = 0
+    for i1, j1 in [*anchors, (len(a), len(b))]:
+        common += _ends_in_common(a, i0, i1, b, j0, j1)
+        common += i1 < len(a)  # the anchor itself
+        i0, j0 = i1 + 1, j1 + 1
+    return common
+
+
+def _ends_in_common(a: list[str], i0: int, i1: int, b: list[str], j0: int, j1: int) -> int:
+    """How many lines `a[i0:i1]` and `b[j0:j1]` share at their start and, after those, at their end."""
+    start = 0
+    while i0 + start < i1 and j0 + start < j1 and a[i0 + start] is b[j0 + start]:
+        start += 1
+    end = 0
+    while i1 - end - 1 >= i0 + start and j1 - end - 1 >= j0 + start and a[i1 - end - 1] is b[j1 - end - 1]:
+        end += 1
+    return start + end
+
+
+def _context(before: Any, after: Any, budget: Budget | None) -> dict[str, Any]:
     """`episodeContext` is a JSON document in a string: its `fields` when both sides parse to objects, else
     just whether the text changed."""
+    if not (isinstance(before, str) and isinstance(after, str)):
+        return {"changed": before != after, "parsed": False}
+    if budget is not None:
+        budget.take([before.encode(), after.encode()], "with their episodeContext documents, they")
     old, new = _parsed_object(before), _parsed_object(after)
     if old is None or new is None:
         return {"changed": before != after, "parsed": False}
@@ -116,33 +278,46 @@ def _context(before: Any, after: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Scene:
-    number: Any  # its `sceneNumber`, or its position (from 1) when it has none or repeats one
+    """A scene and what it is matched by: its `sceneNumber`, or its position (from 1) when it has none or
+    repeats one. The two never meet: a scene numbered "#2" is not the second scene that has no number."""
+
+    key: tuple[str, Any]  # what it is matched by: ("number", its sceneNumber) or ("position", its position)
+    number: Any  # the `sceneNumber` shown: its own, or "#<position>"
+    position: int | None  # set when the scene is matched by its position
     fields: dict[str, Any]
 
+    def ref(self) -> dict[str, Any]:
+        """How the report names it: `sceneNumber`, and `position` when it is matched by that."""
+        return {"sceneNumber": self.number} if self.position is None else {"sceneNumber": self.number,
+                                                                            "position": self.position}
 
-def _scenes(episode: dict[str, Any]) -> dict[Any, Scene]:
-    scenes: dict[Any, Scene] = {}
+
+def _scenes(episode: dict[str, Any]) -> dict[tuple[str, Any], Scene]:
+    scenes: dict[tuple[str, Any], Scene] = {}
     raw = episode.get("scenes")
     for position, scene in enumerate(raw if isinstance(raw, list) else [], start=1):
         scene = _object(scene)
         number = scene.get("sceneNumber")
-        if not isinstance(number, int | str) or isinstance(number, bool) or number in scenes:
-            number = f"#{position}"
-        scenes[number] = Scene(number, scene)
+        if isinstance(number, int | str) and not isinstance(number, bool) and ("number", number) not in scenes:
+            named = Scene(("number", number), number, None, scene)
+        else:
+            named = Scene(("position", position), f"#{position}", position, scene)
+        scenes[named.key] = named
     return scenes
 
 
 def _compare_scenes(before: dict[Any, Scene], after: dict[Any, Scene]) -> dict[str, list[Any]]:
-    """Scenes by number; a scene's own fields (its title, metadata) are compared here, its beats below."""
+    """Scenes by number (or position); a scene's own fields (its title, metadata) are compared here, its beats
+    below."""
     changed = []
-    for number, scene in after.items():
-        if number in before:
-            changes = diff_fields(before[number].fields, scene.fields, depth=SCENE_DEPTH, skip=frozenset({"beats"}))
+    for key, scene in after.items():
+        if key in before:
+            changes = diff_fields(before[key].fields, scene.fields, depth=SCENE_DEPTH, skip=frozenset({"beats"}))
             if changes:
-                changed.append({"sceneNumber": number, **changes.report()})
+                changed.append({**scene.ref(), **changes.report()})
     return {
-        "added": [{"sceneNumber": n} for n in after if n not in before],
-        "removed": [{"sceneNumber": n} for n in before if n not in after],
+        "added": [scene.ref() for key, scene in after.items() if key not in before],
+        "removed": [scene.ref() for key, scene in before.items() if key not in after],
         "changed": changed,
     }
 
@@ -150,12 +325,14 @@ def _compare_scenes(before: dict[Any, Scene], after: dict[Any, Scene]) -> dict[s
 @dataclass(frozen=True, slots=True)
 class Beat:
     beat_id: str | None  # None: the beat has no (or a repeated) `beatId`, so it is matched by its position
-    scene: Any
+    scene: Scene
     index: int  # its position in its scene, from 0
     fields: dict[str, Any]
 
     def ident(self) -> dict[str, Any]:
-        shown: dict[str, Any] = {"beatId": self.beat_id, "sceneNumber": self.scene}
+        shown: dict[str, Any] = {"beatId": self.beat_id, "sceneNumber": self.scene.number}
+        if self.scene.position is not None:
+            shown["scenePosition"] = self.scene.position
         return shown if self.beat_id is not None else {**shown, "index": self.index}
 
 
@@ -167,9 +344,9 @@ def _beats(scenes: dict[Any, Scene]) -> dict[Any, Beat]:
             beat = _object(beat)
             beat_id = beat.get("beatId")
             if isinstance(beat_id, str) and beat_id not in beats:
-                beats[beat_id] = Beat(beat_id, scene.number, index, beat)
+                beats[beat_id] = Beat(beat_id, scene, index, beat)
             else:
-                beats[(scene.number, index)] = Beat(None, scene.number, index, beat)
+                beats[(scene.key, index)] = Beat(None, scene, index, beat)
     return beats
 
 
@@ -180,13 +357,14 @@ def _compare_beats(before: dict[Any, Beat], after: dict[Any, Beat]) -> dict[str,
         old = before.get(key)
         if old is None:
             continue
-        changes = diff_fields(old.fields, new.fields, depth=BEAT_DEPTH)
-        if not changes and old.scene == new.scene:
+        moved = old.scene.key != new.scene.key
+        if not moved and old.fields == new.fields:
             unchanged += 1
             continue
+        changes = diff_fields(old.fields, new.fields, depth=BEAT_DEPTH)
         item = {**new.ident(), **changes.report(), "prompts": _prompts(old.fields, new.fields)}
-        if old.scene != new.scene:
-            item["movedFrom"] = old.scene
+        if moved:
+            item["movedFrom"] = old.scene.number
         changed.append(item)
     return {
         "added": [beat.ident() for key, beat in after.items() if key not in before],
@@ -227,9 +405,7 @@ def _text(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _parsed_object(value: Any) -> dict[str, Any] | None:
-    if not isinstance(value, str):
-        return None
+def _parsed_object(value: str) -> dict[str, Any] | None:
     try:
         parsed = orjson.loads(value)
     except orjson.JSONDecodeError:

@@ -67,6 +67,8 @@ class Config:
     service_hosts: int = 1  # how many service hosts share the Redis ...
     service_host_index: int = 0  # ... and which one this is (their timestamps never meet, `allocator.Slot`)
     import_time_limit: float = 20.0  # seconds: well under the 60 s a proxy waits for an answer (nginx sample)
+    compare_max_bytes: int = 16 * 1024 * 1024  # the two sessions of one compare together (compare.Budget)
+    compare_concurrency: int = 1  # compares computing at once per process; more: 503 with Retry-After
     backup_dir: Path = Path("instance/backups")
     backup_keep: int = 7
     allowed_hosts: tuple[str, ...] = ()  # beyond the loopback names, which are always allowed; "*": any
@@ -131,6 +133,8 @@ class Config:
             service_hosts=hosts,
             service_host_index=_int(env, "SERVICE_HOST_INDEX", 0, 0, hosts - 1),
             import_time_limit=_float(env, "IMPORT_TIME_LIMIT_SECONDS", 20.0, 0.1, 3600),
+            compare_max_bytes=_int(env, "COMPARE_MAX_BYTES", 16 * 1024 * 1024, 1024, 2**40),
+            compare_concurrency=_int(env, "COMPARE_CONCURRENCY", 1, 1, 256),
             api_token=_token(env),
         )
 

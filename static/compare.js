@@ -115,21 +115,36 @@ function scenesOf(session) {
   return Array.isArray(scenes) ? scenes.filter(isObject) : [];
 }
 
-function sceneTitle(session, number) {
-  const scene = scenesOf(session).find((s) => s.sceneNumber === number);
-  return `Scene ${asText(number)}${scene && scene.title ? ` · ${asText(scene.title)}` : ""}`;
+const BY_POSITION = " (by position)"; // a scene without a `sceneNumber` of its own: "#<position>"
+
+/** The scene a report names: the one at `position` (from 1) when the report gives one (the scene has no
+ * `sceneNumber` of its own, or repeats one), else the first with that `sceneNumber`. */
+function findScene(session, sceneNumber, position) {
+  if (position !== undefined) {
+    const scenes = isObject(session.analyzedEpisode) ? session.analyzedEpisode.scenes : null;
+    const scene = Array.isArray(scenes) ? scenes[position - 1] : undefined;
+    return isObject(scene) ? scene : undefined;
+  }
+  return scenesOf(session).find((s) => s.sceneNumber === sceneNumber);
+}
+
+function sceneTitle(session, ref) {
+  const scene = findScene(session, ref.sceneNumber, ref.position);
+  const name = `Scene ${asText(ref.sceneNumber)}${ref.position !== undefined ? BY_POSITION : ""}`;
+  return `${name}${scene && scene.title ? ` · ${asText(scene.title)}` : ""}`;
 }
 
 /** The beat a report names: by `beatId`, else by its scene and position. */
 function findBeat(session, ident) {
+  if (ident.beatId === null || ident.beatId === undefined) {
+    const scene = findScene(session, ident.sceneNumber, ident.scenePosition);
+    const beats = scene && Array.isArray(scene.beats) ? scene.beats : [];
+    return isObject(beats[ident.index]) ? beats[ident.index] : {};
+  }
   for (const scene of scenesOf(session)) {
     const beats = Array.isArray(scene.beats) ? scene.beats : [];
-    if (ident.beatId !== null && ident.beatId !== undefined) {
-      const found = beats.find((b) => isObject(b) && b.beatId === ident.beatId);
-      if (found) return found;
-    } else if (scene.sceneNumber === ident.sceneNumber && isObject(beats[ident.index])) {
-      return beats[ident.index];
-    }
+    const found = beats.find((b) => isObject(b) && b.beatId === ident.beatId);
+    if (found) return found;
   }
   return {};
 }
@@ -137,7 +152,8 @@ function findBeat(session, ident) {
 function beatName(beat, ident) {
   const id = ident.beatId ?? `#${(ident.index ?? 0) + 1}`;
   const title = beat.beat_title ? ` · ${asText(beat.beat_title)}` : "";
-  return `Scene ${asText(ident.sceneNumber)}, beat ${asText(id)}${title}`;
+  const scene = `Scene ${asText(ident.sceneNumber)}${ident.scenePosition !== undefined ? BY_POSITION : ""}`;
+  return `${scene}, beat ${asText(id)}${title}`;
 }
 
 function beatList(kind, idents, session) {
@@ -181,12 +197,12 @@ export function renderCompare(report, before, after) {
   const episodeBefore = before.analyzedEpisode;
   const episodeAfter = after.analyzedEpisode;
   const sceneChanges = (scenes.changed || []).map((scene) => h("li", null,
-    h("h3", null, sceneTitle(after, scene.sceneNumber)),
-    pathList(scene, scenesOf(before).find((s) => s.sceneNumber === scene.sceneNumber),
-      scenesOf(after).find((s) => s.sceneNumber === scene.sceneNumber))));
+    h("h3", null, sceneTitle(after, scene)),
+    pathList(scene, findScene(before, scene.sceneNumber, scene.position),
+      findScene(after, scene.sceneNumber, scene.position))));
   const sceneLines = [
-    ...(scenes.added || []).map((s) => h("li", { class: "added" }, sceneTitle(after, s.sceneNumber))),
-    ...(scenes.removed || []).map((s) => h("li", { class: "removed" }, sceneTitle(before, s.sceneNumber))),
+    ...(scenes.added || []).map((s) => h("li", { class: "added" }, sceneTitle(after, s))),
+    ...(scenes.removed || []).map((s) => h("li", { class: "removed" }, sceneTitle(before, s))),
   ];
   const beatCounts = `${beats.added?.length || 0} added, ${beats.removed?.length || 0} removed, `
     + `${beats.changed?.length || 0} changed, ${beats.unchanged ?? 0} unchanged`;
@@ -201,7 +217,9 @@ export function renderCompare(report, before, after) {
     section("Script", script.changed ? h("p", null,
       `${script.linesBefore} lines → ${script.linesAfter} lines: `,
       h("span", { class: "added-count" }, `+${script.linesAdded}`), " ",
-      h("span", { class: "removed-count" }, `−${script.linesRemoved}`)) : null),
+      h("span", { class: "removed-count" }, `−${script.linesRemoved}`),
+      script.exact === false ? h("span", { class: "muted inexact" }, " (at most: the scripts differ in too many "
+        + "places, or are too long, for the service to count the fewest changed lines)") : null) : null),
     section("Episode context", !context.changed ? null : context.parsed
       ? pathList(context.fields || {}, parsedContext(before), parsedContext(after))
       : h("p", null, "The text changed (it is not a JSON object on both sides).")),

@@ -183,6 +183,25 @@ def test_errors_conform(make_app, document) -> None:
         conforms(document, path, method, response)
 
 
+def test_a_compare_too_large_or_busy_conforms(make_app, document) -> None:
+    app = make_app(compare_max_bytes=1024)
+    client = app.test_client()
+    stamps = [client.post("/api/v1/session/save", data=orjson.dumps(session(scriptText="x" * 600)),
+                          headers=JSON).get_json()["timestamp"] for _ in range(2)]
+    path = f"/api/v1/session/{stamps[0]}/compare/{stamps[1]}"
+    too_large = client.get(path)
+    assert too_large.status_code == 422 and "COMPARE_MAX_BYTES" in too_large.get_json()["error"]
+    conforms(document, "/api/v1/session/{timestamp}/compare/{other}", "GET", too_large)
+    turns = app.extensions["storyart-compares"]
+    assert turns.acquire(blocking=False)  # a compare under way in this process
+    try:
+        busy = client.get(path)
+    finally:
+        turns.release()
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+    conforms(document, "/api/v1/session/{timestamp}/compare/{other}", "GET", busy)
+
+
 def test_401_with_a_token_conforms_and_health_needs_none(make_app, document) -> None:
     client = make_app(api_token=TOKEN).test_client()
     for path, item in SPEC["paths"].items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import html.parser
 import http.server
+import random
 import re
 import threading
 import time
@@ -484,6 +485,39 @@ def test_compare_shows_a_changed_prompt_before_and_after(tab: Tab, sessions: Ses
     page.locator("#pick-list a", has_text="Undertow").click()
     expect(page).to_have_url(re.compile(rf"#/compare/{first}/{second}$"))
     expect(change.locator(".after")).to_contain_text("rain-slick rooftop at dusk")
+
+
+@pytest.mark.slow
+def test_compare_tells_a_scene_from_the_one_at_its_number_and_says_when_script_counts_are_coarse(
+        tab: Tab, sessions: Sessions) -> None:
+    """The first scene is numbered "#2", the second has no number (the report names it "#2" by its position):
+    each shows its own title and its own beat's prompts. A script of 80,000 short lines in another order gets
+    the counts of a coarser diff, and the page says they are at most that."""
+    from playwright.sync_api import expect
+
+    def episode(titles: tuple[str, str], prompts: tuple[str, str]) -> dict:
+        beats = [[{"prompts": {"cinematic": {"prompt": prompt}}}] for prompt in prompts]
+        return {"scenes": [{"sceneNumber": "#2", "title": titles[0], "beats": beats[0]},
+                           {"title": titles[1], "beats": beats[1]}]}
+
+    def script(seed: int) -> str:
+        rng = random.Random(seed)
+        return "\n".join(rng.choice([f"{chr(97 + i % 26)}{i // 26:02d}" for i in range(120)]) for _ in range(80_000))
+
+    first = sessions.save("Collide", analyzedEpisode=episode(("Numbered", "Unnumbered"), ("one", "two")),
+                          scriptText=script(1))
+    second = sessions.save("Collide", scriptText=script(2), analyzedEpisode=episode(
+        ("Numbered, retitled", "Unnumbered, retitled"), ("one, rewritten", "two, rewritten")))
+    page = tab.page
+    page.goto(f"{sessions.url}#/compare/{first}/{second}")
+    titles = page.locator(".compare li > h3")
+    expect(titles).to_have_text(["Scene #2 · Numbered, retitled", "Scene #2 (by position) · Unnumbered, retitled",
+                                 "Scene #2, beat #1", "Scene #2 (by position), beat #1"])
+    for beat, (was, now) in enumerate([("one", "one, rewritten"), ("two", "two, rewritten")]):
+        change = page.locator(".changed-beat").nth(beat).locator(".prompt-change[data-kind=cinematic]")
+        expect(change.locator(".before")).to_contain_text(was)
+        expect(change.locator(".after")).to_contain_text(now)
+    expect(page.locator(".inexact")).to_contain_text("at most")
 
 
 @pytest.mark.slow
