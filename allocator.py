@@ -21,7 +21,7 @@ Redis. Used as is, a host's proposals never meet (only a number some other sessi
 A save costs one round trip (or one transaction) however many milliseconds are already taken. If Redis times
 out on a save it may still apply, the local fallback stores the session under the same proposal, so the
 write-back finds the same bytes there and keeps one copy. Across hosts only Redis can tell; a clash met at
-write-back keeps both sessions (see store_redis.py).
+write-back keeps both sessions (see stores/redis.py).
 
 Every clock (the clock file, Redis's clock key, the local store's last assigned timestamp) is checked where it
 is read: a value that is not a millisecond timestamp at most `MAX_AHEAD_MS` ahead of this host's clock (a file
@@ -45,7 +45,7 @@ try:
 except ImportError:  # Windows: no record locks; the clock is this process's own (one process there anyway)
     fcntl = None
 
-log = logging.getLogger("storyart.allocator")
+log = logging.getLogger(__name__)
 
 
 def now_ms() -> int:

@@ -31,7 +31,7 @@ from responses import OrjsonProvider, error
 from storage import SessionStorage, build_storage
 from views import MESSAGES, SessionIdConverter, api
 
-log = logging.getLogger("storyart")
+log = logging.getLogger(__name__)
 access_log = logging.getLogger("storyart.access")
 
 DEFAULT_CORS_ORIGINS = (re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?$", re.IGNORECASE),)

@@ -17,7 +17,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from config import Config
 from responses import error_body
 
-log = logging.getLogger("storyart")
+log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 5.0  # as gunicorn's keepalive (gunicorn.conf.py): a connection waiting this long for a request closes
 

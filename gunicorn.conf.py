@@ -66,8 +66,8 @@ sys.setswitchinterval(0.05)
 if _config.local_store == "sqlite":
     # Create (or check) the store file in the master, so an unusable path stops start-up with one line before
     # any worker boots, and the workers find the schema in place.
-    from storage import Limits
-    from store_sqlite import SqliteStore
+    from stores.base import Limits
+    from stores.sqlite import SqliteStore
 
     try:
         SqliteStore.open(_config.local_store_path, Limits()).close()
@@ -80,7 +80,7 @@ if _config.redis_configured:
     # line too; one that is unreachable now is checked by each worker when it first answers.
     from redis import RedisError
 
-    from store_redis import RedisStore
+    from stores.redis import RedisStore
 
     _store = RedisStore.from_config(_config)  # through the Sentinels when they are configured
     try:

@@ -1,35 +1,21 @@
 """Session storage: Redis first, then the service's own local store; the browser's `localStorage` is the last link.
 
-Read top to bottom:
-
-* the shared vocabulary: `Stored` (a session or summary as read), `Record` (a session as a local store holds
-  it), `Query` (a list page), `Listing` (a list answer, read while it is sent), and the errors the HTTP layer
-  turns into 503s;
-* `SessionStore`, the interface every backend implements, and `LocalStore`, what the local stores add for
-  failover. The backends live one per module: `store_redis.py` (the public Redis layout and its scripts),
-  `store_sqlite.py` (the durable default local store, one file shared by every process on the host) and
-  `store_memory.py` (the volatile, per-process choice, `LOCAL_STORE=memory`);
-* `SessionStorage`, what the HTTP layer talks to: it saves to Redis, falls back to the local store when Redis
-  fails or refuses writes, reads the union of both (a pending local copy wins), and a background thread in
-  every process writes pending sessions back to Redis, each exactly once, when Redis answers again.
-
-Sessions are stored as the exact bytes the API returns: `head + b"<ms>}"` (see `payload.Draft`), so reads
-splice them into responses without parsing. How timestamps are chosen: `allocator.py`. The promises behind all
-of this are written down in `docs/contract.md`.
+`SessionStorage` is what the HTTP layer, the CLI and the server hooks talk to (and nothing below it): it saves to
+Redis, falls back to the local store when Redis fails or refuses writes, reads the union of both (a pending local
+copy wins), and a background thread in every process writes pending sessions back to Redis, each exactly once,
+when Redis answers again. `build_storage` is the one factory that picks the backends (`stores/`) a `Config`
+describes. The vocabulary callers need is re-exported here from `stores.base`. How timestamps are chosen:
+`allocator.py`. The promises behind all of this are written down in `docs/contract.md`.
 """
 
 from __future__ import annotations
 
-import abc
 import enum
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import orjson
 import redis
@@ -37,275 +23,38 @@ import redis
 from allocator import ONE_HOST, Allocator, Slot, now_ms
 from config import Config, ConfigError
 from payload import Draft, content_hash, summarize
+from stores import memory, sqlite
+from stores.base import (
+    EVERY,
+    KEY_PREFIX,
+    LOCAL,
+    Limits,
+    Listing,
+    LocalStore,
+    Moved,
+    NotASession,
+    Outcome,
+    Query,
+    Record,
+    SessionStore,
+    StorageFull,
+    StorageUnavailable,
+    Stored,
+    WhenFull,
+    hashed_part,
+    session_key,
+)
+from stores.redis import RedisFacts, RedisStore
 
-if TYPE_CHECKING:
-    from store_redis import RedisFacts, RedisStore
+__all__ = ["EVERY", "LOCAL", "NotASession", "Query", "RedisState", "SessionStorage", "StorageFull",
+           "StorageUnavailable", "Stored", "WhenFull", "build_storage", "session_key"]
 
-log = logging.getLogger("storyart.storage")
+log = logging.getLogger(__name__)
 
-KEY_PREFIX = "storyart:session:"
-LOCAL = "memory"  # the wire name of the local fallback in `storage` fields, whichever local store it is
 MOVE_PAUSE_S = 0.002
 ROWS_PER_READ = 4  # sessions read from a store at once while a list is sent (a few MB, not the whole page)
-EVERY = 2**31  # `Query.limit` of a list that asked for no limit
-NEVER = 2**62  # the `expires_at` of a session that does not expire (pinned, or SESSION_TTL_SECONDS=0)
 REINDEX_CHECK_S = 10.0
-
 T = TypeVar("T")
-
-
-def session_key(timestamp: int) -> str:
-    return f"{KEY_PREFIX}{timestamp}"
-
-
-def expiry(now: int, ttl_ms: int) -> int:
-    """When a session saved (or unpinned) at `now` expires: `NEVER` with no TTL (SESSION_TTL_SECONDS=0)."""
-    return now + ttl_ms if ttl_ms else NEVER
-
-
-class Stored(NamedTuple):
-    timestamp: int
-    body: bytes  # the session JSON, or its summary JSON where a summary was asked for
-    storage: str  # "redis" or "memory" (the local store): where this copy was read from
-    summary: bytes | None = None  # the summary JSON next to a body, when the store has one
-    pinned: bool = False  # kept forever until unpinned
-
-
-class Origin(enum.Enum):
-    """Who chose a session's timestamp: it decides what a write-back does when Redis holds another session
-    under it (see `store_redis.RedisStore.write_back`)."""
-
-    CLIENT = "client"  # the client's identity for the session: a later save of it replaces it
-    SERVICE = "service"  # assigned here: two sessions that met under it are both kept
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A session as a local store holds it, with what a write-back needs to recreate it in Redis."""
-
-    timestamp: int
-    body: bytes
-    summary: bytes
-    expires_at: int  # wall clock, ms; `NEVER` when it does not expire
-    origin: Origin
-    save_id: str = ""  # the save's id (`payload.Draft.save_id`)
-    pinned: bool = False
-    acked: int = 0  # when this copy was acknowledged (wall clock, ms): what orders it against other copies; 0: unknown
-
-    @property
-    def draft(self) -> Draft:
-        return Draft(self.body[: -len(str(self.timestamp)) - 1], self.timestamp, self.summary, self.save_id)
-
-
-class Outcome(enum.Enum):
-    """What a write-back did with a pending session."""
-
-    STORED = "stored"  # Redis holds it under its timestamp now
-    SUPERSEDED = "superseded"  # Redis holds a copy of that client timestamp acknowledged later: that one stays
-    RENUMBERED = "renumbered"  # Redis held another session under its (service-assigned) timestamp: both kept
-    ALREADY = "already"  # a save of these bytes under this save id was applied before: nothing stored again
-    DELETED = "deleted"  # the timestamp was deleted after this copy was acknowledged: the copy is dropped
-
-
-class Moved(NamedTuple):
-    outcome: Outcome
-    timestamp: int  # where the session is in Redis now (for SUPERSEDED: where the later copy is)
-    removed: int | None = None  # a copy of this very save Redis applied but never confirmed, removed from there
-
-
-@dataclass
-class Listing:
-    """A list answer: `rows` is an iterator that reads the sessions in small batches while the answer is sent,
-    so no reply from a store is large and a worker's memory does not grow with the page. `partial` and
-    `skipped` are final once `rows` is exhausted."""
-
-    total: int  # how many sessions match
-    rows: Iterator[Stored]  # newest first
-    partial: bool = False  # Redis could not be read (at the start or midway), or `missed`: there may be more
-    skipped: int = 0  # records that are not sessions (another tool wrote something else under the key)
-    missed: int = 0  # listed sessions that were not read though a store still holds them (see `SessionStorage._rows`)
-
-
-class StorageUnavailable(Exception):
-    """The operation cannot be done safely now; the client should retry later (503 with Retry-After)."""
-
-
-class StorageFull(StorageUnavailable):
-    """No store can take this session now."""
-
-
-class NotASession(Exception):
-    """The record stored under a timestamp is not a JSON object (another tool wrote something else there)."""
-
-
-class WhenFull(enum.Enum):
-    """What a local store does when a save would pass its caps."""
-
-    EVICT_OLDEST = "evict"  # it is the only store (no Redis): the oldest sessions make room, and that is logged
-    REFUSE = "refuse"  # it holds sessions waiting for Redis: none is dropped; the save gets 503 instead
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_sessions: int = 500
-    max_bytes: int = 512 * 1024 * 1024
-    when_full: WhenFull = WhenFull.EVICT_OLDEST
-
-    def victims(self, *, held: tuple[int, int], size: int, replaced: int | None, oldest: Iterable[tuple[int, int]],
-                when_full: WhenFull | None = None) -> list[int]:
-        """The sessions to evict so that one of `size` bytes fits, given (sessions, bytes) `held` now, the size of
-        the copy it replaces (None for a new one) and the unpinned sessions other than it, oldest first, as
-        (timestamp, bytes). Raises `StorageFull` when it cannot fit, or would need evicting where `when_full`
-        (the caller's policy, else the store's) refuses."""
-        if size > self.max_bytes:
-            raise StorageFull("the session is larger than LOCAL_STORE_MAX_BYTES")
-        over_count = held[0] + (0 if replaced is not None else 1) - self.max_sessions
-        over_bytes = held[1] - (replaced or 0) + size - self.max_bytes
-        if over_count <= 0 and over_bytes <= 0:
-            return []
-        if self.when_full is WhenFull.REFUSE:
-            raise StorageFull("the local store is full of sessions waiting for Redis")
-        if when_full is WhenFull.REFUSE:
-            raise StorageFull(f"the local store is at its caps (LOCAL_STORE_MAX_SESSIONS={self.max_sessions}, "
-                              f"LOCAL_STORE_MAX_BYTES={self.max_bytes}), and an import or restore never evicts "
-                              "a session to make room")
-        victims = []
-        for timestamp, length in oldest:
-            if over_count <= 0 and over_bytes <= 0:
-                break
-            victims.append(timestamp)
-            over_count, over_bytes = over_count - 1, over_bytes - length
-        if over_count > 0 or over_bytes > 0:
-            raise StorageFull("the local store is full of pinned sessions")
-        log.warning("local store full: evicted the %d oldest session(s)", len(victims))
-        return victims
-
-
-class Facets(NamedTuple):
-    """What a list filters on, from a summary: what the stores index."""
-
-    story_uuid: str | None
-    episode: str | None  # the episode number as text, as the `episode` filter is given
-    title: str | None  # casefolded, for the case-insensitive title search
-
-    @classmethod
-    def of(cls, summary: dict) -> Facets:
-        number, title = summary.get("episodeNumber"), summary.get("title")
-        return cls(summary.get("storyUuid"), None if number is None else str(number),
-                   title.casefold() if isinstance(title, str) else None)
-
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    """Which sessions a list page wants: a timestamp range, optional summary filters, then offset/limit.
-
-    `before` is the keyset cursor (strictly older than), so pages do not drift while sessions arrive."""
-
-    offset: int = 0
-    limit: int = 20
-    since: int | None = None
-    until: int | None = None
-    before: int | None = None
-    story_uuid: str | None = None
-    episode: str | None = None
-    text: str | None = None  # case-insensitive substring of the title
-
-    @property
-    def low(self) -> int:
-        return self.since or 0
-
-    @property
-    def high(self) -> int:
-        high = self.until if self.until is not None else 2**53
-        return min(high, self.before - 1) if self.before is not None else high
-
-    @property
-    def filters_summaries(self) -> bool:
-        return self.story_uuid is not None or self.episode is not None or self.text is not None
-
-    def matches(self, summary: dict) -> bool:
-        return self.matches_facets(Facets.of(summary))
-
-    def matches_facets(self, facets: Facets) -> bool:
-        story, episode, title = facets
-        return ((self.story_uuid is None or story == self.story_uuid)
-                and (self.episode is None or episode == self.episode)
-                and (self.text is None or (title is not None and self.text.casefold() in title)))
-
-    def widened(self) -> Query:
-        """The same selection from the start, as long as needed to cut this page from a merge of two stores."""
-        return replace(self, offset=0, limit=self.offset + self.limit)
-
-
-# ------------------------------------------------------------------------------------------ the interface
-
-
-class SessionStore(abc.ABC):
-    """What every backend does. Timestamps come from `allocator.choose` (or its Lua twin) inside the store's
-    own atomic step; `proposal` is where that rule starts for a session sent without a timestamp."""
-
-    storage: str  # the wire name of this store in `storage` fields
-
-    @abc.abstractmethod
-    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None) -> int:
-        """Store `draft` under its own timestamp, or under one the allocator's rule chooses; return it.
-        `when_full` overrides a local store's policy for this save (an import or a restore refuses rather than
-        evict); Redis evicts nothing itself (a Redis that may is refused at start-up) and ignores it."""
-
-    @abc.abstractmethod
-    def get(self, timestamp: int) -> Stored | None: ...
-
-    @abc.abstractmethod
-    def exists(self, timestamp: int) -> bool: ...
-
-    @abc.abstractmethod
-    def latest(self) -> Stored | None: ...
-
-    @abc.abstractmethod
-    def timestamps(self, query: Query) -> tuple[int, list[int]]:
-        """(how many match, the timestamps of `query.widened()`'s page, newest first): a list is found by
-        timestamps first (and two stores merged by them), then read with `rows`."""
-
-    @abc.abstractmethod
-    def rows(self, timestamps: list[int], summaries: bool = False) -> list[Stored]:
-        """The sessions (or summaries) of `timestamps` that still exist, in that order."""
-
-    @abc.abstractmethod
-    def delete(self, timestamp: int) -> bool: ...
-
-    @abc.abstractmethod
-    def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
-        """Keep the session forever (`pinned`), or let it expire `ttl_ms` from `now`; False when there is none.
-        A later save of a pinned session keeps it pinned."""
-
-    @abc.abstractmethod
-    def close(self) -> None: ...
-
-
-class LocalStore(SessionStore):
-    """A store on this host that holds sessions when there is no Redis, or while Redis is away ("pending").
-
-    `exclusive()` is the store's write lock (a transaction for SQLite): the write-back moves one session and a
-    delete removes one inside it, so across every process sharing the store a session is moved once and a
-    deleted one never comes back."""
-
-    storage = LOCAL
-    kind: str  # "sqlite" or "memory", for /health
-    limits: Limits
-    location: str | None  # the file, for /health
-    clock_path: Path | None  # where the processes sharing this store keep the allocator's clock
-
-    @abc.abstractmethod
-    def exclusive(self) -> AbstractContextManager[None]: ...
-
-    @abc.abstractmethod
-    def oldest(self) -> Record | None:
-        """The oldest session held, expired or not (a write-back drops an expired one)."""
-
-    @abc.abstractmethod
-    def count(self) -> tuple[int, int]:
-        """(sessions, bytes) held."""
-
 
 # --------------------------------------------------------------------------------------------- failover
 
@@ -542,7 +291,7 @@ class SessionStorage:
     def delete(self, timestamp: int) -> bool:
         """Delete everywhere, or not at all: with Redis configured but away, a copy there would come back. Redis
         keeps a tombstone of the delete, so a copy another host acknowledged before it and still holds is
-        dropped when that host writes it back (`store_redis.RedisStore.delete`)."""
+        dropped when that host writes it back (`stores.redis.RedisStore.delete`)."""
         return self._everywhere("deleted", lambda store: store.delete(timestamp))
 
     def pin(self, timestamp: int, pinned: bool) -> bool:
@@ -597,7 +346,7 @@ class SessionStorage:
         timestamp, remaining TTL, index entry and summary) and removed, so whichever process gets there first
         moves it and the others find it gone. A process killed halfway leaves it pending; the next move writes
         the same bytes again, which changes nothing. An expired session is dropped, not revived. Which copy
-        wins when Redis holds another one, or a delete, under the timestamp: `store_redis.RedisStore.write_back`
+        wins when Redis holds another one, or a delete, under the timestamp: `stores.redis.RedisStore.write_back`
         (contract.md §2, "Which copy wins").
         """
         moved = 0
@@ -680,7 +429,7 @@ class SessionStorage:
 
     def reconcile(self) -> None:
         """One round of bringing Redis's index and list filters in step with the session keys other tools write
-        (`store_redis.Reconciler`; one process of all sharing the Redis does it). An error Redis answers with (an
+        (`stores.redis.Reconciler`; one process of all sharing the Redis does it). An error Redis answers with (an
         ACL without SCAN, a replica or a full Redis refusing writes) is logged once and changes nothing else: the
         next save finds out what it means for saves. Raises a lost connection."""
         try:
@@ -753,28 +502,16 @@ class SessionStorage:
         self.local.close()
 
 
-def hashed_part(body: bytes, timestamp: int) -> memoryview | bytes:
-    """What the recorded content hash covers: the stored bytes up to the timestamp the service appends (all of
-    them for a record that does not end that way, which the service did not write)."""
-    tail = b"%d}" % timestamp
-    return memoryview(body)[: -len(tail)] if body.endswith(tail) else body
-
-
 def build_storage(config: Config) -> SessionStorage:
-    """The storage a `Config` describes. The backends are imported here, not at the top: they import this
-    module's interface."""
-    import store_memory
-    import store_redis
-    import store_sqlite
-
+    """The storage a `Config` describes: the one place that picks backends."""
     limits = Limits(config.local_max_sessions, config.local_max_bytes,
                     WhenFull.REFUSE if config.redis_configured else WhenFull.EVICT_OLDEST)
     if config.local_store == "memory":
-        local: LocalStore = store_memory.MEMORY
+        local: LocalStore = memory.MEMORY
         local.configure(limits)
     else:
-        local = store_sqlite.SqliteStore.open(config.local_store_path, limits, synchronous=config.local_store_sync)
-    redis_store = store_redis.RedisStore.from_config(config) if config.redis_configured else None
+        local = sqlite.SqliteStore.open(config.local_store_path, limits, synchronous=config.local_store_sync)
+    redis_store = RedisStore.from_config(config) if config.redis_configured else None
     facts = None
     if redis_store is not None:
         try:

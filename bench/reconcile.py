@@ -3,7 +3,7 @@
     python bench/reconcile.py                    # 1,000 / 10,000 / 100,000 small sessions, then 64 of 1 MB
     python bench/reconcile.py --counts 2000      # a quick look
 
-It starts its own redis-server on a free 127.0.0.1 port and drives a `store_redis.Reconciler` with the default
+It starts its own redis-server on a free 127.0.0.1 port and drives a `stores.redis.Reconciler` with the default
 `Budget` round by round in this process (the service runs one round every REDIS_RETRY_INTERVAL). For each count
 of small sessions written by "another tool" (SET, no index), once everything is reconciled: the rounds of one
 SCAN pass, a round's time and its longest Redis command (SLOWLOG, so what other clients may wait behind), and
@@ -32,7 +32,7 @@ from config import Config  # noqa: E402
 from payload import parse_session  # noqa: E402
 from servers import RedisServer  # noqa: E402
 from storage import Query  # noqa: E402
-from store_redis import INDEX_KEY, Reconciled, Reconciler, RedisStore  # noqa: E402
+from stores.redis import INDEX_KEY, Reconciled, Reconciler, RedisStore  # noqa: E402
 
 FIRST = 1_700_000_000_000
 LEASE_MS = 10_000

@@ -412,7 +412,7 @@ def fill(client: redis.Redis, count: int, fixture: bytes) -> list[int]:
 
     from allocator import now_ms
     from payload import new_save_id, parse_session
-    from store_redis import RedisStore
+    from stores.redis import RedisStore
 
     store = RedisStore(client)
     draft = parse_session(fixture, now_ms())

@@ -16,10 +16,10 @@ os.environ.setdefault("LOCAL_STORE_PATH", str(Path(tempfile.mkdtemp(prefix="stor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import store_memory  # noqa: E402
 from app import create_app  # noqa: E402
 from config import Config  # noqa: E402
 from servers import RedisServer, ServiceProcess  # noqa: E402
+from stores import memory as store_memory  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -24,12 +24,13 @@ from flask import Flask
 
 import backup
 import servers
-import store_memory
 from servers import ROOT, RedisServer
 from storage import SessionStorage
+from stores import memory as store_memory
 
 JSON = {"Content-Type": "application/json"}
 FIRST = 1_700_000_000_000
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")  # the service's log format
 
 
 def storage_of(app: Flask) -> SessionStorage:
@@ -256,7 +257,7 @@ def test_the_cli_as_a_real_process_with_progress_only_on_a_terminal(redis_server
     done = subprocess.run([*flask, "restore", str(tmp_path / "nothing.zip")], cwd=ROOT, env=env, capture_output=True,
                           timeout=60)
     assert done.returncode == 2 and done.stdout == b"" and b"Traceback" not in done.stderr
-    errors = [line for line in done.stderr.decode().splitlines() if " storyart.storage: " not in line]  # log lines
+    errors = [line for line in done.stderr.decode().splitlines() if not LOG_LINE.match(line)]
     assert errors == [f"Error: {tmp_path / 'nothing.zip'} is not a StoryArt backup (No such file or directory)"]
 
 

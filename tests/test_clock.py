@@ -22,9 +22,10 @@ from allocator import MAX_AHEAD_MS, PROBES, Allocator, Slot, choose, now_ms
 from config import Config
 from payload import Draft, parse_session
 from servers import RedisServer, ServiceProcess, request, save_request, wait_for
-from storage import Limits, Query
-from store_redis import CLOCK_KEY, EXPIRY_KEY, FORGET_BATCH, INDEX_KEY, PAGE_ROUNDS, PINNED_KEY, RedisStore
-from store_sqlite import SqliteStore
+from storage import Query
+from stores.base import Limits
+from stores.redis import CLOCK_KEY, EXPIRY_KEY, FORGET_BATCH, INDEX_KEY, PAGE_ROUNDS, PINNED_KEY, RedisStore
+from stores.sqlite import SqliteStore
 
 DAY_MS = 86_400_000
 TWO_53 = 2**53
@@ -37,7 +38,7 @@ def draft(text: str) -> Draft:
 
 
 def clock_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "storyart.allocator" and LATE in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if r.name == "allocator" and LATE in r.getMessage()]
 
 
 # ------------------------------------------------------------------------------------------ the rule itself

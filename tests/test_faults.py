@@ -18,7 +18,7 @@ from chaos import PERSISTENT, Blackhole, SlowUpload, session, tagged, timed
 
 from allocator import now_ms
 from servers import RedisServer, ServiceProcess, free_port, request, save_request, wait_for
-from store_redis import INDEX_KEY
+from stores.redis import INDEX_KEY
 
 pytestmark = pytest.mark.slow
 
@@ -485,8 +485,9 @@ def test_forked_processes_on_one_local_store_never_give_two_saves_the_same_times
     from dataclasses import replace
 
     from payload import new_save_id, parse_session
-    from storage import Limits, WhenFull
-    from store_sqlite import SqliteStore
+    from storage import WhenFull
+    from stores.base import Limits
+    from stores.sqlite import SqliteStore
 
     path = tmp_path / "shared.sqlite3"
     SqliteStore.open(path, Limits()).close()

@@ -8,7 +8,7 @@ import pytest
 from chaos import session, tagged
 
 from servers import PeakRss, ServiceProcess, request, save_request
-from store_redis import INDEX_KEY
+from stores.redis import INDEX_KEY
 
 pytestmark = pytest.mark.slow
 JSON = {"Content-Type": "application/json"}

@@ -13,7 +13,7 @@ import redis
 from flask.testing import FlaskClient
 
 from allocator import now_ms
-from store_redis import INDEX_KEY, META_PREFIX
+from stores.redis import INDEX_KEY, META_PREFIX
 
 JSON = {"Content-Type": "application/json"}
 TOKEN = "s3cret-token-0123456789"

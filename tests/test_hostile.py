@@ -21,7 +21,7 @@ from allocator import now_ms
 from app import create_app
 from config import Config
 from servers import ServiceProcess
-from store_redis import INDEX_KEY
+from stores.redis import INDEX_KEY
 
 JSON = {"Content-Type": "application/json"}
 VALID = {"scriptText": "INT. LAB - NIGHT", "episodeContext": "{}", "storyUuid": "u-1",

@@ -10,7 +10,7 @@ import pytest
 from flask.testing import FlaskClient
 from test_history import JSON, listing, session
 
-from store_redis import FACETS_KEY, INDEX_KEY
+from stores.redis import FACETS_KEY, INDEX_KEY
 
 
 def imported(client: FlaskClient, items: list) -> dict:

@@ -95,8 +95,8 @@ def test_a_store_file_of_the_previous_version_gains_pins_and_filter_columns(make
 
 def test_a_store_file_whose_table_is_not_ours_stops_start_up_naming_it(tmp_path) -> None:
     from config import ConfigError
-    from storage import Limits
-    from store_sqlite import SqliteStore
+    from stores.base import Limits
+    from stores.sqlite import SqliteStore
 
     path = tmp_path / "foreign.sqlite3"
     with sqlite3.connect(path) as db:

@@ -21,7 +21,7 @@ from allocator import now_ms
 from config import Config
 from servers import ROOT, ServiceProcess, request, save_request, wait_for
 from storage import Query
-from store_redis import FACETS_KEY, INDEX_KEY, RECONCILER_KEY, Budget, Reconciler, RedisStore
+from stores.redis import FACETS_KEY, INDEX_KEY, RECONCILER_KEY, Budget, Reconciler, RedisStore
 
 JSON = {"Content-Type": "application/json"}
 INTERVAL = 0.2  # REDIS_RETRY_INTERVAL of the services here: a reconcile round every 0.2 s

@@ -22,24 +22,19 @@ from config import Config
 from payload import Draft, parse_session
 from storage import (
     EVERY,
-    Limits,
-    LocalStore,
-    Origin,
-    Outcome,
     Query,
-    Record,
     RedisState,
     SessionStorage,
-    SessionStore,
     StorageFull,
     StorageUnavailable,
     WhenFull,
     build_storage,
     session_key,
 )
-from store_memory import MemoryStore
-from store_redis import INDEX_KEY, RedisStore
-from store_sqlite import SqliteStore
+from stores.base import Limits, LocalStore, Origin, Outcome, Record, SessionStore
+from stores.memory import MemoryStore
+from stores.redis import INDEX_KEY, RedisStore
+from stores.sqlite import SqliteStore
 
 DAY_MS = 86_400_000
 
@@ -441,7 +436,7 @@ def test_each_copy_keeps_when_it_was_acknowledged(local_kind) -> None:
 
 
 def test_build_storage_uses_the_configured_local_store(tmp_path) -> None:
-    import store_memory
+    from stores import memory as store_memory
 
     config = dataclasses.replace(Config(), local_store="memory", local_max_sessions=7, local_max_bytes=4096)
     built = build_storage(config)

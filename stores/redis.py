@@ -59,7 +59,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 from allocator import PROBES, REDIS_ASSIGN, distrusted, now_ms
 from config import Config
 from payload import Draft, content_hash, summarize
-from storage import (
+from stores.base import (
     KEY_PREFIX,
     NEVER,
     Facets,

@@ -1,7 +1,7 @@
 """The volatile local store (`LOCAL_STORE=memory`): a module-level dict in this process.
 
 Nothing touches the disk and nothing is shared: another gunicorn worker does not see these sessions, and they
-end with the process. It is the choice for a throwaway run or a test; the durable default is `store_sqlite.py`.
+end with the process. It is the choice for a throwaway run or a test; the durable default is `stores/sqlite.py`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import orjson
 
 from allocator import choose, now_ms
 from payload import Draft
-from storage import LOCAL, NEVER, Limits, LocalStore, Origin, Query, Record, Stored, WhenFull, expiry
+from stores.base import LOCAL, NEVER, Limits, LocalStore, Origin, Query, Record, Stored, WhenFull, expiry
 
-log = logging.getLogger("storyart.storage")
+log = logging.getLogger(__name__)
 
 
 class MemoryStore(LocalStore):

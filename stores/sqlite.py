@@ -32,7 +32,7 @@ import orjson
 from allocator import choose, now_ms
 from config import ConfigError
 from payload import Draft
-from storage import (
+from stores.base import (
     NEVER,
     Facets,
     Limits,
@@ -46,7 +46,7 @@ from storage import (
     expiry,
 )
 
-log = logging.getLogger("storyart.storage")
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BUSY_TIMEOUT_S = 3.0  # how long a write waits for another process's transaction before the save gets a 503

@@ -1,0 +1,1 @@
+"""The session stores: `base` (the shared types and the interface), then one module per backend."""
