@@ -56,7 +56,7 @@ threads = _config.threads or 32
 # RESPONSE_SEND_TIMEOUT without progress (worker.py): 200 connections that asked for the list of ten 1 MB sessions
 # and read nothing held all 3 x 32 threads, and every other request waited behind them.
 ParkingWorker.send_timeout = _config.send_timeout
-worker_class = ParkingWorker if threads > 1 else "sync"
+worker_class = "worker.ParkingWorker" if threads > 1 else "sync"
 keepalive = 5  # seconds an idle connection (a browser's preconnect, a kept-alive one) stays open
 # gunicorn's gthread worker lets a new connection wait in a thread up to 5 s for its first bytes before parking it
 # in the poller: 50 idle connections then took every thread for 5 s. 0.1 s is ample for a client that sends.
