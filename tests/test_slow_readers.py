@@ -132,5 +132,7 @@ def test_slow_readers_keep_nobody_waiting_and_are_dropped_at_the_send_deadline(k
         again_rss = rss(server)
     held = held_rss - base_rss
     assert held > 100 * 2**20, held  # the first crowd's answers took memory ...
-    assert again_rss - held_rss < held / 2, (base_rss, held_rss, again_rss)  # ... which the second one reused
+    # ... which the second one reused: had the first crowd's answers kept it, the second would take as much again
+    # (measured: +31-33% under gunicorn, whose three workers get the crowds in other shares; +1% for app.py)
+    assert again_rss - held_rss < 0.6 * held, (base_rss, held_rss, again_rss)
     assert request(server.port, "GET", "/health").status == 200
