@@ -39,7 +39,7 @@ class SendDeadline(io.BufferedIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data: bytes) -> int:  # type: ignore[override]  # bytes is all werkzeug writes
+    def write(self, data: bytes) -> int:
         view = memoryview(data)
         self.sock.settimeout(self.seconds)  # each send below waits at most this long for room, then sends what fits
         try:

@@ -23,7 +23,6 @@ import logging
 import select
 import selectors
 import socket
-import struct
 import time
 from collections import deque
 from datetime import datetime
@@ -32,6 +31,8 @@ from typing import Any
 from gunicorn import util
 from gunicorn.http import wsgi
 from gunicorn.workers import gthread
+
+from devserver import reset_on_close
 
 log = logging.getLogger("storyart")
 
@@ -234,8 +235,11 @@ class ParkingWorker(gthread.ThreadWorker):
         whose socket took nothing for `send_timeout` seconds (all of them when the worker stops)."""
         super().murder_keepalived(force)
         stalled = time.monotonic() - self.send_timeout
-        for conn in [conn for conn in self.parked if force or conn.reply.outbox.progress < stalled]:
-            self._drop(conn, f"its client took none of it for {self.send_timeout:g} s (RESPONSE_SEND_TIMEOUT)")
+        for conn in list(self.parked):
+            if conn.reply.outbox.progress < stalled:
+                self._drop(conn, f"its client took none of it for {self.send_timeout:g} s (RESPONSE_SEND_TIMEOUT)")
+            elif force:
+                self._drop(conn, "the worker stopped before its client read it")
 
     def _drop(self, conn: gthread.TConn, why: str) -> None:
         """Reset the connection of a parked answer and release the answer."""
@@ -243,7 +247,8 @@ class ParkingWorker(gthread.ThreadWorker):
         del self.parked[conn]
         self.nr_conns -= 1
         reply, conn.reply = conn.reply, None
-        reset(conn.sock)
+        reset_on_close(conn.sock)
+        util.close(conn.sock)
         log.warning("dropped the answer to %s %s: %s", reply.req.method, repr(reply.req.path)[1:-1], why)
         try:
             reply.finish()
@@ -261,10 +266,3 @@ def _honouring_close(resp: wsgi.Response) -> Any:
 
     return start_response
 
-
-def reset(sock: socket.socket) -> None:
-    """Close with a reset (SO_LINGER 0): the kernel discards what the peer never read instead of keeping it
-    while it retries."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    util.close(sock)
