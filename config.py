@@ -43,6 +43,7 @@ class Config:
     session_ttl_seconds: int = 604_800
     max_content_length: int = 50 * 1024 * 1024
     body_timeout: float = 60.0  # seconds a request body may take to arrive (deadline.py)
+    send_timeout: float = 60.0  # seconds a client may take no byte of its answer (worker.py, devserver.py)
     cors_origins: tuple[str, ...] = ()
     log_level: str = "INFO"
     local_store: str = "sqlite"
@@ -104,6 +105,7 @@ class Config:
             session_ttl_seconds=_int(env, "SESSION_TTL_SECONDS", 604_800, 0, 10 * 365 * 86_400),
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 50 * 1024 * 1024, 1024, 2**40),
             body_timeout=_float(env, "REQUEST_BODY_TIMEOUT", 60.0, 0.1, 3600),
+            send_timeout=_float(env, "RESPONSE_SEND_TIMEOUT", 60.0, 0.1, 3600),
             cors_origins=_origins(env),
             log_level=_choice(env, "LOG_LEVEL", "INFO", LOG_LEVELS),
             local_store=_choice(env, "LOCAL_STORE", "SQLITE", LOCAL_STORES).lower(),

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import yaml
 from flask import Blueprint, Response, abort, current_app, request, stream_with_context
-from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from allocator import now_ms
@@ -378,8 +378,8 @@ def _list_query() -> tuple[Query, bool]:
 
 def _request_body(limit: int) -> bytes:
     """The whole body: 413 when it is larger than `limit` (werkzeug stops reading a body without a
-    Content-Length, i.e. chunked, at the limit without saying it cut it), 400 when the server cannot read it
-    (a malformed chunk under gunicorn raises its own parser error here)."""
+    Content-Length, i.e. chunked, at the limit without saying it cut it), 400 and `Connection: close` when the
+    server cannot read it (a malformed chunk under gunicorn raises its own parser error here)."""
     try:
         body = request.get_data(cache=False)
         if request.content_length is None and len(body) >= limit and request.environ["wsgi.input"].read(1):
@@ -387,7 +387,8 @@ def _request_body(limit: int) -> bytes:
     except HTTPException:
         raise
     except Exception as exc:  # only reading the request happens here: whatever fails is the request's fault
-        raise BadRequest(f"The request body could not be read ({type(exc).__name__}).") from None
+        # Where a next request would begin is unknown, so the server closes the connection: the answer says so.
+        abort(error(400, f"The request body could not be read ({type(exc).__name__}).", {"Connection": "close"}))
     return body
 
 
