@@ -27,6 +27,7 @@ from deadline import BodyDeadline
 from drain import DrainRefusedBody
 from page import page
 from responses import OrjsonProvider, error
+from scheduler import Scheduler
 from storage import SessionStorage, build_storage
 from views import MESSAGES, SessionIdConverter, api
 
@@ -66,6 +67,7 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
     app.wsgi_app = BodyDeadline(app.wsgi_app, config.body_timeout)  # a trickled body cannot keep a thread
     storage = storage or build_storage(config)
     app.extensions["storyart"] = storage
+    app.extensions["storyart-backups"] = Scheduler(config, storage)  # started by the server (BACKUP_SCHEDULE)
     CORS(
         app,
         resources={r"/api/*": {}, r"/health*": {}},
