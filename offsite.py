@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from backup import FORMAT, MANIFEST, Backup, BackupError, OnStep, default_name, rotate, write_file
+from backup import FORMAT, MANIFEST, UNREADABLE, Backup, BackupError, OnStep, default_name, rotate, write_file
 from config import Config, S3Settings
 from storage import SessionStorage, StorageUnavailable
 
@@ -100,8 +100,7 @@ def _manifest(path: Path) -> dict[str, Any] | None:
     try:
         with zipfile.ZipFile(path) as archive, archive.open(MANIFEST) as member:
             manifest = orjson.loads(member.read(64 * 1024 * 1024))
-    except (OSError, KeyError, zipfile.BadZipFile, orjson.JSONDecodeError, RuntimeError, NotImplementedError,
-            EOFError):
+    except (KeyError, orjson.JSONDecodeError, *UNREADABLE):
         return None
     ok = isinstance(manifest, dict) and manifest.get("format") == FORMAT and type(manifest.get("count")) is int
     return manifest if ok else None

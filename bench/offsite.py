@@ -69,6 +69,7 @@ def main() -> None:
             os.environ.update(env)
             from app import create_app
             from config import Config
+            from offsite import Facts, Store
 
             app = create_app(Config.from_env(dotenv_path=None))
             client = app.test_client()
@@ -79,18 +80,28 @@ def main() -> None:
             print(f"{args.count} sessions, {sum(map(len, bodies)) / 1e6:.1f} MB in all; median of {args.runs} runs")
             local = {**env, "BACKUP_DIR": str(workdir / "local")}
             offsite = {**env, "BACKUP_DIR": str(workdir / "offsite"), **s3.env("bench")}
-            for label, run_env, command in (("backup, BACKUP_DIR only", local, ["backup"]),
-                                            ("backup, then off-site (upload + read-back)", offsite, ["backup"]),
-                                            ("restore --latest from the store into an emptied Redis", offsite,
-                                             ["restore", "--latest"])):
-                results = []
-                for _ in range(args.runs):
+            cases = (("backup, BACKUP_DIR only", local, ["backup"]),
+                     ("backup, then off-site (upload + read-back)", offsite, ["backup"]),
+                     ("restore --latest from the store into an emptied Redis", offsite, ["restore", "--latest"]))
+            results: dict[str, list[tuple[float, int, str]]] = {label: [] for label, _, _ in cases}
+            for _ in range(args.runs):  # interleaved, so a change in the machine's load touches every case alike
+                for label, run_env, command in cases:
                     if command[0] == "restore":
                         redis_server.client().flushall()
-                    results.append(measured(run_env, *command))
-                seconds = statistics.median(r[0] for r in results)
-                peak = statistics.median(r[1] for r in results)
-                print(f"{label}: {seconds:.2f} s, peak RSS {peak / 1e6:.0f} MB  \n    {results[-1][2]}")
+                    results[label].append(measured(run_env, *command))
+            for label, runs in results.items():
+                seconds = statistics.median(r[0] for r in runs)
+                peak = statistics.median(r[1] for r in runs)
+                print(f"{label}: {seconds:.2f} s, peak RSS {peak / 1e6:.0f} MB\n    {runs[-1][2]}")
+            store = Store(Config.from_env(offsite, dotenv_path=None).backup_s3)
+            path = max((workdir / "offsite").iterdir())
+            facts = Facts.of(path)
+            for label, step in (("upload + read-back + checksum file", lambda: store.upload(path, facts)),
+                                ("download, hashed (a restore's fetch)",
+                                 lambda: store.fetch(store.key(path.name), workdir / "fetched.zip"))):
+                started = time.perf_counter()
+                step()
+                print(f"in process, {label} of {facts.bytes / 1e6:.1f} MB: {time.perf_counter() - started:.2f} s")
         finally:
             s3.kill()
             redis_server.kill_all()
