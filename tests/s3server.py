@@ -124,12 +124,13 @@ class S3Server:
 
     def kill(self) -> None:
         """SIGKILL the server (all of SeaweedFS runs in the one process), and remove the Unix sockets it leaves
-        in /tmp (named by its ports; only two of them can be put elsewhere)."""
+        in /tmp (named by its ports)."""
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        for port in (self.filer, self.filer_grpc, self.port, self.s3_grpc):
+        for port in (self.master, self.master_grpc, self.volume, self.volume_grpc, self.filer, self.filer_grpc,
+                     self.port, self.s3_grpc):
             for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
                 sock.unlink(missing_ok=True)
 
