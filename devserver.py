@@ -154,10 +154,12 @@ def serve(app: Flask, config: Config) -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     log.info("listening on http://%s:%d", config.host, config.port)
+    app.extensions["storyart-backups"].start()  # the backup schedule, if BACKUP_SCHEDULE is set
     try:
         server.serve_forever()
     finally:
         server.server_close()
         stopped.set()
+        app.extensions["storyart-backups"].stop()
         app.extensions["storyart"].close()
         log.info("stopped")

@@ -140,8 +140,17 @@ def _keep_session_buffers_in_the_heap():
 _keep_session_buffers_in_the_heap()
 
 
-def worker_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
-    """After a worker's last request: try one last write-back of pending sessions, and say what is left."""
+def post_worker_init(worker):  # noqa: ARG001 - gunicorn's hook signature
+    """Each worker runs the backup schedule (BACKUP_SCHEDULE; the workers' claims let one take each due time)."""
     app_module = sys.modules.get("app")
     if app_module is not None:
+        app_module.app.extensions["storyart-backups"].start()
+
+
+def worker_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
+    """After a worker's last request: stop its backup schedule, try one last write-back of pending sessions,
+    and say what is left."""
+    app_module = sys.modules.get("app")
+    if app_module is not None:
+        app_module.app.extensions["storyart-backups"].stop()
         app_module.app.extensions["storyart"].close()

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,7 @@ def health() -> Response:
         "localStore": {"kind": sessions.local.kind, "path": sessions.local.location, "sessions": held,
                        "bytes": held_bytes},
         **({"warnings": sessions.redis_warnings} if sessions.redis_warnings else {}),
+        **_backups(),
         "service": SERVICE_NAME,
         "pid": os.getpid(),
     })
@@ -305,6 +307,16 @@ def ready() -> Response:
         return json_response({"success": False, "error": "Redis is configured but unreachable.",
                               "ready": False, "redis": redis_state.value, **_master(sessions)}, 503)
     return json_response({"success": True, "ready": True, "redis": redis_state.value, **_master(sessions)})
+
+
+def _backups() -> dict[str, Any]:
+    """`lastBackup` (when, where, verified, or the error; null before the first) and, with BACKUP_SCHEDULE,
+    `nextBackup` (see scheduler.py)."""
+    schedule = current_app.extensions["storyart-backups"]
+    due = schedule.next_due()
+    shown = datetime.fromtimestamp(due / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z") \
+        if due else None
+    return {"lastBackup": schedule.last(), **({"nextBackup": shown} if shown else {})}
 
 
 def _master(sessions: SessionStorage) -> dict[str, str | None]:
