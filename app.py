@@ -28,6 +28,7 @@ from deadline import BodyDeadline
 from drain import DrainRefusedBody
 from page import page
 from responses import OrjsonProvider, error
+from scheduler import Scheduler
 from storage import SessionStorage, build_storage
 from views import MESSAGES, SessionIdConverter, api
 
@@ -68,6 +69,7 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
     storage = storage or build_storage(config)
     app.extensions["storyart"] = storage
     app.extensions["storyart-compares"] = threading.BoundedSemaphore(config.compare_concurrency)  # views.py
+    app.extensions["storyart-backups"] = Scheduler(config, storage)  # started by the server (BACKUP_SCHEDULE)
     CORS(
         app,
         resources={r"/api/*": {}, r"/health*": {}},

@@ -197,11 +197,11 @@ def _sync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def rotate(folder: Path, keep: int) -> list[Path]:
+def rotate(folder: Path, keep: int, spare: str | None = None) -> list[Path]:
     """Remove the oldest backups in `folder` beyond the newest `keep` (only files named as `default_name`
-    names them); returns the removed ones."""
+    names them), but never the one named `spare` (the newest verified one); returns the removed ones."""
     backups = sorted(p for p in folder.iterdir() if _NAME.match(p.name) and p.is_file())
-    removed = backups[: max(0, len(backups) - keep)]
+    removed = [p for p in backups[: max(0, len(backups) - keep)] if p.name != spare]
     for old in removed:
         old.unlink(missing_ok=True)
     return removed

@@ -11,7 +11,8 @@ import redis
 from flask import current_app
 from flask.cli import AppGroup
 
-from backup import BackupError, Step, default_name, restore, rotate, write_file
+import offsite
+from backup import BackupError, Step, default_name, restore, write_file
 from config import Config
 from storage import SessionStorage, StorageUnavailable
 
@@ -36,39 +37,88 @@ def reindex() -> None:
 @click.argument("path", required=False, type=click.Path(path_type=Path))
 def backup(path: Path | None) -> None:
     """Write every live session (pinned ones included) to one ZIP file: PATH (a file, or a folder to put a new
-    one in), else a new file in BACKUP_DIR, where only the newest BACKUP_KEEP backups are kept."""
+    one in), else a new file in BACKUP_DIR, where only the newest BACKUP_KEEP backups are kept, then (with
+    BACKUP_S3_URL) upload it and every earlier one the store lacks, each read back before it counts."""
     config: Config = current_app.config["STORYART"]
     storage = _shared_storage()
-    target = config.backup_dir / default_name() if path is None else path / default_name() if path.is_dir() else path
+    if path is None:
+        with Progress("backed up") as progress:
+            outcome = offsite.take(config, storage, progress)
+        current_app.extensions["storyart-backups"].record(outcome)
+        if outcome.written is not None:
+            click.echo(offsite.summary(outcome))
+        if outcome.error:
+            raise click.ClickException(outcome.error)
+        return
+    target = path / default_name() if path.is_dir() else path
     started = time.monotonic()
     with Progress("backed up") as progress:
         try:
             written = write_file(storage, target, progress)
         except (BackupError, StorageUnavailable) as error:
             raise click.ClickException(f"no backup written: {error}") from None
-    removed = rotate(config.backup_dir, config.backup_keep) if path is None else []
     click.echo(f"Backed up {written.count} session(s) ({written.pinned} pinned, {_size(written.bytes)}) to {target} "
                f"({_size(target.stat().st_size)}) in {time.monotonic() - started:.1f} s"
-               + (f"; removed {len(removed)} older backup(s)" if removed else "")
                + (f"; skipped {written.skipped} record(s) that are not sessions" if written.skipped else "") + ".")
 
 
+@sessions.command("backups")
+def list_backups() -> None:
+    """List the backups in BACKUP_DIR and in the store (BACKUP_S3_URL): name, sessions, bytes, age, and whether
+    each is verified (a readable backup here; off-site, one read back after its upload, whole and unchanged).
+    Exit status 1 when the store cannot be listed."""
+    config: Config = current_app.config["STORYART"]
+    copies = offsite.local_copies(config.backup_dir)
+    failure = None
+    if config.backup_s3 is not None:
+        try:
+            copies += offsite.Store(config.backup_s3).copies()
+        except offsite.OffsiteError as error:
+            failure = error
+    click.echo(f"{'where':<6} {'name':<42} {'sessions':>8} {'bytes':>12} {'age':>6}  verified")
+    for copy in copies:
+        made = offsite.made_at(copy.name)
+        age = _age(time.time() - made.timestamp()) if made else "?"
+        sessions_held = "?" if copy.sessions is None else str(copy.sessions)
+        click.echo(f"{copy.place:<6} {copy.name:<42} {sessions_held:>8} {copy.bytes:>12} {age:>6}  "
+                   + ("yes" if copy.verified else f"NO: {copy.problem}"))
+    where = f"{config.backup_dir}" + (f" and {config.backup_s3.url()}" if config.backup_s3 else "")
+    click.echo(f"{len(copies)} backup(s) in {where}.")
+    if failure is not None:
+        raise click.ClickException(str(failure))
+
+
+def _age(seconds: float) -> str:
+    """`45 s`, `12 min`, `5 h`, `3 d`."""
+    for unit, size in (("d", 86_400), ("h", 3_600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f} {unit}"
+    return f"{max(0, seconds):.0f} s"
+
+
 @sessions.command("restore")
-@click.argument("path", type=click.Path(path_type=Path))
-def restore_backup(path: Path) -> None:
-    """Restore every session of the backup at PATH under its own timestamp, byte for byte, pinned if it was.
-    Exit status 1 when any session was rejected, 2 when PATH is not a backup."""
+@click.argument("source", required=False)
+@click.option("--latest", is_flag=True, help="The newest verified backup in the store (BACKUP_S3_URL), or in "
+                                             "BACKUP_DIR when no store is configured.")
+def restore_backup(source: str | None, latest: bool) -> None:
+    """Restore every session of the backup at SOURCE (a file, or s3://bucket/prefix/NAME.zip in the store) under
+    its own timestamp, byte for byte, pinned if it was. A backup in the store is restored only if it is a
+    verified copy and arrives with its SHA-256. Exit status 1 when any session was rejected, 2 when SOURCE is
+    not a (verified) backup."""
     config: Config = current_app.config["STORYART"]
     storage = _shared_storage()
     started = time.monotonic()
-    with Progress("restored") as progress:
-        try:
-            report = restore(storage, path, config.max_content_length, progress)
-        except BackupError as error:
-            click.echo(f"Error: {error}", err=True)
-            raise click.exceptions.Exit(2) from None
-        except StorageUnavailable as error:
-            raise click.ClickException(f"nothing restored: {error}") from None
+    try:
+        with offsite.fetched(config, source, latest) as (path, shown), Progress("restored") as progress:
+            try:
+                report = restore(storage, path, config.max_content_length, progress)
+            except BackupError as error:  # named as the user named it, not as the temporary download
+                raise BackupError(str(error).replace(str(path), shown, 1)) from None
+    except BackupError as error:
+        click.echo(f"Error: {error}", err=True)
+        raise click.exceptions.Exit(2) from None
+    except StorageUnavailable as error:
+        raise click.ClickException(f"nothing restored: {error}") from None
     for result in report.results:
         if result["status"] == "rejected":
             click.echo(f"  {result['timestamp']}  rejected: {result['error']}")
@@ -76,7 +126,7 @@ def restore_backup(path: Path) -> None:
             pinned = ", pinned" if result["pinned"] else ""
             click.echo(f"  {result['timestamp']}  {result['status']} ({result['storage']}{pinned})")
     counts = report.counts()
-    click.echo(f"Restored {counts['imported'] + counts['replaced']} of {len(report.results)} session(s) from {path}: "
+    click.echo(f"Restored {counts['imported'] + counts['replaced']} of {len(report.results)} session(s) from {shown}: "
                f"{counts['imported']} imported, {counts['replaced']} replaced, {counts['rejected']} rejected, in "
                f"{time.monotonic() - started:.1f} s.")
     if counts["rejected"]:

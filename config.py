@@ -33,6 +33,26 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class S3Settings:
+    """Where off-site backups go (`BACKUP_S3_URL`, `BACKUP_S3_ENDPOINT`) and the AWS credentials to reach it,
+    read from the standard AWS variables (also from `.env`); without keys, boto3's own chain (AWS_PROFILE,
+    ~/.aws/credentials, SSO, an instance role) finds them. The secrets never appear in a repr or a log."""
+
+    bucket: str
+    prefix: str = ""  # "" or ending in "/"
+    endpoint: str | None = None  # None: AWS itself
+    region: str | None = None
+    profile: str | None = None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    def url(self, name: str = "") -> str:
+        """`s3://bucket/prefix/name` (the folder itself without a name)."""
+        return f"s3://{self.bucket}/{self.prefix}{name}"
+
+
+@dataclass(frozen=True)
 class Config:
     """Settings with their documented defaults (see `.env.example`)."""
 
@@ -43,6 +63,7 @@ class Config:
     session_ttl_seconds: int = 604_800
     max_content_length: int = 50 * 1024 * 1024
     body_timeout: float = 60.0  # seconds a request body may take to arrive (deadline.py)
+    send_timeout: float = 60.0  # seconds a client may take no byte of its answer (worker.py, devserver.py)
     cors_origins: tuple[str, ...] = ()
     log_level: str = "INFO"
     local_store: str = "sqlite"
@@ -71,6 +92,8 @@ class Config:
     compare_concurrency: int = 1  # compares computing at once per process; more: 503 with Retry-After
     backup_dir: Path = Path("instance/backups")
     backup_keep: int = 7
+    backup_s3: S3Settings | None = None  # an S3-compatible store for off-site copies (offsite.py)
+    backup_schedule: str | None = None  # a cron expression: the running service takes backups (scheduler.py)
     allowed_hosts: tuple[str, ...] = ()  # beyond the loopback names, which are always allowed; "*": any
     api_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
 
@@ -104,6 +127,7 @@ class Config:
             session_ttl_seconds=_int(env, "SESSION_TTL_SECONDS", 604_800, 0, 10 * 365 * 86_400),
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", 50 * 1024 * 1024, 1024, 2**40),
             body_timeout=_float(env, "REQUEST_BODY_TIMEOUT", 60.0, 0.1, 3600),
+            send_timeout=_float(env, "RESPONSE_SEND_TIMEOUT", 60.0, 0.1, 3600),
             cors_origins=_origins(env),
             log_level=_choice(env, "LOG_LEVEL", "INFO", LOG_LEVELS),
             local_store=_choice(env, "LOCAL_STORE", "SQLITE", LOCAL_STORES).lower(),
@@ -123,6 +147,8 @@ class Config:
             allowed_hosts=_hosts(env),
             backup_dir=_folder(env, "BACKUP_DIR", "instance/backups"),
             backup_keep=_int(env, "BACKUP_KEEP", 7, 1, 100_000),
+            backup_s3=_backup_s3(env),
+            backup_schedule=_schedule(env),
             redis_allow_eviction=_flag(env, "REDIS_ALLOW_EVICTION"),
             redis_sentinels=sentinels,
             redis_sentinel_master=_sentinel_master(env, sentinels),
@@ -381,3 +407,96 @@ def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
         if not _ORIGIN.match(origin):
             raise ConfigError(f"CORS_ORIGINS: {origin!r} is not an origin like http://host:port")
     return origins
+
+
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")  # S3's rules, loosened for other stores
+
+
+def _backup_s3(env: Mapping[str, str]) -> S3Settings | None:
+    """`BACKUP_S3_URL` (`s3://bucket/prefix`), `BACKUP_S3_ENDPOINT` (any S3-compatible store; unset: AWS) and the
+    credentials, checked now so that a typo stops start-up rather than the first backup. A URL never carries a
+    secret here: one with `user:password@` is refused without repeating it."""
+    raw = env.get("BACKUP_S3_URL", "").strip()
+    endpoint = _s3_endpoint(env)
+    if not raw:
+        if endpoint:
+            raise ConfigError("BACKUP_S3_ENDPOINT: set, but BACKUP_S3_URL is not (it names the bucket)")
+        return None
+    try:
+        parts = urlsplit(raw)
+    except ValueError:
+        parts = None
+    if parts is None or "@" in raw:
+        raise ConfigError("BACKUP_S3_URL: expected s3://bucket/prefix (credentials go in AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY, never in the URL)")
+    if parts.scheme != "s3" or not _BUCKET.match(parts.netloc) or ".." in parts.netloc or parts.query \
+            or parts.fragment:
+        raise ConfigError(f"BACKUP_S3_URL: expected s3://bucket/prefix, got {raw!r}")
+    prefix = parts.path.strip("/")
+    if any(not c.isprintable() for c in prefix) or "//" in prefix or any(p in (".", "..") for p in prefix.split("/")):
+        raise ConfigError(f"BACKUP_S3_URL: the prefix must be folder names separated by /, got {raw!r}")
+    access_key = env.get("AWS_ACCESS_KEY_ID", "").strip() or None
+    secret_key = env.get("AWS_SECRET_ACCESS_KEY", "").strip() or None
+    if bool(access_key) != bool(secret_key):
+        given, missing = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if access_key else \
+            ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
+        raise ConfigError(f"{missing}: required with {given} (for BACKUP_S3_URL)")
+    settings = S3Settings(
+        bucket=parts.netloc, prefix=f"{prefix}/" if prefix else "", endpoint=endpoint,
+        region=env.get("AWS_REGION", "").strip() or env.get("AWS_DEFAULT_REGION", "").strip() or None,
+        profile=None if access_key else env.get("AWS_PROFILE", "").strip() or None,
+        access_key=access_key, secret_key=secret_key,
+        session_token=env.get("AWS_SESSION_TOKEN", "").strip() or None if access_key else None)
+    if not access_key:
+        _check_aws_chain(settings)
+    return settings
+
+
+def _s3_endpoint(env: Mapping[str, str]) -> str | None:
+    """`BACKUP_S3_ENDPOINT`: `http(s)://host[:port]` of an S3-compatible store."""
+    raw = env.get("BACKUP_S3_ENDPOINT", "").strip()
+    if not raw:
+        return None
+    try:
+        parts = urlsplit(raw)
+        _ = parts.port  # raises for a port that is not a number from 0 to 65535
+    except ValueError:
+        parts = None
+    if parts is None or "@" in parts.netloc:
+        raise ConfigError("BACKUP_S3_ENDPOINT: expected http(s)://host[:port] (credentials go in AWS_ACCESS_KEY_ID "
+                          "and AWS_SECRET_ACCESS_KEY, never in the URL)")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or parts.path.strip("/"):
+        raise ConfigError(f"BACKUP_S3_ENDPOINT: expected http(s)://host[:port], got {raw!r}")
+    return raw.rstrip("/")
+
+
+def _check_aws_chain(settings: S3Settings) -> None:
+    """Without keys in the environment, boto3's chain must find some: AWS_PROFILE's profile or the default one
+    in ~/.aws, SSO, a container or instance role. (boto3 is imported only when an S3 target is set.)"""
+    import boto3
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        found = boto3.session.Session(profile_name=settings.profile).get_credentials()
+    except BotoCoreError as error:  # an unknown profile, a config file that does not parse
+        name = "AWS_PROFILE" if settings.profile else "BACKUP_S3_URL"
+        raise ConfigError(f"{name}: cannot read the AWS credentials: {error}") from None
+    if found is None:
+        raise ConfigError("BACKUP_S3_URL: no AWS credentials found: set AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or ~/.aws/credentials)")
+
+
+def _schedule(env: Mapping[str, str]) -> str | None:
+    """`BACKUP_SCHEDULE`: a cron expression (five fields, `@daily` and the like, or a sixth field of seconds,
+    croniter's extension), parsed by croniter; one that never comes due (`0 0 31 2 *`) is refused too."""
+    raw = " ".join(env.get("BACKUP_SCHEDULE", "").split())
+    if not raw:
+        return None
+    from croniter import CroniterError, croniter
+
+    try:
+        croniter(raw).get_next(float)
+    except (CroniterError, ValueError, KeyError) as error:
+        raise ConfigError(f"BACKUP_SCHEDULE: {raw!r} is not a cron expression that comes due ({error})") from None
+    return raw

@@ -1,13 +1,17 @@
 """The development server (`python app.py`): werkzeug's threaded server, stopped gracefully on SIGINT and
 SIGTERM, answering even what it cannot parse in the service's JSON error shape, closing connections that wait
-for a request longer than `IDLE_SECONDS`."""
+for a request longer than `IDLE_SECONDS`, and dropping an answer whose client takes none of its bytes for
+RESPONSE_SEND_TIMEOUT seconds."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import signal
 import socket
+import struct
+import sys
 import threading
 from typing import Any
 
@@ -22,12 +26,51 @@ log = logging.getLogger(__name__)
 IDLE_SECONDS = 5.0  # as gunicorn's keepalive (gunicorn.conf.py): a connection waiting this long for a request closes
 
 
+class SendDeadline(io.BufferedIOBase):
+    """A connection's `wfile`: every `send` must get bytes taken within `seconds` (RESPONSE_SEND_TIMEOUT), as
+    with nginx's send_timeout, else TimeoutError. werkzeug takes that for a dropped connection: the thread stops
+    writing, closes the answer's iterable (and so lets go of its bytes) and ends; the connection is reset, so the
+    kernel lets go of what the client never read too. Without it, a client that asked for the list of ten 1 MB
+    sessions and read nothing kept a thread and several MB for as long as it stayed connected."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.sock, self.seconds = sock, seconds
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        self.sock.settimeout(self.seconds)  # each send below waits at most this long for room, then sends what fits
+        try:
+            while view:
+                view = view[self.sock.send(view):]
+        except TimeoutError:
+            reset_on_close(self.sock)
+            raise
+        finally:
+            self.sock.settimeout(None)  # reads (a request body) keep their own deadline (deadline.py)
+        return len(data)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """SO_LINGER 0: closing the socket resets the connection and discards what the peer never read, instead of
+    the kernel keeping it while it retries."""
+    linger = struct.pack("HH" if sys.platform == "win32" else "ii", 1, 0)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+
+
 class _ConnectionHandler(WSGIRequestHandler):
     """Keeps `server.idle` = the connections that have not begun a request (a browser's preconnect, a client
     that connected and said nothing), which a stopping server closes instead of waiting on them for ever."""
 
     def setup(self) -> None:
         super().setup()
+        self.wfile = SendDeadline(self.connection, self.server.send_timeout)
         self.server.idle.add(self.connection)
 
     def handle_one_request(self) -> None:
@@ -40,6 +83,24 @@ class _ConnectionHandler(WSGIRequestHandler):
         self.server.idle.discard(self.connection)  # a request has begun: it will be finished
         self.connection.settimeout(None)  # its body has REQUEST_BODY_TIMEOUT (deadline.py) instead
         return super().parse_request()
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.connection_said = False
+        super().send_response(code, message)
+
+    def send_header(self, keyword: str, value: str) -> None:
+        """One `Connection` header per answer: werkzeug adds its own `close` after the app's (drain.py, deadline.py
+        send `Connection: close` for gunicorn's sake)."""
+        if keyword.lower() == "connection":
+            if self.connection_said:
+                return
+            self.connection_said = True
+        super().send_header(keyword, value)
+
+    def connection_dropped(self, error: BaseException, environ: dict[str, Any] | None = None) -> None:
+        if isinstance(error, TimeoutError) and environ is not None:
+            log.warning("dropped the answer to %s %s: its client took none of it for %g s (RESPONSE_SEND_TIMEOUT)",
+                        environ["REQUEST_METHOD"], repr(environ["PATH_INFO"])[1:-1], self.server.send_timeout)
 
     def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         if not format.startswith("Request timed out"):  # an idle connection closed: routine, not an error
@@ -74,6 +135,7 @@ def serve(app: Flask, config: Config) -> None:
     server = make_server(config.host, config.port, app, threaded=True, request_handler=_ConnectionHandler)
     server.daemon_threads = False  # so server_close() joins the requests in flight
     server.idle = set()
+    server.send_timeout = config.send_timeout
     stopping, stopped = threading.Event(), threading.Event()
 
     def close_idle_connections() -> None:
@@ -92,10 +154,12 @@ def serve(app: Flask, config: Config) -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     log.info("listening on http://%s:%d", config.host, config.port)
+    app.extensions["storyart-backups"].start()  # the backup schedule, if BACKUP_SCHEDULE is set
     try:
         server.serve_forever()
     finally:
         server.server_close()
         stopped.set()
+        app.extensions["storyart-backups"].stop()
         app.extensions["storyart"].close()
         log.info("stopped")

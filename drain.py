@@ -6,9 +6,10 @@ reverse proxy that is still streaming the buffered body upstream (nginx: `writev
 while sending request to upstream`) turns the service's JSON 413 into its own 502. Measured behind nginx with
 a 2.5 MB body over a 2 MB limit: 9 of 30 requests got the 502.
 
-`DrainRefusedBody` sends the 413 first, then (when the server closes the response) reads and discards what the
-peer still sends, in small chunks never held in memory, bounded in bytes (`max_excess` over the limit; a larger
-declared body is not waited for at all) and in time (`max_seconds`: a peer that stalls or trickles is dropped).
+`DrainRefusedBody` sends the 413 first, saying `Connection: close`, then (when the server closes the response)
+reads and discards what the peer still sends, in small chunks never held in memory, bounded in bytes (`max_excess`
+over the limit; a larger declared body is not waited for at all) and in time (`max_seconds`: a peer that stalls
+or trickles is dropped).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class DrainRefusedBody:
         def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             nonlocal refused
             refused = status.startswith("413")
+            if refused:  # the connection ends after this answer (`_ThenDrain.close`): the answer says so
+                headers = [(k, v) for k, v in headers if k.lower() != "connection"] + [("Connection", "close")]
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 
         result = self.app(environ, capture)

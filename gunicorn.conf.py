@@ -13,6 +13,7 @@ from gunicorn.workers import gthread
 
 from config import Config, ConfigError
 from responses import error_body
+from worker import ParkingWorker
 
 try:
     _config = Config.from_env()
@@ -51,7 +52,11 @@ else:
         sys.exit(2)
     workers = 1
 threads = _config.threads or 32
-worker_class = "gthread" if threads > 1 else "sync"
+# gthread whose answers a client does not read wait in the poller, not in a thread, for at most
+# RESPONSE_SEND_TIMEOUT without progress (worker.py): 200 connections that asked for the list of ten 1 MB sessions
+# and read nothing held all 3 x 32 threads, and every other request waited behind them.
+ParkingWorker.send_timeout = _config.send_timeout
+worker_class = "worker.ParkingWorker" if threads > 1 else "sync"
 keepalive = 5  # seconds an idle connection (a browser's preconnect, a kept-alive one) stays open
 # gunicorn's gthread worker lets a new connection wait in a thread up to 5 s for its first bytes before parking it
 # in the poller: 50 idle connections then took every thread for 5 s. 0.1 s is ample for a client that sends.
@@ -135,8 +140,17 @@ def _keep_session_buffers_in_the_heap():
 _keep_session_buffers_in_the_heap()
 
 
-def worker_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
-    """After a worker's last request: try one last write-back of pending sessions, and say what is left."""
+def post_worker_init(worker):  # noqa: ARG001 - gunicorn's hook signature
+    """Each worker runs the backup schedule (BACKUP_SCHEDULE; the workers' claims let one take each due time)."""
     app_module = sys.modules.get("app")
     if app_module is not None:
+        app_module.app.extensions["storyart-backups"].start()
+
+
+def worker_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
+    """After a worker's last request: stop its backup schedule, try one last write-back of pending sessions,
+    and say what is left."""
+    app_module = sys.modules.get("app")
+    if app_module is not None:
+        app_module.app.extensions["storyart-backups"].stop()
         app_module.app.extensions["storyart"].close()

@@ -10,7 +10,7 @@ import orjson
 from flask import Response, request
 from flask.json.provider import JSONProvider
 
-from storage import Stored, session_key
+from stores.base import Stored, session_key
 
 LAST_ISO_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 

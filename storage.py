@@ -52,7 +52,10 @@ __all__ = ["EVERY", "LOCAL", "NotASession", "Query", "RedisState", "SessionStora
 log = logging.getLogger(__name__)
 
 MOVE_PAUSE_S = 0.002
-ROWS_PER_READ = 4  # sessions read from a store at once while a list is sent (a few MB, not the whole page)
+ROWS_PER_READ = 4  # summaries read from a store at once while a list is sent
+# Whole sessions are read one at a time: an answer its client reads slowly (or not at all, until
+# RESPONSE_SEND_TIMEOUT) then holds one session's bytes while it waits, not four (200 such answers: 1.0 GB, not 1.5).
+BODIES_PER_READ = 1
 REINDEX_CHECK_S = 10.0
 T = TypeVar("T")
 
@@ -217,7 +220,7 @@ class SessionStorage:
     def listing(self, query: Query, summaries: bool = False) -> Listing:
         """Sessions (or their summaries) newest first. The matching timestamps are found first (merged by
         timestamp while sessions are pending, a copy in both stores counted once, the local one winning);
-        then the rows are read in batches of `ROWS_PER_READ` as the caller iterates."""
+        then the rows are read in batches (`ROWS_PER_READ`, `BODIES_PER_READ`) as the caller iterates."""
         local_total, local_stamps = self.local.timestamps(query)
         remote = None
         if self.redis is not None and (self._readable() or not local_total):
@@ -242,8 +245,9 @@ class SessionStorage:
         store no longer has is asked of Redis. Every listed session is then read, skipped (not a session), gone
         (deleted or expired meanwhile: no store holds it) or `missed` (a store holds it, yet it could not be
         read: the list says it is partial, and a backup refuses)."""
-        for start in range(0, len(page), ROWS_PER_READ):
-            batch = page[start : start + ROWS_PER_READ]
+        size = ROWS_PER_READ if summaries else BODIES_PER_READ
+        for start in range(0, len(page), size):
+            batch = page[start : start + size]
             found = {row.timestamp: row for row in self.local.rows([ts for ts in batch if ts in local], summaries)}
             wanted = [ts for ts in batch if ts not in found]
             if wanted and self.redis is not None:

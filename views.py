@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import orjson
 import yaml
 from flask import Blueprint, Response, abort, current_app, request, stream_with_context
-from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from allocator import now_ms
@@ -291,6 +292,7 @@ def health() -> Response:
         "localStore": {"kind": sessions.local.kind, "path": sessions.local.location, "sessions": held,
                        "bytes": held_bytes},
         **({"warnings": sessions.redis_warnings} if sessions.redis_warnings else {}),
+        **_backups(),
         "service": SERVICE_NAME,
         "pid": os.getpid(),
     })
@@ -305,6 +307,16 @@ def ready() -> Response:
         return json_response({"success": False, "error": "Redis is configured but unreachable.",
                               "ready": False, "redis": redis_state.value, **_master(sessions)}, 503)
     return json_response({"success": True, "ready": True, "redis": redis_state.value, **_master(sessions)})
+
+
+def _backups() -> dict[str, Any]:
+    """`lastBackup` (when, where, verified, or the error; null before the first) and, with BACKUP_SCHEDULE,
+    `nextBackup` (see scheduler.py)."""
+    schedule = current_app.extensions["storyart-backups"]
+    due = schedule.next_due()
+    shown = datetime.fromtimestamp(due / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z") \
+        if due else None
+    return {"lastBackup": schedule.last(), **({"nextBackup": shown} if shown else {})}
 
 
 def _master(sessions: SessionStorage) -> dict[str, str | None]:
@@ -378,8 +390,8 @@ def _list_query() -> tuple[Query, bool]:
 
 def _request_body(limit: int) -> bytes:
     """The whole body: 413 when it is larger than `limit` (werkzeug stops reading a body without a
-    Content-Length, i.e. chunked, at the limit without saying it cut it), 400 when the server cannot read it
-    (a malformed chunk under gunicorn raises its own parser error here)."""
+    Content-Length, i.e. chunked, at the limit without saying it cut it), 400 and `Connection: close` when the
+    server cannot read it (a malformed chunk under gunicorn raises its own parser error here)."""
     try:
         body = request.get_data(cache=False)
         if request.content_length is None and len(body) >= limit and request.environ["wsgi.input"].read(1):
@@ -387,7 +399,8 @@ def _request_body(limit: int) -> bytes:
     except HTTPException:
         raise
     except Exception as exc:  # only reading the request happens here: whatever fails is the request's fault
-        raise BadRequest(f"The request body could not be read ({type(exc).__name__}).") from None
+        # Where a next request would begin is unknown, so the server closes the connection: the answer says so.
+        abort(error(400, f"The request body could not be read ({type(exc).__name__}).", {"Connection": "close"}))
     return body
 
 

@@ -47,11 +47,34 @@ function showHealth(health, failure) {
   say(pill, redis === "connected" ? "Redis connected"
     : redis === "not configured" ? "Local store (no Redis)" : `Redis ${redis}`);
   pill.title = `New saves go to ${storageName(health.storage)}.`;
+  showBackups(health);
   banner.hidden = health.status !== "degraded";
   if (health.status === "degraded") {
     say(banner, `Degraded: Redis is ${redis}. New saves go to ${storageName(health.storage)} and are written `
       + "back to Redis when it answers again; lists may be incomplete meanwhile.");
   }
+}
+
+const WHEN = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
+
+/** The line beside the backup button: the last backup the service took (its schedule, or the command) and the
+ * next one; nothing when neither exists (no BACKUP_SCHEDULE and no backup yet). */
+function showBackups(health) {
+  const line = $("backup-status");
+  const last = health.lastBackup;
+  const next = health.nextBackup ? ` Next: ${WHEN.format(new Date(health.nextBackup))}.` : "";
+  line.hidden = !last && !next;
+  if (!last) {
+    say(line, next.trim());
+    return;
+  }
+  const when = WHEN.format(new Date(last.at));
+  line.dataset.state = last.error ? "failed" : "ok";
+  line.title = last.error || last.where.join("\n");
+  const offsite = last.where.some((place) => place.startsWith("s3://"));
+  say(line, last.error ? `Last backup (${when}) failed: ${last.error}.${next}`
+    : `Last backup ${when}: ${last.sessions} session${last.sessions === 1 ? "" : "s"}, `
+      + `${offsite ? "verified off-site" : "kept on this machine"}.${next}`);
 }
 
 async function refreshHealth() {

@@ -1,0 +1,73 @@
+"""An answer after which the service closes the connection says `Connection: close` (gunicorn and `python
+app.py`), so a client that keeps connections alive (a browser, a proxy, `requests.Session`) sends its next request
+on a new one. Before, gunicorn announced keep-alive on a 413 and then closed: the next save on that connection
+failed with "Remote end closed connection without response"."""
+
+from __future__ import annotations
+
+import http.client
+from collections.abc import Iterator
+
+import pytest
+from chaos import session
+
+from servers import ServiceProcess
+
+pytestmark = pytest.mark.slow
+
+LIMIT = 1_048_576  # MAX_CONTENT_LENGTH of the servers below
+JSON = {"Content-Type": "application/json"}
+SAVE = "/api/v1/session/save"
+
+
+@pytest.fixture(scope="module", params=["gunicorn", "app"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    started = ServiceProcess(request.param, {"MAX_CONTENT_LENGTH": str(LIMIT)},
+                             tmp_path_factory.mktemp("keepalive") / f"{request.param}.log").start()
+    yield started
+    started.stop()
+
+
+def too_many_values(conn: http.client.HTTPConnection) -> None:
+    conn.request("POST", SAVE, body=b'{"a":' * 100_000, headers=JSON)  # 500,000 bytes, under the limit
+
+
+def over_the_limit(conn: http.client.HTTPConnection) -> None:
+    conn.request("POST", SAVE, body=b"x" * (LIMIT + 1), headers=JSON)
+
+
+def over_the_limit_chunked(conn: http.client.HTTPConnection) -> None:
+    conn.request("POST", SAVE, body=iter([b"x" * 65536] * 17), headers=JSON)  # no length: sent chunked
+
+
+def malformed_chunk(conn: http.client.HTTPConnection) -> None:
+    conn.putrequest("POST", SAVE)
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders(b"zz\r\nabc\r\n0\r\n\r\n")
+
+
+def a_save(conn: http.client.HTTPConnection) -> None:
+    conn.request("POST", SAVE, body=session("kept"), headers=JSON)
+
+
+CASES = {"too many JSON values": (too_many_values, 413), "over the limit": (over_the_limit, 413),
+         "over the limit, chunked": (over_the_limit_chunked, 413), "a malformed chunk": (malformed_chunk, 400),
+         "a save (the control)": (a_save, 200)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_next_request_on_a_kept_alive_connection_is_answered(server: ServiceProcess, case: str) -> None:
+    send, status = CASES[case]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        for _ in range(2):  # http.client opens a new connection after an answer that said close, else reuses it
+            send(conn)
+            answer = conn.getresponse()
+            answer.read()
+            assert answer.status == status
+            conn.request("GET", "/health")
+            health = conn.getresponse()
+            assert health.status == 200 and health.read().startswith(b'{"success":true')
+    finally:
+        conn.close()
