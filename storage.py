@@ -35,7 +35,7 @@ import orjson
 import redis
 
 from allocator import ONE_HOST, Allocator, Slot, now_ms
-from config import Config, ConfigError
+from config import LOCAL_MAX_BYTES, LOCAL_MAX_SESSIONS, Config, ConfigError
 from payload import Draft, content_hash, summarize
 
 if TYPE_CHECKING:
@@ -137,6 +137,12 @@ class StorageFull(StorageUnavailable):
     """No store can take this session now."""
 
 
+class StorageBusy(StorageUnavailable):
+    """Every Redis connection of this process stayed in use for `REDIS_POOL_TIMEOUT`: Redis is fine, this process
+    is busy. Only this request is refused (503 with Retry-After): nothing counts Redis as down or sends saves
+    to the local store, and nothing was sent to Redis."""
+
+
 class NotASession(Exception):
     """The record stored under a timestamp is not a JSON object (another tool wrote something else there)."""
 
@@ -150,8 +156,8 @@ class WhenFull(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_sessions: int = 500
-    max_bytes: int = 512 * 1024 * 1024
+    max_sessions: int = LOCAL_MAX_SESSIONS
+    max_bytes: int = LOCAL_MAX_BYTES["SQLITE"]
     when_full: WhenFull = WhenFull.EVICT_OLDEST
 
     def victims(self, *, held: tuple[int, int], size: int, replaced: int | None, oldest: Iterable[tuple[int, int]],
@@ -368,6 +374,13 @@ class SessionStorage:
             if self._state is not RedisState.DOWN or state is RedisState.READ_ONLY:
                 self._state = state
 
+    @property
+    def warnings(self) -> list[str]:
+        """What /health warns about: the configured Redis's problems, and saves that no replica confirms now."""
+        unreplicated = self.redis.unreplicated if self.redis is not None else None
+        return self.redis_warnings + ([f"Redis: saves are not replicated ({unreplicated}): a failover now would "
+                                       "lose the sessions saved meanwhile"] if unreplicated else [])
+
     def _readable(self) -> bool:
         return self.redis is not None and self._state is not RedisState.DOWN
 
@@ -397,7 +410,8 @@ class SessionStorage:
         return timestamp, LOCAL
 
     def _from_redis(self, call: Callable[[RedisStore], T]) -> T | None:
-        """`call(redis)`, or None when Redis is absent, known to be down, or fails now."""
+        """`call(redis)`, or None when Redis is absent, known to be down, or fails now. `StorageBusy` (no free
+        connection) is raised, not taken for a Redis that fails."""
         if not self._readable():
             return None
         try:
@@ -502,7 +516,10 @@ class SessionStorage:
             found = {row.timestamp: row for row in self.local.rows([ts for ts in batch if ts in local], summaries)}
             wanted = [ts for ts in batch if ts not in found]
             if wanted and self.redis is not None:
-                rows = self._from_redis(lambda r, stamps=wanted: r.rows(stamps, summaries))
+                try:
+                    rows = self._from_redis(lambda r, stamps=wanted: r.rows(stamps, summaries))
+                except StorageBusy:  # the answer has begun: it ends here, saying it is incomplete
+                    rows = None
                 if rows is None:
                     listing.partial = True
                     if not local.issuperset(wanted):  # the rest of what Redis holds cannot be read either
@@ -669,11 +686,12 @@ class SessionStorage:
         return moved
 
     def _recover_loop(self) -> None:
-        """Every `retry_interval`, while Redis is away or sessions are pending (left by this process, another
-        worker, or an earlier run): `recover`; else a round of `reconcile`."""
+        """Every `retry_interval`, while Redis is away, sessions are pending (left by this process, another
+        worker, or an earlier run) or saves are not replicated (the ping tells when replicas are back): `recover`;
+        else a round of `reconcile`."""
         while not self._stopping.wait(self.retry_interval):
             try:
-                if self._state is not RedisState.CONNECTED or self.local.count()[0]:
+                if self._state is not RedisState.CONNECTED or self.local.count()[0] or self.redis.unreplicated:
                     self.recover()
                 else:
                     self.reconcile()
