@@ -21,6 +21,10 @@ from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOCAL_STORES = ("SQLITE", "MEMORY")
 LOCAL_STORE_SYNCS = ("FULL", "NORMAL")  # SQLite's `synchronous`: see the README's "Local store"
+# The local store's caps: what a busy team saves in a day of Redis outage (docs/decisions.md, "The local store's
+# caps"); the memory store holds its sessions in each worker's RAM, so it keeps the smaller former byte cap.
+LOCAL_MAX_SESSIONS = 5000
+LOCAL_MAX_BYTES = {"SQLITE": 4 * 1024**3, "MEMORY": 512 * 1024**2}
 # What redis-py takes from a REDIS_URL query string (anything else would fail on the first connection, not here);
 # the `ssl_` ones only on rediss://, where the files they name are loaded at start-up.
 URL_OPTIONS = frozenset(URL_QUERY_ARGUMENT_PARSERS) | {
@@ -69,12 +73,13 @@ class Config:
     local_store: str = "sqlite"
     local_store_path: Path = Path("instance/sessions.sqlite3")
     local_store_sync: str = "FULL"
-    local_max_sessions: int = 500
-    local_max_bytes: int = 512 * 1024 * 1024
+    local_max_sessions: int = LOCAL_MAX_SESSIONS
+    local_max_bytes: int = LOCAL_MAX_BYTES["SQLITE"]
     redis_connect_timeout: float = 1.0
     redis_socket_timeout: float = 2.0
     redis_retry_interval: float = 3.0
     redis_max_connections: int = 16
+    redis_pool_timeout: float = 10.0  # seconds a request waits for one of the process's connections to come free
     workers: int = 0
     threads: int = 0
     trusted_proxy_hops: int = 0
@@ -83,7 +88,8 @@ class Config:
     redis_sentinel_master: str | None = None  # the name the Sentinels monitor the master under
     redis_sentinel_username: str | None = None
     redis_sentinel_password: str | None = field(default=None, repr=False)
-    redis_wait_replicas: int = 0  # replicas that must confirm a save (Redis WAIT) before it counts as in Redis
+    redis_wait_replicas: int = 0  # replicas each save waits for (Redis WAIT); fewer: saved, and /health warns ...
+    redis_require_replicas: bool = False  # ... unless this says a save is not in Redis until they confirm it
     import_max_items: int = 1000
     service_hosts: int = 1  # how many service hosts share the Redis ...
     service_host_index: int = 0  # ... and which one this is (their timestamps never meet, `allocator.Slot`)
@@ -119,6 +125,8 @@ class Config:
         env.update(os.environ if environ is None else environ)
         sentinels = _sentinels(env)
         hosts = _int(env, "SERVICE_HOSTS", 1, 1, 64)
+        local_store = _choice(env, "LOCAL_STORE", "SQLITE", LOCAL_STORES)
+        wait_replicas = _int(env, "REDIS_WAIT_REPLICAS", 1 if sentinels else 0, 0, 16)
         return cls(
             redis_url=_redis_url(env, sentinels),
             host=_host(env),
@@ -130,17 +138,18 @@ class Config:
             send_timeout=_float(env, "RESPONSE_SEND_TIMEOUT", 60.0, 0.1, 3600),
             cors_origins=_origins(env),
             log_level=_choice(env, "LOG_LEVEL", "INFO", LOG_LEVELS),
-            local_store=_choice(env, "LOCAL_STORE", "SQLITE", LOCAL_STORES).lower(),
+            local_store=local_store.lower(),
             local_store_path=_path(env, "LOCAL_STORE_PATH", "instance/sessions.sqlite3"),
             local_store_sync=_choice(env, "LOCAL_STORE_SYNC", "FULL", LOCAL_STORE_SYNCS),
-            local_max_sessions=_int(env, _renamed(env, "LOCAL_STORE_MAX_SESSIONS", "MEMORY_MAX_SESSIONS"), 500, 1,
-                                    10_000_000),
-            local_max_bytes=_int(env, _renamed(env, "LOCAL_STORE_MAX_BYTES", "MEMORY_MAX_BYTES"), 512 * 1024 * 1024,
-                                 1024, 2**44),
+            local_max_sessions=_int(env, _renamed(env, "LOCAL_STORE_MAX_SESSIONS", "MEMORY_MAX_SESSIONS"),
+                                    LOCAL_MAX_SESSIONS, 1, 10_000_000),
+            local_max_bytes=_int(env, _renamed(env, "LOCAL_STORE_MAX_BYTES", "MEMORY_MAX_BYTES"),
+                                 LOCAL_MAX_BYTES[local_store], 1024, 2**44),
             redis_connect_timeout=_float(env, "REDIS_CONNECT_TIMEOUT", 1.0, 0.01, 60),
             redis_socket_timeout=_float(env, "REDIS_SOCKET_TIMEOUT", 2.0, 0.01, 300),
             redis_retry_interval=_float(env, "REDIS_RETRY_INTERVAL", 3.0, 0.05, 3600),
             redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", 16, 1, 10_000),
+            redis_pool_timeout=_float(env, "REDIS_POOL_TIMEOUT", 10.0, 0.01, 300),
             workers=_int(env, "WEB_CONCURRENCY", 0, 0, 64),
             threads=_int(env, "GUNICORN_THREADS", 0, 0, 256),
             trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 0, 0, 10),
@@ -154,7 +163,8 @@ class Config:
             redis_sentinel_master=_sentinel_master(env, sentinels),
             redis_sentinel_username=_sentinel_setting(env, "REDIS_SENTINEL_USERNAME", sentinels),
             redis_sentinel_password=_sentinel_setting(env, "REDIS_SENTINEL_PASSWORD", sentinels),
-            redis_wait_replicas=_int(env, "REDIS_WAIT_REPLICAS", 1 if sentinels else 0, 0, 16),
+            redis_wait_replicas=wait_replicas,
+            redis_require_replicas=_require_replicas(env, wait_replicas),
             import_max_items=_int(env, "IMPORT_MAX_ITEMS", 1000, 1, 1_000_000),
             service_hosts=hosts,
             service_host_index=_int(env, "SERVICE_HOST_INDEX", 0, 0, hosts - 1),
@@ -367,6 +377,16 @@ def _sentinel_master(env: Mapping[str, str], sentinels: tuple[tuple[str, int], .
     if name and any(c.isspace() or not c.isprintable() for c in name):
         raise ConfigError(f"REDIS_SENTINEL_MASTER: must be one word without control characters, got {name!r}")
     return name
+
+
+def _require_replicas(env: Mapping[str, str], wait_replicas: int) -> bool:
+    """`REDIS_REQUIRE_REPLICAS`: a save counts as in Redis only once `REDIS_WAIT_REPLICAS` replicas confirmed
+    it (else it waits in the local store). Refused when no replica is waited for: it would change nothing."""
+    required = _flag(env, "REDIS_REQUIRE_REPLICAS")
+    if required and not wait_replicas:
+        raise ConfigError("REDIS_REQUIRE_REPLICAS: set, but REDIS_WAIT_REPLICAS is 0 (no replica confirms a save); "
+                          "set REDIS_WAIT_REPLICAS to the replicas each save needs")
+    return required
 
 
 def _token(env: Mapping[str, str]) -> str | None:

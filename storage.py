@@ -37,6 +37,7 @@ from stores.base import (
     Query,
     Record,
     SessionStore,
+    StorageBusy,
     StorageFull,
     StorageUnavailable,
     Stored,
@@ -117,6 +118,13 @@ class SessionStorage:
             if self._state is not RedisState.DOWN or state is RedisState.READ_ONLY:
                 self._state = state
 
+    @property
+    def warnings(self) -> list[str]:
+        """What /health warns about: the configured Redis's problems, and saves that no replica confirms now."""
+        unreplicated = self.redis.unreplicated if self.redis is not None else None
+        return self.redis_warnings + ([f"Redis: saves are not replicated ({unreplicated}): a failover now would "
+                                       "lose the sessions saved meanwhile"] if unreplicated else [])
+
     def _readable(self) -> bool:
         return self.redis is not None and self._state is not RedisState.DOWN
 
@@ -146,7 +154,8 @@ class SessionStorage:
         return timestamp, LOCAL
 
     def _from_redis(self, call: Callable[[RedisStore], T]) -> T | None:
-        """`call(redis)`, or None when Redis is absent, known to be down, or fails now."""
+        """`call(redis)`, or None when Redis is absent, known to be down, or fails now. `StorageBusy` (no free
+        connection) is raised, not taken for a Redis that fails."""
         if not self._readable():
             return None
         try:
@@ -251,7 +260,10 @@ class SessionStorage:
             found = {row.timestamp: row for row in self.local.rows([ts for ts in batch if ts in local], summaries)}
             wanted = [ts for ts in batch if ts not in found]
             if wanted and self.redis is not None:
-                rows = self._from_redis(lambda r, stamps=wanted: r.rows(stamps, summaries))
+                try:
+                    rows = self._from_redis(lambda r, stamps=wanted: r.rows(stamps, summaries))
+                except StorageBusy:  # the answer has begun: it ends here, saying it is incomplete
+                    rows = None
                 if rows is None:
                     listing.partial = True
                     if not local.issuperset(wanted):  # the rest of what Redis holds cannot be read either
@@ -418,11 +430,12 @@ class SessionStorage:
         return moved
 
     def _recover_loop(self) -> None:
-        """Every `retry_interval`, while Redis is away or sessions are pending (left by this process, another
-        worker, or an earlier run): `recover`; else a round of `reconcile`."""
+        """Every `retry_interval`, while Redis is away, sessions are pending (left by this process, another
+        worker, or an earlier run) or saves are not replicated (the ping tells when replicas are back): `recover`;
+        else a round of `reconcile`."""
         while not self._stopping.wait(self.retry_interval):
             try:
-                if self._state is not RedisState.CONNECTED or self.local.count()[0]:
+                if self._state is not RedisState.CONNECTED or self.local.count()[0] or self.redis.unreplicated:
                     self.recover()
                 else:
                     self.reconcile()

@@ -291,7 +291,8 @@ def health() -> Response:
         "memorySessions": held,
         "localStore": {"kind": sessions.local.kind, "path": sessions.local.location, "sessions": held,
                        "bytes": held_bytes},
-        **({"warnings": sessions.redis_warnings} if sessions.redis_warnings else {}),
+        **_replicated(sessions),
+        **({"warnings": sessions.warnings} if sessions.warnings else {}),
         **_backups(),
         "service": SERVICE_NAME,
         "pid": os.getpid(),
@@ -317,6 +318,15 @@ def _backups() -> dict[str, Any]:
     shown = datetime.fromtimestamp(due / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z") \
         if due else None
     return {"lastBackup": schedule.last(), **({"nextBackup": shown} if shown else {})}
+
+
+def _replicated(sessions: SessionStorage) -> dict[str, bool]:
+    """`replicated` for /health, with `REDIS_WAIT_REPLICAS`: whether saves reach that many replicas now (false:
+    they go on to the master alone, or with `REDIS_REQUIRE_REPLICAS` wait in the local store)."""
+    redis_store = sessions.redis
+    if redis_store is None or not redis_store.replication.replicas:
+        return {}
+    return {"replicated": redis_store.unreplicated is None and sessions.redis_state is RedisState.CONNECTED}
 
 
 def _master(sessions: SessionStorage) -> dict[str, str | None]:

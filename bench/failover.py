@@ -3,17 +3,19 @@ master is killed (-9), the Sentinels promote its replica, and the old master com
 
     python bench/failover.py                    # 8 clients, 6 s of load before the kill and 6 s after the rejoin
     python bench/failover.py --before 20 --after 20 --json
+    python bench/failover.py --gone             # the old master never comes back: no replica is left
 
 It starts a master, a replica and three Sentinels (`redis-server <conf> --sentinel`, `down-after-milliseconds`
 1000, `failover-timeout` 4000) and `gunicorn app:app` configured with `REDIS_SENTINELS` on free 127.0.0.1 ports,
 drives `bench/soak.py`'s clients, kills the master, waits for the Sentinels to name the promoted replica, restarts
-the old master as a replica of it (as an orchestrator would restart a failed node), and keeps the load on. Then
-it checks that every acknowledged save reads back through the service and is on the new master itself, byte for
-byte, exactly once. It prints the time the Sentinels took, the time until saves reached the new master again,
-requests, acknowledged, lost, 5xx and the slowest response; `--json` adds the same as one JSON line. Exit status
-1 when anything acknowledged is missing, differs or is duplicated on the new master, or a request got a 5xx or
-no answer (a latest read answered 503 with Retry-After while no master took saves is counted apart: the browser
-keeps its own copy then, and the local store held nothing newer).
+the old master as a replica of it (as an orchestrator would restart a failed node; with `--gone` it stays down, so
+the new master has no replica and its saves are not replicated), and keeps the load on. Then it checks that every
+acknowledged save reads back through the service and is on the new master itself, byte for byte, exactly once.
+It prints the time the Sentinels took, the time until saves reached the new master again (and when the last one
+went to the local store), requests, acknowledged, lost, 5xx and the slowest response; `--json` adds the same as
+one JSON line. Exit status 1 when anything acknowledged is missing, differs or is duplicated on the new master,
+or a request got a 5xx or no answer (a latest read answered 503 with Retry-After while no master took saves is
+counted apart: the browser keeps its own copy then, and the local store held nothing newer).
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def run(args: argparse.Namespace) -> dict:
         old.kill()
         new = group.promoted(old)
         promoted = time.monotonic()
-        old.restart(*group.node_flags, "--replicaof", "127.0.0.1", str(new.port))
-        wait_for(lambda: group.online(old, new), what="the old master to replicate the new one")
+        if not args.gone:
+            old.restart(*group.node_flags, "--replicaof", "127.0.0.1", str(new.port))
+            wait_for(lambda: group.online(old, new), what="the old master to replicate the new one")
         rejoined = time.monotonic()
         time.sleep(args.after)
         soak.stop.set()
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace) -> dict:
         acknowledged = [c for c in calls if c.kind == "save" and c.status == 200]
         back = min((c.started + c.elapsed for c in acknowledged if c.storage == "redis" and c.started > killed),
                    default=None)
+        last_local = max((c.started + c.elapsed for c in acknowledged if c.storage == "memory"), default=None)
         settle(service.port, patience=args.retry_interval * 5 + 30)
         lost = verify(service.port, acknowledged, patience=args.retry_interval * 5 + 10)
         wrong = differing(new, acknowledged, base)
@@ -97,8 +101,9 @@ def run(args: argparse.Namespace) -> dict:
             "workers": args.workers,
             "seconds": round(time.monotonic() - killed + args.before, 1),
             "sentinels_promoted_s": round(promoted - killed, 2),
-            "old_master_replicating_s": round(rejoined - killed, 2),
+            "old_master_replicating_s": None if args.gone else round(rejoined - killed, 2),
             "saves_reach_new_master_s": round(back - killed, 2) if back is not None else None,
+            "last_save_to_local_store_s": round(last_local - killed, 2) if last_local is not None else None,
             "requests": len(calls),
             "saves": sum(c.kind == "save" for c in calls),
             "latest_reads": sum(c.kind == "latest" for c in calls),
@@ -130,8 +135,11 @@ def report(result: dict) -> str:
     errors = ", ".join(f"{status}: {n}" for status, n in result["errors_by_status"].items()) or "none"
     return "\n".join([
         f"failover: {result['clients']} clients, gunicorn with {result['workers']} workers, master killed (-9): "
-        f"replica promoted after {result['sentinels_promoted_s']} s, old master replicating after "
-        f"{result['old_master_replicating_s']} s, saves on the new master after {result['saves_reach_new_master_s']} s",
+        f"replica promoted after {result['sentinels_promoted_s']} s, "
+        + (f"old master replicating after {result['old_master_replicating_s']} s"
+           if result["old_master_replicating_s"] is not None else "old master gone for good")
+        + f", saves on the new master after {result['saves_reach_new_master_s']} s (the last one to the local store "
+        f"{result['last_save_to_local_store_s']} s after the kill)",
         f"requests:     {result['requests']} ({result['saves']} saves of 1 MB, {result['latest_reads']} latest reads; "
         f"{result['requests_during_failover']} during the failover)",
         f"errors:       {errors} (5xx or no answer: {result['server_errors']}; latest 503 with Retry-After during "
@@ -150,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", type=float, default=6.0, help="seconds of load before the kill (default 6)")
     parser.add_argument("--after", type=float, default=6.0,
-                        help="seconds of load after the old master replicates again (default 6)")
+                        help="seconds of load after the old master replicates again, or with --gone after the "
+                             "promotion (default 6)")
+    parser.add_argument("--gone", action="store_true",
+                        help="leave the old master down: the new master has no replica left")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     parser.add_argument("--read-ratio", type=float, default=0.5, help="share of latest reads (default 0.5)")
     parser.add_argument("--workers", type=int, default=3, help="gunicorn workers (default 3)")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
+from config import LOCAL_MAX_BYTES, LOCAL_MAX_SESSIONS
 from payload import Draft
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,12 @@ class StorageFull(StorageUnavailable):
     """No store can take this session now."""
 
 
+class StorageBusy(StorageUnavailable):
+    """Every Redis connection of this process stayed in use for `REDIS_POOL_TIMEOUT`: Redis is fine, this process
+    is busy. Only this request is refused (503 with Retry-After): nothing counts Redis as down or sends saves
+    to the local store, and nothing was sent to Redis."""
+
+
 class NotASession(Exception):
     """The record stored under a timestamp is not a JSON object (another tool wrote something else there)."""
 
@@ -128,8 +135,8 @@ class WhenFull(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_sessions: int = 500
-    max_bytes: int = 512 * 1024 * 1024
+    max_sessions: int = LOCAL_MAX_SESSIONS
+    max_bytes: int = LOCAL_MAX_BYTES["SQLITE"]
     when_full: WhenFull = WhenFull.EVICT_OLDEST
 
     def victims(self, *, held: tuple[int, int], size: int, replaced: int | None, oldest: Iterable[tuple[int, int]],

@@ -35,17 +35,25 @@ thread, worker and host that shares the Redis.
 With `REDIS_SENTINELS` the master is found, and followed through a failover, by redis-py's own
 `redis.sentinel.Sentinel` pools: a connection asks the Sentinels for the master before it connects, and one
 that meets a demoted master (`READONLY`) is dropped as a connection error, so the caller falls back to the local
-store until the new master is known. With `REDIS_WAIT_REPLICAS` a save counts as stored in Redis only once that
-many replicas confirmed it (`WAIT`), so a failover cannot take an acknowledged session with the old master.
+store until the new master is known. With `REDIS_WAIT_REPLICAS` each save waits for that many replicas to confirm
+it (`WAIT`), so a failover cannot take an acknowledged session with the old master; when fewer confirm (a data
+node lost), saves go on to the master that answers and /health says they are not replicated, unless
+`REDIS_REQUIRE_REPLICAS` says such a save is not in Redis (then it waits in the local store).
+
+A request waits up to `REDIS_POOL_TIMEOUT` for one of the process's `REDIS_MAX_CONNECTIONS` connections; when
+none comes free it gets `StorageBusy` (a 503 for that request alone), never a Redis counted as down.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from queue import Empty, LifoQueue
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
@@ -68,11 +76,14 @@ from stores.base import (
     Query,
     Record,
     SessionStore,
+    StorageBusy,
     Stored,
     WhenFull,
     hashed_part,
     session_key,
 )
+
+log = logging.getLogger("storyart.storage")
 
 META_PREFIX = "storyart:meta:"
 SAVE_PREFIX = "storyart:save:"
@@ -482,8 +493,22 @@ def _script(source: str) -> str:
 
 
 class NotReplicated(redis.ResponseError):
-    """Fewer replicas than `REDIS_WAIT_REPLICAS` confirmed a write (or are online): Redis answers, but a
-    failover now could lose what it holds, so saves go to the local store (like a Redis refusing writes)."""
+    """With `REDIS_REQUIRE_REPLICAS`, fewer replicas than `REDIS_WAIT_REPLICAS` confirmed a write (or are
+    online): Redis answers, but a failover now could lose what it holds, so saves go to the local store (like a
+    Redis refusing writes)."""
+
+
+class _FreeConnections(LifoQueue):
+    """The free connections of a `redis.BlockingConnectionPool` (its `queue_class`): a thread that finds none
+    waits up to the pool's timeout, then gets `StorageBusy` rather than redis-py's `ConnectionError("No
+    connection available.")`, which every caller would take for a Redis that is down."""
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        try:
+            return super().get(block, timeout)
+        except Empty:
+            raise StorageBusy(f"the service is busy: its {self.maxsize} Redis connection(s) (REDIS_MAX_CONNECTIONS) "
+                              f"stayed in use for {timeout:g} s (REDIS_POOL_TIMEOUT)") from None
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
@@ -493,10 +518,12 @@ class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool
 
 @dataclass(frozen=True)
 class Replication:
-    """How many replicas must confirm each write, and how long to wait for them (ms)."""
+    """How many replicas each write waits for, how long (ms), and whether a write they do not confirm is refused
+    (`NotReplicated`) or kept, with a warning."""
 
     replicas: int = 0
     wait_ms: int = 1000
+    required: bool = False
 
 
 class RedisStore(SessionStore):
@@ -514,6 +541,8 @@ class RedisStore(SessionStore):
         self.replication = replication
         self.sentinel = sentinel
         self.tombstone_ms = tombstone_ms
+        self._unreplicated: str | None = None  # why writes are not replicated now (see `unreplicated`)
+        self._replication_lock = threading.Lock()
         self._save = client.register_script(_script(_SAVE))
         self._latest = client.register_script(_script(_LATEST))
         self._page = client.register_script(_script(_PAGE))
@@ -528,13 +557,16 @@ class RedisStore(SessionStore):
 
     @classmethod
     def from_config(cls, config: Config) -> RedisStore:
-        """One pool per process, sized for its threads; no redis-py retries, so a dead Redis costs one
-        connect timeout and the caller decides what happens next (the local store). With Sentinels, both
-        clients are Sentinel-managed pools of the master (options in REDIS_URL win over the service's own,
-        as `from_url` has them)."""
+        """One pool per process, whose connections a request waits for (`_FreeConnections`); no redis-py
+        retries, so a dead Redis costs one connect timeout and the caller decides what happens next (the local
+        store). With Sentinels, both clients are Sentinel-managed pools of the master (options in REDIS_URL win
+        over the service's own, as `from_url` has them). The probe has a pool of its own, so a busy process
+        still tells at once whether Redis answers."""
         limits = {"socket_connect_timeout": config.redis_connect_timeout, "retry": Retry(NoBackoff(), 0)}
-        pool_size = {"max_connections": config.redis_max_connections, "timeout": config.redis_socket_timeout}
-        replication = Replication(config.redis_wait_replicas, max(1, round(config.redis_connect_timeout * 1000)))
+        pool_size = {"max_connections": config.redis_max_connections, "timeout": config.redis_pool_timeout,
+                     "queue_class": _FreeConnections}
+        replication = Replication(config.redis_wait_replicas, max(1, round(config.redis_connect_timeout * 1000)),
+                                  config.redis_require_replicas)
         kept = {"tombstone_ms": max(TOMBSTONE_MS, config.session_ttl_seconds * 1000)}
         if not config.redis_sentinels:
             pool = redis.BlockingConnectionPool.from_url(config.redis_url, socket_timeout=config.redis_socket_timeout,
@@ -583,13 +615,38 @@ class RedisStore(SessionStore):
             distrusted(f"Redis's clock key {CLOCK_KEY}", repr(held[0].decode(errors="replace")), now)
         return Moved(Outcome(outcome.decode()), int(stored_as), int(removed) if removed else None)
 
+    @property
+    def unreplicated(self) -> str | None:
+        """Why writes are not replicated now ("0 of 1 replica(s) online"), or None: set when a write is not
+        confirmed by `REDIS_WAIT_REPLICAS` replicas or a ping finds fewer online, cleared by a ping that finds
+        them (without `REDIS_REQUIRE_REPLICAS`, which refuses such writes instead)."""
+        return self._unreplicated
+
+    def _replicas(self, online: int, shortfall: str) -> None:
+        """Record a count of replicas that confirmed a write, or are online: fewer than `REDIS_WAIT_REPLICAS`
+        raises `NotReplicated` when they are required, else marks writes as not replicated (`shortfall` says
+        why); the change either way is logged once."""
+        wanted = self.replication.replicas
+        if online < wanted and self.replication.required:
+            raise NotReplicated(shortfall)
+        reason = shortfall if online < wanted else None
+        with self._replication_lock:
+            was, self._unreplicated = self._unreplicated, reason
+        if reason and not was:
+            log.warning("Redis saves are not replicated (%s): they go on to the master, but a failover now would "
+                        "lose them (REDIS_REQUIRE_REPLICAS=1 keeps them in the local store instead)", reason)
+        elif was and not reason:
+            log.warning("Redis saves are replicated again (%d of %d replica(s) online)", online, wanted)
+
     def _write(self, script: Script, keys: tuple[str, ...], args: tuple = ()) -> Any:
         """Run a writing script; with `REDIS_WAIT_REPLICAS`, followed by WAIT on the same connection (WAIT
-        counts the writes of its own connection), in one pipeline: one round trip. Raises `NotReplicated`
-        when too few replicas confirmed: the write may be in Redis, unconfirmed (a save's write-back later
-        removes such a copy by its save id)."""
+        counts the writes of its own connection), in one pipeline: one round trip. Too few replicas confirming
+        it raises `NotReplicated` when they are required (the write may be in Redis, unconfirmed: a save's
+        write-back later removes such a copy by its save id), else the write stands, not replicated. While
+        writes are known not to be replicated (and that is allowed) there is no WAIT: it would last its whole
+        timeout each time."""
         wanted = self.replication.replicas
-        if not wanted:
+        if not wanted or (self._unreplicated and not self.replication.required):
             return script(keys=keys, args=args)
         for _ in range(2):  # a new master's script cache may be empty: load it, then once more
             with self.client.pipeline(transaction=False) as pipe:
@@ -599,9 +656,8 @@ class RedisStore(SessionStore):
                 except redis.exceptions.NoScriptError:
                     self.client.script_load(script.script)
                     continue
-            if confirmed < wanted:
-                raise NotReplicated(f"{confirmed} of {wanted} replica(s) confirmed the write within "
-                                    f"{self.replication.wait_ms} ms")
+            self._replicas(confirmed, f"{confirmed} of {wanted} replica(s) confirmed a write within "
+                                      f"{self.replication.wait_ms} ms")
             return reply
         raise redis.exceptions.NoScriptError("the script could not be loaded")
 
@@ -849,8 +905,9 @@ class RedisStore(SessionStore):
         """Raises unless Redis answers. With Sentinel, asks the Sentinels for the master first (a new one makes
         both pools drop their idle connections to the old, which may still take writes until it is demoted),
         then raises unless that node says it is the master (HELLO names the role, and any ACL user may send
-        it). With `REDIS_WAIT_REPLICAS`, raises unless that many replicas are online (WAIT on a connection that
-        never wrote answers at once with them)."""
+        it). With `REDIS_WAIT_REPLICAS`, counts the replicas online (WAIT on a connection that never wrote
+        answers at once with them): too few raise `NotReplicated` when they are required, else mark writes as
+        not replicated until a ping finds them again (`unreplicated`)."""
         if self.sentinel is None:
             self.probe.ping()
         else:
@@ -860,8 +917,9 @@ class RedisStore(SessionStore):
                 self.probe.connection_pool.disconnect()  # connect again where the Sentinels say
                 raise redis.ReadOnlyError(f"{self.master} is no longer the master")
         wanted = self.replication.replicas
-        if wanted and (online := self.probe.wait(wanted, 1)) < wanted:
-            raise NotReplicated(f"{online} of {wanted} replica(s) online")
+        if wanted:
+            online = self.probe.wait(wanted, 1)
+            self._replicas(online, f"{online} of {wanted} replica(s) online")
 
     def close(self) -> None:
         for client in {id(c): c for c in (self.client, self.probe)}.values():

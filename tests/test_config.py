@@ -18,6 +18,17 @@ def test_defaults() -> None:
     assert config == Config()
     assert (config.host, config.port, config.redis_url, config.session_ttl_seconds) == ("127.0.0.1", 7802, None, 604800)
     assert config.max_content_length == 50 * 1024 * 1024 and not config.redis_configured
+    assert (config.redis_max_connections, config.redis_pool_timeout) == (16, 10.0)
+    assert not config.redis_require_replicas
+
+
+def test_the_local_store_caps_hold_a_teams_day_of_outage() -> None:
+    """5,000 sessions and 4 GiB on disk (docs/decisions.md); the memory store, in each worker's RAM, 512 MiB."""
+    assert Config.from_env({}, None).local_max_sessions == 5000
+    assert Config.from_env({}, None).local_max_bytes == 4 * 1024**3
+    memory = Config.from_env({"LOCAL_STORE": "memory"}, None)
+    assert (memory.local_max_sessions, memory.local_max_bytes) == (5000, 512 * 1024**2)
+    assert Config.from_env({"LOCAL_STORE": "memory", "LOCAL_STORE_MAX_BYTES": "2048"}, None).local_max_bytes == 2048
 
 
 def test_everything_is_read() -> None:
@@ -69,6 +80,7 @@ def test_dotenv_fills_in_but_never_overrides_the_environment(tmp_path: Path) -> 
     ("TRUSTED_PROXY_HOPS", "-1"), ("REDIS_URL", "redis://127.0.0.1:abc/0"), ("REDIS_URL", "redis://127.0.0.1:99999/0"),
     ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=abc"), ("HOST", "local host"), ("HOST", "-bad-"),
     ("BACKUP_KEEP", "0"), ("BACKUP_KEEP", "many"), ("BACKUP_DIR", "a\0b"), ("BACKUP_DIR", str(ROOT / "app.py")),
+    ("REDIS_POOL_TIMEOUT", "0"), ("REDIS_POOL_TIMEOUT", "forever"), ("REDIS_REQUIRE_REPLICAS", "2"),
 ])
 def test_a_bad_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as raised:
@@ -110,6 +122,9 @@ def test_env_example_lists_every_variable_with_its_default() -> None:
     assert read <= names, read - names
     defaults = Config.from_env({}, dotenv_path=None)
     assert f"REDIS_API_PORT={defaults.port}" in text and f"SESSION_TTL_SECONDS={defaults.session_ttl_seconds}" in text
+    assert f"LOCAL_STORE_MAX_SESSIONS={defaults.local_max_sessions}\n" in text
+    assert f"LOCAL_STORE_MAX_BYTES={defaults.local_max_bytes}\n" in text
+    assert f"REDIS_POOL_TIMEOUT={defaults.redis_pool_timeout:g}\n" in text
 
 
 @pytest.mark.parametrize("kind", ["app", "gunicorn"])
