@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> dict:
         promoted = time.monotonic()
         if not args.gone:
             old.restart(*group.node_flags, "--replicaof", "127.0.0.1", str(new.port))
-            wait_for(lambda: group.online(old, new), what="the old master to replicate the new one")
+            # saves go on meanwhile, so the copy races the soak's writes: give it time (README, "Redis Sentinel")
+            wait_for(lambda: group.online(old, new), what="the old master to replicate the new one", timeout=60)
         rejoined = time.monotonic()
         time.sleep(args.after)
         soak.stop.set()

@@ -223,7 +223,12 @@ class SentinelGroup:
     def __init__(self, workdir: Path, name: str = "storyart", replicas: int = 1, node_flags: tuple[str, ...] = (),
                  sentinel_password: str | None = None) -> None:
         self.name = name
-        self.node_flags = ("--repl-diskless-sync-delay", "0", *node_flags)  # a replica syncs at once, not after 5 s
+        # A replica syncs at once, not after 5 s, loading the copy as it arrives (not from its disk); the master
+        # buffers what is saved meanwhile up to 2 GB (Redis's default, 256 MB, is an hour of a busy team's saves
+        # but seconds of the soak's back-to-back 1 MB saves, which would restart the sync for ever: README,
+        # "Redis Sentinel"). Each value its own argument, as Redis 6 reads them.
+        self.node_flags = ("--repl-diskless-sync-delay", "0", "--repl-diskless-load", "on-empty-db",
+                           "--client-output-buffer-limit", "replica", "2gb", "1gb", "60", *node_flags)
         self.nodes = [RedisServer(workdir / f"node-{i}") for i in range(replicas + 1)]
         self.sentinels = [SentinelServer(workdir / f"sentinel-{i}", self.nodes[0].port, name,
                                          password=sentinel_password) for i in range(3)]
