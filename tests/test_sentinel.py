@@ -14,11 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 from chaos import session
-from store_redis import RedisStore
 
 from config import Config, ConfigError
 from servers import ROOT, SentinelGroup, request, save_request, wait_for
-from storage import StorageBusy
+from stores.base import StorageBusy
+from stores.redis import RedisStore
 
 ACL_USER = "storyart on >node-secret ~storyart:* resetchannels +@all -@dangerous"
 SENTINEL_PASSWORD = "sentinel-secret"
