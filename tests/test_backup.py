@@ -1,4 +1,4 @@
-"""Backups (README, "Backups"): every session goes into one ZIP file and comes back byte for byte, pinned ones
+"""Backups (docs/backups.md): every session goes into one ZIP file and comes back byte for byte, pinned ones
 pinned, in Redis mode and on the SQLite store; rotation; a tampered or foreign file is reported, never a
 traceback; the CLI runs as a real `flask --app app sessions ...` process; the download restores too."""
 

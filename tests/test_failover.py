@@ -2,7 +2,7 @@
 replica and three Sentinels while the master is killed (-9), the Sentinels promote the replica and the old master
 comes back as its replica. Every acknowledged save must read back through the service and be on the new master
 itself, byte for byte and once; no request may get a 5xx or no answer (a latest read answered 503 with
-Retry-After while no master took saves excepted: see the README's "High availability")."""
+Retry-After while no master took saves excepted: see docs/high-availability.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The history page at `/` (README, "History page"): quick checks of what Flask serves (HTML only at `/` and
+"""The history page at `/` (docs/history-page.md): quick checks of what Flask serves (HTML only at `/` and
 under `/static/`, a strict Content-Security-Policy, JSON everywhere else), then a real headless Chromium
 (Debian's, driven by Playwright) against the service under gunicorn with the suite's redis-server: listing,
 search and paging, opening, downloading, deleting, importing, pinning, comparing, the degraded banner, the

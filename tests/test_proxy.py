@@ -225,10 +225,16 @@ def test_nginx_answers_json_502_when_the_service_is_down(tmp_path: Path) -> None
         nginx.stop()
 
 
-def test_readme_shows_the_tested_nginx_config() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```nginx\n(.*?)```", readme, re.S)
-    assert DEPLOY_CONF.read_text(encoding="utf-8") in blocks, "README's nginx block differs from the deploy file"
+def test_the_deploy_page_links_the_tested_nginx_config_instead_of_a_copy() -> None:
+    """docs/deploy.md sends the reader to the very file these tests run; a pasted copy could drift from it."""
+    page = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    assert "](../deploy/nginx-storyart.conf)" in page and (ROOT / "docs" / "../deploy/nginx-storyart.conf").samefile(
+        DEPLOY_CONF)
+    assert "```nginx" not in page, "docs/deploy.md pastes an nginx configuration: link deploy/nginx-storyart.conf"
+    conf = DEPLOY_CONF.read_text(encoding="utf-8")
+    for line in ("client_max_body_size 50m;", "hash $remote_addr consistent;", "proxy_read_timeout 60s;",
+                 "proxy_request_buffering on;", "error_page 413", "error_page 502", "error_page 504"):
+        assert line in conf, f"docs/deploy.md describes {line!r}, which the nginx file no longer has"
 
 
 @pytest.mark.parametrize(("size", "drained"), [(4096, True), (1024 + DRAIN_MAX_EXCESS + 1, False)])

@@ -1,4 +1,4 @@
-"""Redis Sentinel (README "High availability"): the service finds the master through three real Sentinels,
+"""Redis Sentinel (docs/high-availability.md): the service finds the master through three real Sentinels,
 never keeps a save that only the master holds (`REDIS_WAIT_REPLICAS`), follows a switchover without a restart
 (a `READONLY` reply sends saves to the local store until the new master is known, then they are written back),
 and the start-up checks of the master work through the Sentinels. The data nodes run with an ACL user limited to

@@ -1,4 +1,4 @@
-"""Idle and slow clients with no proxy in front (README: Slow and idle clients): 50 connections that send
+"""Idle and slow clients with no proxy in front (docs/deploy.md: Slow and idle clients): 50 connections that send
 nothing and 20 that send a save's body a byte at a time, held open against the real server, while a normal
 client must still be answered within a second; the slow uploads then get a JSON 408 at REQUEST_BODY_TIMEOUT and
 are closed, the idle connections are closed after the keep-alive time, and nothing they sent is stored."""

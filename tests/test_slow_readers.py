@@ -1,4 +1,4 @@
-"""Slow readers with no proxy in front (README: Slow and idle clients): 200 connections ask for the list of ten
+"""Slow readers with no proxy in front (docs/deploy.md: Slow and idle clients): 200 connections ask for the list of ten
 1 MB sessions (the StoryArt session browser's own request) and then read nothing. Others must still be answered
 within a second while they are held, and at RESPONSE_SEND_TIMEOUT the server drops them, letting go of their
 threads and of the answers' bytes (a second crowd fits in the memory the first one left)."""

@@ -1,4 +1,4 @@
-"""TLS to Redis (README "TLS and ACL users"): a `rediss://` REDIS_URL with redis-py's own query options
+"""TLS to Redis (docs/deploy.md, "TLS and ACL users"): a `rediss://` REDIS_URL with redis-py's own query options
 (`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`), against a real `redis-server --port 0 --tls-port ...` that
 requires client certificates, with certificates the suite makes (trustme). A file that cannot be used stops
 start-up naming it; a certificate the server or the service refuses is a Redis that does not answer: the service

@@ -1,4 +1,4 @@
-"""Two hosts behind one nginx (README: Several hosts behind nginx): two gunicorn instances, each with its own
+"""Two hosts behind one nginx (docs/high-availability.md): two gunicorn instances, each with its own
 SQLite local store as two machines would have, one Redis (AOF fsynced, so kill -9 keeps what it acknowledged),
 and a real nginx running deploy/nginx-storyart.conf with both in its `upstream`. Clients connect from
 different 127.0.0.0/8 addresses, so nginx's `hash $remote_addr consistent` sees different browsers."""
