@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import random
 import re
-import sys
 import threading
 import time
 
@@ -23,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from cli import sessions
-from config import Config, ConfigError
+from config import Config, exits_on_config_error
 from deadline import BodyDeadline
 from drain import DrainRefusedBody
 from page import page
@@ -84,12 +83,13 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
     _register_hooks(app, config.api_token, (*LOOPBACK_HOSTS, *config.allowed_hosts))
     _register_error_handlers(app)
     app.register_blueprint(api)
-    app.register_blueprint(page)  # the history page at `/` (README, "History page")
+    app.register_blueprint(page)  # the history page at `/` (docs/history-page.md)
     app.cli.add_command(sessions)
     if config.api_token is None and config.app_env == "production":
         log.warning("APP_ENV=production and no API_TOKEN: the session API is open to anyone who can reach it")
+    local = storage.local_report()
     log.info("StoryArt session service ready: Redis %s, local store %s%s", storage.redis_state.value,
-             storage.local.kind, f" ({storage.local.location})" if storage.local.location else "")
+             local.kind, f" ({local.location})" if local.location else "")
     return app
 
 
@@ -209,16 +209,8 @@ def _register_error_handlers(app: Flask) -> None:
         return error(500, f"Internal server error (request id {request_id}).")
 
 
-def _create_or_exit() -> Flask:
-    """The app from the environment, or exit with one line naming the bad variable or unusable file."""
-    try:
-        return create_app(Config.from_env())
-    except ConfigError as exc:
-        print(f"storyart: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-app = _create_or_exit()
+with exits_on_config_error():  # one line naming the bad variable or unusable file, exit 2
+    app = create_app(Config.from_env())
 
 if __name__ == "__main__":
     from devserver import serve

@@ -226,7 +226,7 @@ def restore(storage: SessionStorage, path: Path, max_bytes: int, on_step: OnStep
     what a save could have stored) are rejected unread. Raises `BackupError` when `path` is not a backup, and
     `StorageUnavailable` when a configured Redis is unreachable (pins need it, and so does replacing a session
     it holds) before anything is restored."""
-    if storage.redis is not None and storage.check(when_down=True) is RedisState.DOWN:
+    if storage.redis_configured and storage.check(when_down=True) is RedisState.DOWN:
         raise StorageUnavailable("Redis is configured but unreachable; restore when it answers again")
     try:
         archive = zipfile.ZipFile(path)

@@ -14,7 +14,7 @@ from flask.cli import AppGroup
 import offsite
 from backup import BackupError, Step, default_name, restore, write_file
 from config import Config
-from storage import SessionStorage, StorageUnavailable
+from storage import INDEX_KEY, SessionStorage, StorageUnavailable
 
 sessions = AppGroup("sessions", help="Housekeeping for the stored StoryArt sessions.")
 
@@ -23,14 +23,14 @@ sessions = AppGroup("sessions", help="Housekeeping for the stored StoryArt sessi
 def reindex() -> None:
     """Rebuild Redis's session index from the session keys (SCAN, in batches; safe while the service runs)."""
     storage = current_app.extensions["storyart"]
-    if storage.redis is None:
-        click.echo("No Redis is configured (REDIS_URL): the local store keeps its own index; nothing to do.")
-        return
     try:
-        adopted = storage.redis.reindex()
+        adopted = storage.reindex()
     except redis.RedisError as error:
         raise click.ClickException(f"Redis could not be reached: {error}") from None
-    click.echo(f"Indexed {adopted.sessions} session(s) in storyart:sessions:index ({adopted.indexed} were missing).")
+    if adopted is None:
+        click.echo("No Redis is configured (REDIS_URL): the local store keeps its own index; nothing to do.")
+        return
+    click.echo(f"Indexed {adopted.sessions} session(s) in {INDEX_KEY} ({adopted.indexed} were missing).")
 
 
 @sessions.command("backup")
@@ -137,7 +137,7 @@ def _shared_storage() -> SessionStorage:
     """The storage, unless it lives only in this command's own process (LOCAL_STORE=memory without Redis): a
     backup of it would be empty and a restore into it would end with the command."""
     storage: SessionStorage = current_app.extensions["storyart"]
-    if storage.redis is None and storage.local.kind == "memory":
+    if storage.in_this_process_only:
         raise click.ClickException("LOCAL_STORE=memory keeps sessions inside the running service's process, "
                                    "out of this command's reach: use GET /api/v1/backup, or the SQLite store")
     return storage

@@ -6,11 +6,13 @@ variable (docs/contract.md §4) instead of failing on the first request.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
 import ssl
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -34,6 +36,17 @@ URL_OPTIONS = frozenset(URL_QUERY_ARGUMENT_PARSERS) | {
 
 class ConfigError(ValueError):
     """A setting is invalid; the message is one line naming the variable."""
+
+
+@contextlib.contextmanager
+def exits_on_config_error() -> Iterator[None]:
+    """Turn a `ConfigError` into what every start-up refusal gives: one line naming the setting or file on stderr,
+    and exit status 2 (no traceback; `python app.py`, gunicorn's master and the CLI alike)."""
+    try:
+        yield
+    except ConfigError as error:
+        print(f"storyart: configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @dataclass(frozen=True)

@@ -11,45 +11,29 @@ import sys
 from gunicorn import util
 from gunicorn.workers import gthread
 
-from config import Config, ConfigError
+from config import Config, ConfigError, exits_on_config_error
 from responses import error_body
+from storage import check_start_up
 from worker import ParkingWorker
 
-try:
+with exits_on_config_error():
     _config = Config.from_env()
-except ConfigError as _error:
-    print(f"storyart: configuration error: {_error}", file=sys.stderr)
-    sys.exit(2)
 
 _host = f"[{_config.host}]" if ":" in _config.host else _config.host
 bind = [f"{_host}:{_config.port}"]
 
-# The worker model: gthread, 32 threads per worker, in every storage mode. The StoryArt page may talk to the service
-# directly (no proxy), and browsers keep preconnected idle sockets: with 3 sync workers three idle connections
-# froze the service until the worker timeout killed them, again and again; eight connections that sent one byte
-# froze the 1 x 8 gthread setup for as long as they stayed open. gthread parks idle and kept-alive connections in
-# its poller (`keepalive` seconds, then closed), so they cost no thread; a request that has begun holds a thread
-# until it is answered, and a body gets REQUEST_BODY_TIMEOUT (deadline.py), so 32 threads per worker take 20
-# byte-a-second uploads with room to spare. Measured with 50 idle and 20 slow-body connections open
-# (tests/test_slow_clients.py): other clients' health check + save + read answered within 0.01-0.08 s (sync: 15 s
-# and more, 3 x 4 gthread: 30 s). 1 MB throughput against what ran before, same session each, bench/run.py
-# --variant, 5 and 3 rounds x 3 s, 8 clients, req/s and CPU ms per request (README: Slow and idle clients):
-#   Redis, 3 sync -> 3 x 32: latest 283 -> 476 req/s (1.94 -> 2.08 ms), save 52 -> 62 (9.3 -> 10.0 ms); again:
-#   latest 123 -> 308 (2.77 -> 2.75), save 32 -> 60 (12.0 -> 12.8): keep-alive outweighs the shared GIL.
-#   SQLite, 3 x 4 -> 3 x 32: latest 543 -> 428 (1.79 -> 1.72), save 59 -> 47 (12.7 -> 15.4); again: latest
-#   479 -> 593 (1.78 -> 1.87), save 83 -> 85 (11.9 -> 14.0): req/s within the machine's noise, saves cost
-#   10-20% more CPU (more writers at once per worker). Run 3, a quiet machine, with the switch interval below:
-#   Redis latest 663 -> 617 (-7%), save 119 -> 114 (-4%); SQLite latest 898 -> 848 (-6%), save 104 -> 98 (-6%).
-# gevent, also measured, did as well on 1 MB requests, but it turns the SQLite store's per-thread connections
-# into one per connection (never closed) and every lock into a greenlet's. Only the volatile memory store
-# without Redis runs one worker: a second worker would hold sessions the first cannot see.
+# The worker model: gthread, 32 threads per worker, in every storage mode: idle and kept-alive connections wait
+# in its poller and cost no thread, a body gets REQUEST_BODY_TIMEOUT (deadline.py), and an answer its client does not
+# read waits in the poller too (worker.py). Why, and what was measured against sync workers and gevent:
+# docs/benchmarks.md and docs/deploy.md. Only the volatile memory store without Redis runs one worker: a second
+# worker would hold sessions the first cannot see.
 if _config.redis_configured or _config.local_store == "sqlite":
     workers = _config.workers or 3
 else:
-    if _config.workers > 1:
-        print("storyart: configuration error: WEB_CONCURRENCY: LOCAL_STORE=memory without REDIS_URL runs one "
-              "worker (each worker would keep its own sessions)", file=sys.stderr)
-        sys.exit(2)
+    with exits_on_config_error():
+        if _config.workers > 1:
+            raise ConfigError("WEB_CONCURRENCY: LOCAL_STORE=memory without REDIS_URL runs one worker (each worker "
+                              "would keep its own sessions)")
     workers = 1
 threads = _config.threads or 32
 # gthread whose answers a client does not read wait in the poller, not in a thread, for at most
@@ -62,42 +46,14 @@ keepalive = 5  # seconds an idle connection (a browser's preconnect, a kept-aliv
 # in the poller: 50 idle connections then took every thread for 5 s. 0.1 s is ample for a client that sends.
 gthread.DEFAULT_WORKER_DATA_TIMEOUT = 0.1
 # A worker's threads share one GIL, and Python makes a thread that holds it let go every 5 ms when another waits:
-# 8 clients' 1 MB saves then hand it back and forth mid-parse, costing 1 MB saves 15% of their req/s against the
-# 3 sync workers (bench/run.py --variant, same run: 112.7 vs 132.1 req/s; CPU 11.7 vs 8.8 ms per save). Letting
-# a thread keep it 50 ms (a save's CPU work is 5-10 ms, and I/O lets go anyway) brought it to 126.1 (-4.5%);
-# the idle and slow clients' test still answers others in well under a second. Inherited by every worker.
+# 1 MB saves then hand it back and forth mid-parse. A thread keeps it 50 ms instead (a save's CPU work is 5-10 ms,
+# and I/O lets go anyway); measured in docs/benchmarks.md. Inherited by every worker.
 sys.setswitchinterval(0.05)
 
-if _config.local_store == "sqlite":
-    # Create (or check) the store file in the master, so an unusable path stops start-up with one line before
-    # any worker boots, and the workers find the schema in place.
-    from stores.base import Limits
-    from stores.sqlite import SqliteStore
-
-    try:
-        SqliteStore.open(_config.local_store_path, Limits()).close()
-    except ConfigError as _error:
-        print(f"storyart: configuration error: {_error}", file=sys.stderr)
-        sys.exit(2)
-
-if _config.redis_configured:
-    # A Redis that cannot keep sessions safely (a cluster node, an eviction policy) stops the master with one
-    # line too; one that is unreachable now is checked by each worker when it first answers.
-    from redis import RedisError
-
-    from stores.redis import RedisStore
-
-    _store = RedisStore.from_config(_config)  # through the Sentinels when they are configured
-    try:
-        _refuse, _ = _store.facts().problems(_config.redis_allow_eviction)
-    except RedisError:
-        _refuse = []
-    finally:
-        _store.close()  # the workers open their own connections
-    if _refuse:
-        print(f"storyart: configuration error: {_config.redis_setting}: this Redis cannot keep sessions safely: "
-              f"{_refuse[0]}", file=sys.stderr)
-        sys.exit(2)
+# The start-up refusals (an unusable store file, a Redis that cannot keep sessions safely) stop the master with
+# one line before any worker boots; the SQLite store's schema is created here, so the workers find it in place.
+with exits_on_config_error():
+    check_start_up(_config)
 
 timeout = 60  # a 50 MB body on a slow link still fits
 graceful_timeout = 30  # SIGTERM: requests in flight get this long to finish

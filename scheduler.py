@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis
 from croniter import croniter
 
 from config import Config
 from offsite import Outcome, summary, take
-from storage import RedisState, SessionStorage
+from storage import SessionStorage
 
 log = logging.getLogger("storyart.backups")
 
@@ -133,9 +132,7 @@ class Scheduler:
             self.ledger.record(shown)
         except sqlite3.Error as error:
             log.warning("the backup's outcome could not be kept in %s: %s", self.ledger.path, error)
-        if self.storage.redis is not None and self.storage.redis_state is not RedisState.DOWN:
-            with contextlib.suppress(redis.RedisError):  # the host's file has it; Redis gets the next one
-                self.storage.redis.client.set(LAST_KEY, orjson.dumps(shown))
+        self.storage.shared(lambda r: r.set(LAST_KEY, orjson.dumps(shown)))  # else the host's file has it
 
     def last(self) -> dict[str, Any] | None:
         """The newest recorded outcome, of any host (Redis) or this one (its file)."""
@@ -143,12 +140,9 @@ class Scheduler:
         with contextlib.suppress(sqlite3.Error):
             found.append(self.ledger.last())
         in_use = self.config.backup_schedule or self.config.backup_s3 or any(found)  # else no Redis round trip
-        if self.storage.redis is not None and in_use and self.storage.redis_state is RedisState.CONNECTED:
-            try:
-                raw = self.storage.redis.client.get(LAST_KEY)
-                found.append(orjson.loads(raw) if raw else None)
-            except (redis.RedisError, orjson.JSONDecodeError):
-                pass
+        raw = self.storage.shared(lambda r: r.get(LAST_KEY)) if in_use else None
+        with contextlib.suppress(orjson.JSONDecodeError):
+            found.append(orjson.loads(raw) if raw else None)
         shown = [outcome for outcome in found if isinstance(outcome, dict) and isinstance(outcome.get("at"), str)]
         return max(shown, key=lambda outcome: outcome["at"], default=None)
 
@@ -209,28 +203,24 @@ class Scheduler:
 
     def _cursor(self) -> int | None:
         cursors = [self.ledger.cursor()]
-        if self.storage.redis is not None:
-            try:
-                raw = self.storage.redis.client.get(CURSOR_KEY)
-                cursors.append(int(raw) if raw else None)
-            except (redis.RedisError, ValueError):
-                pass
+        raw = self.storage.shared(lambda r: r.get(CURSOR_KEY))
+        with contextlib.suppress(ValueError):
+            cursors.append(int(raw) if raw else None)
         return max((c for c in cursors if c is not None), default=None)
 
     def _claim(self, due: int, owner: str, expression: str) -> bool:
         """Whether this process takes the backup due at `due` (ms): first on this host, then among hosts."""
         if not self.ledger.claim(due, owner):
             return False
-        if self.storage.redis is None:
+        if not self.storage.redis_configured:
             return True
         period = _next(expression, _next(expression, due / 1000) / 1000) - _next(expression, due / 1000)
-        try:
-            return bool(self.storage.redis.client.eval(_CLAIM, 2, f"{LEASE_PREFIX}{due}", CURSOR_KEY, owner,
+        claimed = self.storage.shared(lambda r: r.eval(_CLAIM, 2, f"{LEASE_PREFIX}{due}", CURSOR_KEY, owner,
                                                        2 * period + 3_600_000, due))
-        except redis.RedisError as error:
-            log.warning("Redis does not answer (%s): the backup due at %s is claimed on this host only", error,
-                        _local(due))
+        if claimed is None:
+            log.warning("Redis does not answer: the backup due at %s is claimed on this host only", _local(due))
             return True
+        return bool(claimed)
 
     def _take(self, due: int) -> None:
         outcome = take(self.config, self.storage, due=due)

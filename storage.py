@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import orjson
 import redis
@@ -26,6 +26,7 @@ from payload import Draft, content_hash, summarize
 from stores import memory, sqlite
 from stores.base import (
     EVERY,
+    INDEX_KEY,
     KEY_PREFIX,
     LOCAL,
     Limits,
@@ -45,10 +46,10 @@ from stores.base import (
     hashed_part,
     session_key,
 )
-from stores.redis import RedisFacts, RedisStore
+from stores.redis import Adopted, RedisFacts, RedisStore
 
-__all__ = ["EVERY", "LOCAL", "NotASession", "Query", "RedisState", "SessionStorage", "StorageFull",
-           "StorageUnavailable", "Stored", "WhenFull", "build_storage", "session_key"]
+__all__ = ["EVERY", "INDEX_KEY", "LOCAL", "NotASession", "Query", "RedisState", "SessionStorage", "StorageFull",
+           "StorageUnavailable", "Stored", "WhenFull", "build_storage", "check_start_up", "session_key"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,15 @@ REINDEX_CHECK_S = 10.0
 T = TypeVar("T")
 
 # --------------------------------------------------------------------------------------------- failover
+
+
+class LocalReport(NamedTuple):
+    """The local store as /health and the start-up line show it."""
+
+    kind: str  # "sqlite" or "memory"
+    location: str | None  # its file
+    sessions: int | None  # None when the store cannot be asked now
+    bytes: int | None
 
 
 class RedisState(enum.Enum):
@@ -124,6 +134,53 @@ class SessionStorage:
         unreplicated = self.redis.unreplicated if self.redis is not None else None
         return self.redis_warnings + ([f"Redis: saves are not replicated ({unreplicated}): a failover now would "
                                        "lose the sessions saved meanwhile"] if unreplicated else [])
+
+    # -- what callers above ask of the parts (they never reach past this class)
+
+    @property
+    def redis_configured(self) -> bool:
+        return self.redis is not None
+
+    @property
+    def redis_master(self) -> str | None:
+        """The `host:port` saves go to (with Sentinel, the master it named last); None without Redis."""
+        return self.redis.master if self.redis is not None else None
+
+    @property
+    def replicated(self) -> bool | None:
+        """With `REDIS_WAIT_REPLICAS`, whether saves reach that many replicas now; None when none are asked for."""
+        if self.redis is None or not self.redis.replication.replicas:
+            return None
+        return self.redis.unreplicated is None and self._state is RedisState.CONNECTED
+
+    @property
+    def in_this_process_only(self) -> bool:
+        """Whether the sessions live only in this process (the memory store without Redis): another process,
+        such as a CLI command, would see none of them."""
+        return self.redis is None and self.local.kind == "memory"
+
+    def local_report(self) -> LocalReport:
+        try:
+            held, held_bytes = self.local.count()
+        except StorageUnavailable:
+            held = held_bytes = None
+        return LocalReport(self.local.kind, self.local.location, held, held_bytes)
+
+    def reindex(self) -> Adopted | None:
+        """Index every session key Redis holds (SCAN, in batches; safe while the service runs); None without
+        Redis (the local store keeps its own index). Raises `redis.RedisError` when Redis cannot be reached."""
+        return self.redis.reindex() if self.redis is not None else None
+
+    def shared(self, call: Callable[[redis.Redis], T]) -> T | None:
+        """`call` on the Redis every host shares, for what hosts coordinate beyond sessions (the backup schedule's
+        claims and record); None when there is no Redis or it cannot be asked now, and the caller goes on with
+        what this host knows."""
+        if self.redis is None or self._state is RedisState.DOWN:
+            return None
+        try:
+            return call(self.redis.client)
+        except redis.RedisError:
+            return None
 
     def _readable(self) -> bool:
         return self.redis is not None and self._state is not RedisState.DOWN
@@ -223,7 +280,7 @@ class SessionStorage:
         if adopted is None:
             return False
         log.warning("the Redis index %s was empty while sessions existed: rebuilt it with %s session(s)",
-                    "storyart:sessions:index", adopted.sessions)
+                    INDEX_KEY, adopted.sessions)
         return bool(adopted.sessions)
 
     def listing(self, query: Query, summaries: bool = False) -> Listing:
@@ -492,7 +549,7 @@ class SessionStorage:
             raise unreachable from error
         if adopted.indexed:
             log.warning("indexed %d session key(s) another tool wrote without %s", adopted.indexed,
-                        "storyart:sessions:index")
+                        INDEX_KEY)
 
     def close(self) -> None:
         """Stop the background thread and try one last write-back, then say what is left: with the SQLite
@@ -517,10 +574,13 @@ class SessionStorage:
         elif self.local.kind == "memory" and self.local.count()[0]:
             log.warning("shutdown: %d session(s) held only in memory end with this process", self.local.count()[0])
         self.local.close()
+        self.allocator.close()  # the clock file's descriptor
 
 
-def build_storage(config: Config) -> SessionStorage:
-    """The storage a `Config` describes: the one place that picks backends."""
+def _open_backends(config: Config) -> tuple[LocalStore, RedisStore | None, RedisFacts | None]:
+    """The backends a `Config` describes, opened, with what the Redis said of itself (None when it does not answer
+    now: it is inspected when it does). The start-up refusals live here: an unusable local store file or a Redis
+    that cannot keep sessions safely raises `ConfigError` naming the setting, with everything closed again."""
     limits = Limits(config.local_max_sessions, config.local_max_bytes,
                     WhenFull.REFUSE if config.redis_configured else WhenFull.EVICT_OLDEST)
     if config.local_store == "memory":
@@ -528,23 +588,40 @@ def build_storage(config: Config) -> SessionStorage:
         local.configure(limits)
     else:
         local = sqlite.SqliteStore.open(config.local_store_path, limits, synchronous=config.local_store_sync)
-    redis_store = RedisStore.from_config(config) if config.redis_configured else None
+    if not config.redis_configured:
+        return local, None, None
+    redis_store = RedisStore.from_config(config)
     facts = None
+    try:
+        facts = redis_store.facts()
+    except redis.RedisError as error:  # not reachable now (or a TLS handshake failed): inspected when it answers
+        log.warning("Redis does not answer at start-up (%s: %s)%s; the local store takes saves until it does",
+                    type(error).__name__, error, redis_store.hint(error))
+    refuse = facts.problems(config.redis_allow_eviction)[0] if facts else []
+    if refuse:
+        redis_store.close()
+        local.close()
+        raise ConfigError(f"{config.redis_setting}: this Redis cannot keep sessions safely: {refuse[0]}")
+    return local, redis_store, facts
+
+
+def check_start_up(config: Config) -> None:
+    """The start-up refusals for a process that serves nothing itself (gunicorn's master, before any worker
+    boots): open the backends as `build_storage` would, then close them. Creates the SQLite store's schema, so
+    the workers find it in place. Raises `ConfigError`."""
+    local, redis_store, _ = _open_backends(config)
     if redis_store is not None:
-        try:
-            facts = redis_store.facts()
-        except redis.RedisError as error:  # not reachable now (or a TLS handshake failed): inspected when it answers
-            log.warning("Redis does not answer at start-up (%s: %s)%s; the local store takes saves until it does",
-                        type(error).__name__, error, redis_store.hint(error))
-        refuse = facts.problems(config.redis_allow_eviction)[0] if facts else []
-        if refuse:
-            redis_store.close()
-            local.close()
-            raise ConfigError(f"{config.redis_setting}: this Redis cannot keep sessions safely: {refuse[0]}")
+        redis_store.close()  # the workers open their own connections
+    local.close()
+
+
+def build_storage(config: Config) -> SessionStorage:
+    """The storage a `Config` describes: the one place that picks backends. Raises `ConfigError` as
+    `check_start_up` does."""
+    local, redis_store, facts = _open_backends(config)
     storage = SessionStorage(local, redis_store, config.session_ttl_seconds, config.redis_retry_interval,
                              allow_eviction=config.redis_allow_eviction,
                              slot=Slot(config.service_host_index, config.service_hosts))
     if facts is not None:
         storage.inspect_redis(facts)
     return storage
-

@@ -277,10 +277,7 @@ def health() -> Response:
     """`storage` is where a save goes now; `localStore` is the fallback (and, without Redis, the home)."""
     sessions = _storage()
     redis_state = sessions.check()
-    try:
-        held, held_bytes = sessions.local.count()
-    except StorageUnavailable:
-        held = held_bytes = None
+    local = sessions.local_report()
     degraded = redis_state in (RedisState.DOWN, RedisState.READ_ONLY)
     return json_response({
         "success": True,
@@ -288,9 +285,8 @@ def health() -> Response:
         "redis": redis_state.value,
         **_master(sessions),
         "storage": sessions.saves_go_to,
-        "memorySessions": held,
-        "localStore": {"kind": sessions.local.kind, "path": sessions.local.location, "sessions": held,
-                       "bytes": held_bytes},
+        "memorySessions": local.sessions,
+        "localStore": {"kind": local.kind, "path": local.location, "sessions": local.sessions, "bytes": local.bytes},
         **_replicated(sessions),
         **({"warnings": sessions.warnings} if sessions.warnings else {}),
         **_backups(),
@@ -323,15 +319,13 @@ def _backups() -> dict[str, Any]:
 def _replicated(sessions: SessionStorage) -> dict[str, bool]:
     """`replicated` for /health, with `REDIS_WAIT_REPLICAS`: whether saves reach that many replicas now (false:
     they go on to the master alone, or with `REDIS_REQUIRE_REPLICAS` wait in the local store)."""
-    redis_store = sessions.redis
-    if redis_store is None or not redis_store.replication.replicas:
-        return {}
-    return {"replicated": redis_store.unreplicated is None and sessions.redis_state is RedisState.CONNECTED}
+    replicated = sessions.replicated
+    return {} if replicated is None else {"replicated": replicated}
 
 
 def _master(sessions: SessionStorage) -> dict[str, str | None]:
     """`redisMaster` for the health answers: the Redis saves go to (with Sentinel, the master it named last)."""
-    return {"redisMaster": sessions.redis.master} if sessions.redis is not None else {}
+    return {"redisMaster": sessions.redis_master} if sessions.redis_configured else {}
 
 
 @api.get("/api/v1/openapi.json")

@@ -30,6 +30,7 @@ from payload import Draft
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "storyart:session:"
+INDEX_KEY = "storyart:sessions:index"  # the public index: member a session key, score its timestamp
 LOCAL = "memory"  # the wire name of the local fallback in `storage` fields, whichever local store it is
 EVERY = 2**31  # `Query.limit` of a list that asked for no limit
 NEVER = 2**62  # the `expires_at` of a session that does not expire (pinned, or SESSION_TTL_SECONDS=0)
