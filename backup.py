@@ -1,4 +1,4 @@
-"""Backups: every live session in one ZIP file, and restoring one (README, "Backups").
+"""Backups: every live session in one ZIP file, and restoring one (docs/backups.md).
 
 The format is one a person can open anywhere: a ZIP (deflate) holding `sessions/<timestamp>.json`, each the
 session's exact stored bytes, and `manifest.json` (written last, since the sessions stream in): the count, the
@@ -44,7 +44,7 @@ LAST_ZIP_SECOND = 4_354_819_198  # 2107-12-31 23:59:58, the last time a ZIP entr
 # What `zipfile` raises for a member it cannot give back: damaged (its CRC, its compressed data, cut short),
 # encrypted (RuntimeError: a password is required) or compressed by a method it lacks (NotImplementedError).
 UNREADABLE = (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError)
-COMPRESS_LEVEL = 6  # zlib's default: see the README's "Backups" for what levels 1 and 9 cost
+COMPRESS_LEVEL = 6  # zlib's default: see docs/backups.md for what levels 1 and 9 cost
 
 
 class BackupError(Exception):

@@ -1,7 +1,7 @@
 """What changed from one session to another, for `GET /api/v1/session/<a>/compare/<b>`: two parsed sessions
 in, a JSON-able report out (no storage, no HTTP), so the history page can show what a re-analysis changed.
 
-The report follows the session's shape (see the README's "Compare two sessions"): the top-level fields, the
+The report follows the session's shape (see docs/api.md): the top-level fields, the
 script text as line counts (a line diff, `line_diff`), the fields of `episodeContext` (a JSON document kept in a
 string), `analyzedEpisode`'s own fields, its scenes (matched by `sceneNumber`, or by position when they have
 none) and their beats (matched by `beatId` across scenes, so a beat moved to another scene is one change, not a

@@ -22,7 +22,7 @@ from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOCAL_STORES = ("SQLITE", "MEMORY")
-LOCAL_STORE_SYNCS = ("FULL", "NORMAL")  # SQLite's `synchronous`: see the README's "Local store"
+LOCAL_STORE_SYNCS = ("FULL", "NORMAL")  # SQLite's `synchronous`: see docs/local-store.md
 # The local store's caps: what a busy team saves in a day of Redis outage (docs/decisions.md, "The local store's
 # caps"); the memory store holds its sessions in each worker's RAM, so it keeps the smaller former byte cap.
 LOCAL_MAX_SESSIONS = 5000
