@@ -29,8 +29,8 @@ acknowledged later wins (when the tool wrote in between is unknown; the copy thi
 * `storyart:sessions:reconciler`: the token of the process whose `Reconciler` takes in the session keys other
   tools write without the index, or rewrite in place (a lease with a TTL).
 
-A request that needs several commands runs them in one Lua script: one round trip, and atomic across every
-thread, worker and host that shares the Redis.
+A request that needs several commands runs them in one Lua script (`stores/lua/`, one file each, with what it
+takes and returns): one round trip, and atomic across every thread, worker and host that shares the Redis.
 
 With `REDIS_SENTINELS` the master is found, and followed through a failover, by redis-py's own
 `redis.sentinel.Sentinel` pools: a connection asks the Sentinels for the master before it connects, and one
@@ -67,7 +67,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from allocator import MAX_AHEAD_MS, PROBES, SKEW_MS, distrusted, now_ms
 from config import Config
-from payload import Draft, content_hash, summarize
+from payload import Draft, content_hash, head_of, summarize
 from stores.base import (
     KEY_PREFIX,
     NEVER,
@@ -80,7 +80,6 @@ from stores.base import (
     StorageBusy,
     Stored,
     WhenFull,
-    hashed_part,
     session_key,
 )
 
@@ -184,7 +183,7 @@ def _summary_of(body: bytes, timestamp: int) -> bytes | None:
         session = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    return summarize(session, len(body), hashed_part(body, timestamp)) if isinstance(session, dict) else None
+    return summarize(session, len(body), head_of(body, timestamp)) if isinstance(session, dict) else None
 
 
 def _recorded(body: bytes, timestamp: int, meta: bytes | None, facets: bytes | None) -> bool:
@@ -195,7 +194,7 @@ def _recorded(body: bytes, timestamp: int, meta: bytes | None, facets: bytes | N
         return facets == _facets_field(NO_FACETS, timestamp) and _summary_of(body, timestamp) is None
     try:
         summary = orjson.loads(meta)
-        return (summary.get("etag") == content_hash(hashed_part(body, timestamp))
+        return (summary.get("etag") == content_hash(head_of(body, timestamp))
                 and summary.get("sizeBytes") == len(body) and facets == _facets_field(_facets_json(meta), timestamp))
     except (orjson.JSONDecodeError, AttributeError):  # not a summary this service wrote
         return False
