@@ -10,7 +10,8 @@ threads, gunicorn workers, restarts and hosts. Two steps:
 2. **Choose** (inside the store's own atomic step): the proposal itself, unless it lags more than `SKEW_MS`
    behind the last timestamp that store assigned (another host with a slow clock: then one past that), and
    then the first millisecond from there that no session holds.
-   * Redis: `REDIS_ASSIGN` below, inside the save script; every host sharing the Redis shares its clock key.
+   * Redis: `assign` in `stores/lua/assign.lua` (this rule's Lua twin), inside the save script; every host
+     sharing the Redis shares its clock key.
    * the local store: `choose`, inside the save's transaction (SQLite) or under the memory store's lock.
 
 Why the proposal is used as it is rather than "one past the last": two workers' saves reach a store in any
@@ -57,7 +58,7 @@ SKEW_MS = 1000  # a proposal this far behind a store's last assignment comes fro
 # faster than one per millisecond runs ahead by one per save (an import of small sessions: a few seconds); a
 # clock further ahead was not made by this service's saves.
 MAX_AHEAD_MS = 5 * 60_000
-PROBES = 1000  # taken timestamps Redis's save script skips at most (~3 ms), so that it always ends (REDIS_ASSIGN)
+PROBES = 1000  # taken timestamps Redis's save script skips at most (~3 ms), so that it always ends (assign.lua)
 
 
 def trusted(clock: object, now: int) -> bool:
@@ -74,7 +75,8 @@ def distrusted(where: str, value: object, now: int) -> None:
 def choose(proposal: int, last: object, taken: Callable[[int], bool], now: int, where: str) -> tuple[int, int]:
     """Step 2, for a store that keeps its own `last` assigned timestamp (a clock named `where`) and can tell a
     taken one: (the timestamp, the store's clock after it). A `last` that is not `trusted` counts as none.
-    (Unlike its Lua twin the loop needs no bound: Python's integers are exact and a local store is finite.)"""
+    (Unlike its Lua twin, `assign` in `stores/lua/assign.lua`, the loop needs no bound: Python's integers are
+    exact and a local store is finite.)"""
     if not trusted(last, now):
         distrusted(where, repr(last), now)
         last = 0
@@ -82,36 +84,6 @@ def choose(proposal: int, last: object, taken: Callable[[int], bool], now: int, 
     while taken(timestamp):
         timestamp += 1
     return timestamp, max(last, timestamp)
-
-
-# Step 2 in Lua, for Redis's save script: `assign(clock, proposal, now)` with `clock` the clock key's name
-# returns the chosen timestamp, and what the clock key held when that was not a trusted value (else nil); nil
-# alone when `PROBES` timestamps from the start were all taken. The clock key keeps the greatest timestamp
-# assigned. A value is trusted (as `trusted`) if it is at most 15 digits, so exact in a double, and at most
-# `MAX_AHEAD_MS` ahead of `now`; anything else (another type included) is replaced.
-REDIS_ASSIGN = """
-local function assign(clock, proposal, now)
-  local held, last, bad = redis.pcall('GET', clock), 0, nil
-  if type(held) == 'string' and #held <= 15 and string.match(held, '^%d+$')
-      and tonumber(held) <= now + {MAX_AHEAD_MS} then
-    last = tonumber(held)
-  elseif type(held) == 'string' then
-    bad = string.sub(held, 1, 40)
-  elseif held then
-    bad = 'a ' .. redis.call('TYPE', clock)['ok']
-  end
-  local ts = proposal
-  if ts + {SKEW_MS} < last then ts = last + 1 end
-  for _ = 1, {PROBES} do
-    if redis.call('EXISTS', '{SESSION}' .. string.format('%d', ts)) == 0 then
-      if ts > last or bad then redis.call('SET', clock, string.format('%d', ts)) end
-      return ts, bad
-    end
-    ts = ts + 1
-  end
-  return nil
-end
-""".replace("{SKEW_MS}", str(SKEW_MS)).replace("{MAX_AHEAD_MS}", str(MAX_AHEAD_MS)).replace("{PROBES}", str(PROBES))
 
 
 @dataclass(frozen=True, slots=True)

@@ -332,8 +332,8 @@ def _exact_draft(body: bytes, timestamp: int) -> Draft:
     if isinstance(session, dict) and session.get("timestamp") != timestamp:
         raise PayloadError(f"The session's timestamp is not {timestamp}, the one the manifest names.")
     draft = draft_from(session, now_ms())
-    if not body.endswith(b"%d}" % timestamp) or draft.render(timestamp) == body:
-        return draft
     head = head_of(body, timestamp)
+    if len(head) == len(body) or draft.render(timestamp) == body:  # another tool's bytes, or a save's own
+        return draft
     fields = {k: v for k, v in session.items() if k != "timestamp"}
-    return Draft(head, timestamp, summarize(fields, len(body), head), draft.save_id)
+    return Draft(bytes(head), timestamp, summarize(fields, len(body), head), draft.save_id)

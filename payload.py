@@ -54,9 +54,12 @@ class Draft:
         return b"%s%d}" % (self.head, timestamp)
 
 
-def head_of(body: bytes, timestamp: int) -> bytes:
-    """The `Draft.head` of a stored body: every stored body ends in `<timestamp>}`."""
-    return body[: -len(str(timestamp)) - 1]
+def head_of(body: bytes, timestamp: int) -> memoryview:
+    """The `Draft.head` of a stored body, without copying it: the bytes before the `<timestamp>}` the service
+    appends to every session it stores (`Draft.render`). A body that does not end that way (another tool wrote
+    it) is all head: what the recorded content hash covers is then all of it."""
+    tail = b"%d}" % timestamp
+    return memoryview(body)[: -len(tail)] if body.endswith(tail) else memoryview(body)
 
 
 class PayloadError(ValueError):

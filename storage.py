@@ -22,7 +22,7 @@ import redis
 
 from allocator import ONE_HOST, Allocator, Slot, now_ms
 from config import Config, ConfigError
-from payload import Draft, content_hash, summarize
+from payload import Draft, content_hash, head_of, summarize
 from stores import memory, sqlite
 from stores.base import (
     EVERY,
@@ -43,7 +43,6 @@ from stores.base import (
     StorageUnavailable,
     Stored,
     WhenFull,
-    hashed_part,
     session_key,
 )
 from stores.redis import Adopted, RedisFacts, RedisStore
@@ -343,7 +342,7 @@ class SessionStorage:
         """`found` if its bytes are the ones this service recorded (their hash is the summary's), else checked
         now: a JSON object gets a fresh summary (stored for next time); anything else is not a session (None,
         logged once per process)."""
-        hashed = hashed_part(found.body, found.timestamp)
+        hashed = head_of(found.body, found.timestamp)
         if found.summary and orjson.loads(found.summary).get("etag") == content_hash(hashed):
             return found
         try:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from config import LOCAL_MAX_BYTES, LOCAL_MAX_SESSIONS
-from payload import Draft
+from payload import Draft, head_of
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ class Record:
 
     @property
     def draft(self) -> Draft:
-        return Draft(self.body[: -len(str(self.timestamp)) - 1], self.timestamp, self.summary, self.save_id)
+        """The draft that stores these very bytes again, under this timestamp and save id (a write-back)."""
+        return Draft(bytes(head_of(self.body, self.timestamp)), self.timestamp, self.summary, self.save_id)
 
 
 class Outcome(enum.Enum):
@@ -294,11 +295,3 @@ class LocalStore(SessionStore):
     @abc.abstractmethod
     def count(self) -> tuple[int, int]:
         """(sessions, bytes) held."""
-
-
-
-def hashed_part(body: bytes, timestamp: int) -> memoryview | bytes:
-    """What the recorded content hash covers: the stored bytes up to the timestamp the service appends (all of
-    them for a record that does not end that way, which the service did not write)."""
-    tail = b"%d}" % timestamp
-    return memoryview(body)[: -len(tail)] if body.endswith(tail) else body

@@ -29,8 +29,8 @@ acknowledged later wins (when the tool wrote in between is unknown; the copy thi
 * `storyart:sessions:reconciler`: the token of the process whose `Reconciler` takes in the session keys other
   tools write without the index, or rewrite in place (a lease with a TTL).
 
-A request that needs several commands runs them in one Lua script: one round trip, and atomic across every
-thread, worker and host that shares the Redis.
+A request that needs several commands runs them in one Lua script (`stores/lua/`, one file each, with what it
+takes and returns): one round trip, and atomic across every thread, worker and host that shares the Redis.
 
 With `REDIS_SENTINELS` the master is found, and followed through a failover, by redis-py's own
 `redis.sentinel.Sentinel` pools: a connection asks the Sentinels for the master before it connects, and one
@@ -53,6 +53,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from queue import Empty, LifoQueue
 from typing import Any, NamedTuple, TypeVar
 
@@ -64,9 +65,9 @@ from redis.connection import parse_url
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from allocator import PROBES, REDIS_ASSIGN, distrusted, now_ms
+from allocator import MAX_AHEAD_MS, PROBES, SKEW_MS, distrusted, now_ms
 from config import Config
-from payload import Draft, content_hash, summarize
+from payload import Draft, content_hash, head_of, summarize
 from stores.base import (
     KEY_PREFIX,
     NEVER,
@@ -79,7 +80,6 @@ from stores.base import (
     StorageBusy,
     Stored,
     WhenFull,
-    hashed_part,
     session_key,
 )
 
@@ -114,288 +114,7 @@ FORGET_BATCH = 1000  # the most expired or dead index members one script forgets
 PAGE_ROUNDS = 16  # the most windows of a list page one script reads
 T = TypeVar("T")
 
-# A session that is gone leaves every structure of the service: the index, the expiry and pinned sets, and the
-# list filters' facets (`storyart:sessions:facets` says which story and episode sets hold it). `facet` records
-# a session's facets, replacing older ones: given as a JSON array (story, episode, casefolded title; "" for
-# none), stored with the timestamp appended, so a title search reads every session's facets with one HVALS.
-_FORGET = """
-local function unfacet(key, id)
-  local facets = redis.call('HGET', '{FACETS}', id)
-  if not facets then return end
-  local f = cjson.decode(facets)
-  if f[1] ~= '' then redis.call('ZREM', '{STORY}' .. f[1], key) end
-  if f[2] ~= '' then redis.call('ZREM', '{EPISODE}' .. f[2], key) end
-  redis.call('HDEL', '{FACETS}', id)
-end
-local function facet(key, id, facets)
-  facets = string.sub(facets, 1, -2) .. ',' .. id .. ']'
-  if redis.call('HGET', '{FACETS}', id) == facets then return end
-  unfacet(key, id)
-  local f = cjson.decode(facets)
-  redis.call('HSET', '{FACETS}', id, facets)
-  if f[1] ~= '' then redis.call('ZADD', '{STORY}' .. f[1], id, key) end
-  if f[2] ~= '' then redis.call('ZADD', '{EPISODE}' .. f[2], id, key) end
-end
-local function forget(index, expiry, pinned, key)
-  redis.call('ZREM', index, key)
-  redis.call('ZREM', expiry, key)
-  redis.call('SREM', pinned, key)
-  unfacet(key, string.sub(key, {ID_AT}))
-  redis.call('HDEL', '{ACKED}', string.sub(key, {ID_AT}))
-end
-"""
-
-# Index members whose session expired are forgotten; run by every save, latest and list page. The work is the
-# number of sessions that expired since the last run, at most `FORGET_BATCH` (the next run goes on).
-_PRUNE = _FORGET + """
-local function prune(index, expiry, pinned, now)
-  local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, {FORGET_BATCH})
-  for _, k in ipairs(due) do
-    local left = redis.call('PTTL', k)
-    if left == -2 then
-      forget(index, expiry, pinned, k)
-    elseif left == -1 then
-      redis.call('ZREM', expiry, k)
-    else
-      redis.call('ZADD', expiry, string.format('%d', now + left), k)
-    end
-  end
-end
-"""
-
-# Save one session atomically; returns {outcome, timestamp, the unconfirmed copy removed or ""}. KEYS: index,
-# expiry, clock, pinned. ARGV: head, summary, now (ms), TTL (ms; 0: none), the client's timestamp or "", the
-# allocator's proposal, for a write-back the session's origin ("client" or "service"; "" for a save), the save's
-# id, "1" to pin it (a write-back of a pinned session), its facets, and for a write-back when the pending copy
-# was acknowledged (ms). A pinned session saved again stays pinned, without a TTL.
-# A save without a timestamp whose id was applied before to these very bytes (a retried import: its id comes
-# from its content) is not stored again: 'already' and that timestamp.
-# A save is acknowledged now, or just after the copy it replaces or the delete before it, whichever is later
-# (so the order holds when clocks differ a little); `{ACKED}` records it.
-# A write-back is ordered by when its copy was acknowledged: a delete of its timestamp since ('deleted') or a
-# *different* copy acknowledged later ('superseded') wins over it; for a service-assigned timestamp a different
-# session there is another one that met it (two processes chose the same millisecond): both are kept, the
-# written-back one under the next free timestamp ('renumbered'). Expiry and pins play no part. A copy of this
-# very attempt that Redis applied without confirming it (same save id and bytes, same acknowledgement time, so
-# the same request's fallback) is removed; a copy the save id names that was confirmed (a retried import) or
-# pinned never is.
-# A fourth item, when the timestamp was chosen and the clock key held no trusted value: what it held
-# (`allocator.REDIS_ASSIGN`), replaced.
-_SAVE = _PRUNE + REDIS_ASSIGN + """
-local function fmt(n) return string.format('%d', n) end
-local head, summary, now, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local ts, proposal, origin, acked = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[11])
-local clock, save = KEYS[3], '{SAVE}' .. ARGV[8]
-local outcome, removed, distrusted = 'stored', '', nil
-local applied = redis.call('GET', save)
-if origin == '' and not ts and applied and redis.call('GET', '{SESSION}' .. applied) == head .. applied .. '}' then
-  return {'already', applied, ''}
-end
-if origin ~= '' then
-  local dead = redis.call('GET', '{DELETED}' .. fmt(ts))
-  if dead and acked <= tonumber(dead) then return {'deleted', fmt(ts), ''} end
-  if applied and tonumber(applied) ~= ts and redis.call('HGET', '{ACKED}', applied) == fmt(acked)
-      and redis.call('SISMEMBER', KEYS[4], '{SESSION}' .. applied) == 0
-      and redis.call('GET', '{SESSION}' .. applied) == head .. applied .. '}' then
-    redis.call('DEL', '{SESSION}' .. applied, '{META}' .. applied)  -- applied, never confirmed to anyone
-    forget(KEYS[1], KEYS[2], KEYS[4], '{SESSION}' .. applied)
-    removed = applied
-  end
-  local current = redis.call('GET', '{SESSION}' .. fmt(ts))
-  if current then
-    local theirs = tonumber(redis.call('HGET', '{ACKED}', fmt(ts)) or '0')
-    if current == head .. fmt(ts) .. '}' then
-      acked = math.max(acked, theirs)
-    elseif origin == 'service' then
-      proposal, ts, outcome = ts, nil, 'renumbered'
-    elseif theirs > acked then
-      return {'superseded', fmt(ts), removed}
-    end
-  end
-end
-if not ts then
-  ts, distrusted = assign(clock, proposal, now)
-  if not ts then
-    return redis.error_reply('no free timestamp among the {PROBES} from ' .. fmt(proposal) .. ' on')
-  end
-end
-local id = fmt(ts)
-local key = '{SESSION}' .. id
-if not acked then
-  acked = math.max(now, tonumber(redis.call('HGET', '{ACKED}', id) or '-1') + 1,
-                   tonumber(redis.call('GET', '{DELETED}' .. id) or '-1') + 1)
-end
-if ARGV[9] == '1' or redis.call('SISMEMBER', KEYS[4], key) == 1 then
-  redis.call('SADD', KEYS[4], key)
-  ttl = 0
-end
-if ttl > 0 then
-  redis.call('SET', key, head .. id .. '}', 'PX', fmt(ttl))
-  redis.call('SET', '{META}' .. id, summary, 'PX', fmt(ttl))
-  redis.call('ZADD', KEYS[2], fmt(now + ttl), key)
-else
-  redis.call('SET', key, head .. id .. '}')
-  redis.call('SET', '{META}' .. id, summary)
-  redis.call('ZREM', KEYS[2], key)
-end
-redis.call('SET', save, id, 'PX', fmt(ttl > 0 and ttl or {SAVE_ID_TTL}))
-redis.call('ZADD', KEYS[1], id, key)
-redis.call('HSET', '{ACKED}', id, fmt(acked))
-facet(key, id, ARGV[10])
-prune(KEYS[1], KEYS[2], KEYS[4], now)
-return {outcome, id, removed, distrusted}
-"""
-
-# The newest session's timestamp, or false. KEYS: index, expiry, pinned. ARGV: now. Members whose key is gone
-# without an expiry entry (written by another tool, then deleted) are pruned on the way, at most `FORGET_BATCH`
-# of them: then 0, and the caller asks again. The body is fetched with a plain MGET after it: a 1 MB value
-# returned through Lua costs Redis 2.5 ms of copying (measured), a GET 0.3 ms.
-_LATEST = _PRUNE + """
-prune(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]))
-for _ = 1, {FORGET_BATCH} do
-  local top = redis.call('ZREVRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  if #top == 0 then return false end
-  if redis.call('EXISTS', top[1]) == 1 then return top[2] end
-  forget(KEYS[1], KEYS[2], KEYS[3], top[1])
-end
-return 0
-"""
-
-# The timestamps of one page newest first within a score range: {total, score1, score2, ...}. KEYS: index,
-# expiry, pinned. ARGV: offset, limit, min, max, now. Dead members in the window are forgotten first, so a
-# page is never short while matches remain; after `PAGE_ROUNDS` windows that held some, {} (the caller asks
-# again).
-_PAGE = _PRUNE + """
-prune(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[5]))
-for _ = 1, {PAGE_ROUNDS} do
-  local rows = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[4], ARGV[3], 'WITHSCORES', 'LIMIT', ARGV[1], ARGV[2])
-  local dead = 0
-  for i = 1, #rows, 2 do
-    if redis.call('EXISTS', rows[i]) == 0 then
-      forget(KEYS[1], KEYS[2], KEYS[3], rows[i])
-      dead = dead + 1
-    end
-  end
-  if dead == 0 then
-    local out = {redis.call('ZCOUNT', KEYS[1], ARGV[3], ARGV[4])}
-    for i = 2, #rows, 2 do out[#out + 1] = rows[i] end
-    return out
-  end
-end
-return {}
-"""
-
-# Pin (ARGV[2] "1") or unpin one session; 1 if it exists, else 0. KEYS: expiry, pinned. ARGV: timestamp, pin,
-# now, TTL (ms; 0: none). Unpinning starts the TTL again from now; unpinning a session that was not pinned
-# changes nothing.
-_PIN = """
-local key, meta = '{SESSION}' .. ARGV[1], '{META}' .. ARGV[1]
-if redis.call('EXISTS', key) == 0 then return 0 end
-local ttl = tonumber(ARGV[4])
-if ARGV[2] == '1' then
-  redis.call('PERSIST', key)
-  redis.call('PERSIST', meta)
-  redis.call('ZREM', KEYS[1], key)
-  redis.call('SADD', KEYS[2], key)
-elseif redis.call('SREM', KEYS[2], key) == 1 and ttl > 0 then
-  redis.call('PEXPIRE', key, ttl)
-  redis.call('PEXPIRE', meta, ttl)
-  redis.call('ZADD', KEYS[1], string.format('%d', tonumber(ARGV[3]) + ttl), key)
-end
-return 1
-"""
-
-# Delete one session, found or not, and leave its tombstone: the delete's time (now, or just after the copy it
-# deletes or an earlier delete, whichever is later), kept ARGV[3] ms; 1 if the session existed. KEYS: index,
-# expiry, pinned. ARGV: timestamp, now (ms), how long the tombstone is kept (ms).
-_DELETE = _FORGET + """
-local key, tomb = '{SESSION}' .. ARGV[1], '{DELETED}' .. ARGV[1]
-local dead = math.max(tonumber(ARGV[2]), tonumber(redis.call('HGET', '{ACKED}', ARGV[1]) or '-1') + 1,
-                      tonumber(redis.call('GET', tomb) or '-1'))
-local existed = redis.call('DEL', key)
-redis.call('DEL', '{META}' .. ARGV[1])
-forget(KEYS[1], KEYS[2], KEYS[3], key)
-redis.call('SET', tomb, string.format('%d', dead), 'PX', ARGV[3])
-return existed
-"""
-
-# Record a session's summary and facets with its remaining TTL (none when it has none); 0 if it is gone.
-# ARGV: timestamp, summary, facets.
-_SUMMARY = _FORGET + """
-local key = '{SESSION}' .. ARGV[1]
-local left = redis.call('PTTL', key)
-if left == -2 then return 0 end
-if left > 0 then
-  redis.call('SET', '{META}' .. ARGV[1], ARGV[2], 'PX', left)
-else
-  redis.call('SET', '{META}' .. ARGV[1], ARGV[2])
-end
-facet(key, ARGV[1], ARGV[3])
-return 1
-"""
-
-# An indexed record with no facets to record, so that `_complete_facets` does not meet it again: one that is
-# gone leaves every structure; one that is not a session gets empty facets, which no filter matches (they are
-# recorded anew when it is read as a session). Either loses any summary left from when it was a session. Run
-# only under WATCH of the key (`RedisStore._record`): a session saved meanwhile keeps what its save recorded.
-# KEYS: index, expiry, pinned. ARGV: timestamp.
-_NO_FACETS = _FORGET + """
-local key = '{SESSION}' .. ARGV[1]
-redis.call('DEL', '{META}' .. ARGV[1])
-if redis.call('EXISTS', key) == 0 then
-  forget(KEYS[1], KEYS[2], KEYS[3], key)
-else
-  facet(key, ARGV[1], '["","",""]')
-end
-return 0
-"""
-
-# Index the given session keys that exist but are not indexed (another tool SET them and left the index alone),
-# track the expiry of those with a TTL, and name those whose summary or facets need recording anew: none yet, or
-# a summary of another size than the key holds (another tool rewrote it). O(keys given), no value is read.
-# KEYS: index, expiry. ARGV: now, then the session keys. Returns {keys that exist, keys indexed, {stale ids}}.
-_ADOPT = """
-local now, existing, indexed, stale = tonumber(ARGV[1]), 0, 0, {}
-for i = 2, #ARGV do
-  local key = ARGV[i]
-  local left = redis.call('PTTL', key)
-  if left ~= -2 then
-    local id = string.sub(key, {ID_AT})
-    existing = existing + 1
-    if not redis.call('ZSCORE', KEYS[1], key) then
-      redis.call('ZADD', KEYS[1], id, key)
-      indexed = indexed + 1
-    end
-    if left > 0 and not redis.call('ZSCORE', KEYS[2], key) then
-      redis.call('ZADD', KEYS[2], string.format('%d', now + left), key)
-    end
-    local facets, meta = redis.call('HGET', '{FACETS}', id), redis.call('GET', '{META}' .. id)
-    if not facets
-        or (meta and tonumber(string.match(meta, '"sizeBytes":(%d+)')) ~= redis.call('STRLEN', key))
-        or (not meta and facets ~= '["","","",' .. id .. ']') then
-      stale[#stale + 1] = id
-    end
-  end
-end
-return {existing, indexed, stale}
-"""
-
-# Hold the reconciler's lease, so one process of all that share this Redis reconciles at a time: 1 when the
-# caller holds it now (taken, or renewed), else 0. KEYS: the lease. ARGV: the caller's token, the lease (ms).
-_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-
-# Forget the sessions that expired, before a filtered list reads the facets; 1 when some indexed sessions
-# have no facets yet (see `_complete_facets`), else 0. KEYS: index, expiry, pinned. ARGV: now.
-_PRUNE_NOW = _PRUNE + """
-prune(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]))
-if redis.call('HLEN', '{FACETS}') < redis.call('ZCARD', KEYS[1]) then return 1 end
-return 0
-"""
+SCRIPTS = Path(__file__).with_name("lua")  # the Lua scripts, one file each (see `_lua`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,7 +150,7 @@ def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 class Adopted(NamedTuple):
-    """What `_ADOPT` found among the session keys it was given."""
+    """What `lua/adopt.lua` found among the session keys it was given."""
 
     sessions: int  # keys that exist
     indexed: int  # of them, added to the index
@@ -451,7 +170,7 @@ def _facets_json(summary: bytes) -> bytes:
 
 
 def _facets_field(facets: bytes, timestamp: int) -> bytes:
-    """Facets as `storyart:sessions:facets` stores them: the timestamp appended (see `_FORGET`'s `facet`)."""
+    """Facets as `storyart:sessions:facets` stores them: the timestamp appended (see `facet` in `lua/forget.lua`)."""
     return b"%s,%d]" % (facets[:-1], timestamp)
 
 
@@ -464,7 +183,7 @@ def _summary_of(body: bytes, timestamp: int) -> bytes | None:
         session = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    return summarize(session, len(body), hashed_part(body, timestamp)) if isinstance(session, dict) else None
+    return summarize(session, len(body), head_of(body, timestamp)) if isinstance(session, dict) else None
 
 
 def _recorded(body: bytes, timestamp: int, meta: bytes | None, facets: bytes | None) -> bool:
@@ -475,21 +194,40 @@ def _recorded(body: bytes, timestamp: int, meta: bytes | None, facets: bytes | N
         return facets == _facets_field(NO_FACETS, timestamp) and _summary_of(body, timestamp) is None
     try:
         summary = orjson.loads(meta)
-        return (summary.get("etag") == content_hash(hashed_part(body, timestamp))
+        return (summary.get("etag") == content_hash(head_of(body, timestamp))
                 and summary.get("sizeBytes") == len(body) and facets == _facets_field(_facets_json(meta), timestamp))
     except (orjson.JSONDecodeError, AttributeError):  # not a summary this service wrote
         return False
 
 
-def _script(source: str) -> str:
-    names = {"{SESSION}": KEY_PREFIX, "{META}": META_PREFIX, "{SAVE}": SAVE_PREFIX, "{FACETS}": FACETS_KEY,
-             "{ACKED}": ACKED_KEY, "{DELETED}": DELETED_PREFIX,
-             "{STORY}": STORY_PREFIX, "{EPISODE}": EPISODE_PREFIX, "{SAVE_ID_TTL}": str(SAVE_ID_TTL_MS),
-             "{ID_AT}": str(len(KEY_PREFIX) + 1), "{PROBES}": str(PROBES),
-             "{FORGET_BATCH}": str(FORGET_BATCH), "{PAGE_ROUNDS}": str(PAGE_ROUNDS)}
-    for name, value in names.items():
-        source = source.replace(name, value)
+def _lua(*names: str) -> str:
+    """One script, made of these files of `lua/` in order (the libraries it calls first), with each name in braces
+    (`{SESSION}`, `{PROBES}`, ...) filled in from the constant it names. A name left unfilled is a mistake in a
+    file: it fails at import, not at the first request that runs the script."""
+    source = "".join((SCRIPTS / f"{name}.lua").read_text(encoding="utf-8") for name in names)
+    for name, value in _FILLED.items():
+        source = source.replace(f"{{{name}}}", value)
+    if unfilled := re.search(r"\{[A-Z_]+\}", source):
+        raise RuntimeError(f"{unfilled.group()} in the Lua script {'+'.join(names)} names no constant")
     return source
+
+
+_FILLED = {"SESSION": KEY_PREFIX, "META": META_PREFIX, "SAVE": SAVE_PREFIX, "FACETS": FACETS_KEY, "ACKED": ACKED_KEY,
+           "DELETED": DELETED_PREFIX, "STORY": STORY_PREFIX, "EPISODE": EPISODE_PREFIX,
+           "SAVE_ID_TTL": str(SAVE_ID_TTL_MS), "ID_AT": str(len(KEY_PREFIX) + 1), "PROBES": str(PROBES),
+           "SKEW_MS": str(SKEW_MS), "MAX_AHEAD_MS": str(MAX_AHEAD_MS), "FORGET_BATCH": str(FORGET_BATCH),
+           "PAGE_ROUNDS": str(PAGE_ROUNDS)}
+# Read once, at import; `forget`, `prune` and `assign` are libraries of local functions the others call.
+_SAVE = _lua("forget", "prune", "assign", "save")
+_LATEST = _lua("forget", "prune", "latest")
+_PAGE = _lua("forget", "prune", "page")
+_PRUNE_NOW = _lua("forget", "prune", "prune_now")
+_PIN = _lua("pin")
+_DELETE = _lua("forget", "delete")
+_SUMMARY = _lua("forget", "summary")
+_NO_FACETS = _lua("forget", "no_facets")
+_ADOPT = _lua("adopt")
+_LEASE = _lua("lease")
 
 
 class NotReplicated(redis.ResponseError):
@@ -531,7 +269,7 @@ class RedisStore(SessionStore):
 
     storage = "redis"
     SCAN_BATCH = 500  # summaries fetched per round trip when a list filters on them
-    ADOPT_BATCH = 100  # session keys one `_ADOPT` checks: about 1 ms of Redis's time (docs/decisions.md)
+    ADOPT_BATCH = 100  # session keys one `lua/adopt.lua` checks: about 1 ms of Redis's time (docs/decisions.md)
 
     def __init__(self, client: redis.Redis, probe: redis.Redis | None = None, *,
                  replication: Replication = Replication(), sentinel: Sentinel | None = None,
@@ -543,16 +281,16 @@ class RedisStore(SessionStore):
         self.tombstone_ms = tombstone_ms
         self._unreplicated: str | None = None  # why writes are not replicated now (see `unreplicated`)
         self._replication_lock = threading.Lock()
-        self._save = client.register_script(_script(_SAVE))
-        self._latest = client.register_script(_script(_LATEST))
-        self._page = client.register_script(_script(_PAGE))
-        self._pin = client.register_script(_script(_PIN))
-        self._delete = client.register_script(_script(_DELETE))
-        self._summary = client.register_script(_script(_SUMMARY))
-        self._prune_now = client.register_script(_script(_PRUNE_NOW))
-        self._no_facets = client.register_script(_script(_NO_FACETS))
-        self._adopt = client.register_script(_script(_ADOPT))
-        self._lease = client.register_script(_script(_LEASE))
+        self._save = client.register_script(_SAVE)
+        self._latest = client.register_script(_LATEST)
+        self._page = client.register_script(_PAGE)
+        self._pin = client.register_script(_PIN)
+        self._delete = client.register_script(_DELETE)
+        self._summary = client.register_script(_SUMMARY)
+        self._prune_now = client.register_script(_PRUNE_NOW)
+        self._no_facets = client.register_script(_NO_FACETS)
+        self._adopt = client.register_script(_ADOPT)
+        self._lease = client.register_script(_LEASE)
         self.reconciler = Reconciler(self)
 
     @classmethod
@@ -666,7 +404,7 @@ class RedisStore(SessionStore):
 
     def write_back(self, record: Record, *, now: int) -> Moved:
         """Recreate a pending session from the local store with its timestamp, remaining TTL, pin and the time
-        it was acknowledged, unless Redis holds a copy acknowledged later or a later delete (see `_SAVE`).
+        it was acknowledged, unless Redis holds a copy acknowledged later or a later delete (see `lua/save.lua`).
         Writing the same bytes twice changes nothing, so a write-back cut short and repeated stores one copy."""
         ttl_ms = 0 if record.expires_at == NEVER else record.expires_at - now
         return self._run_save(record.draft, now, ttl_ms, record.timestamp, record)
@@ -675,7 +413,7 @@ class RedisStore(SessionStore):
         return bool(self._write(self._pin, (EXPIRY_KEY, PINNED_KEY), (timestamp, int(pinned), now, ttl_ms)))
 
     def delete(self, timestamp: int) -> bool:
-        """Delete the session and leave a tombstone (`_DELETE`), found or not: a copy another host still holds
+        """Delete the session and leave a tombstone (`lua/delete.lua`), found or not: a copy another host still holds
         and acknowledged before this delete is dropped at its write-back."""
         return bool(self._write(self._delete, (INDEX_KEY, EXPIRY_KEY, PINNED_KEY),
                                 (timestamp, now_ms(), self.tombstone_ms)))
@@ -774,7 +512,7 @@ class RedisStore(SessionStore):
 
     def _complete_facets(self) -> None:
         """Record the facets of indexed sessions that have none (saved by another tool, by an older version of
-        the service, or indexed again by `reindex`): once, when `_PRUNE_NOW` finds the counts differ. A member
+        the service, or indexed again by `reindex`): once, when `lua/prune_now.lua` finds the counts differ. A member
         left with none (its key is gone, or holds no session) is settled too, or every filtered list would walk
         the index again."""
         for batch in _batches((int(score) for _, score in self.client.zscan_iter(INDEX_KEY, count=1000)), 500):
@@ -820,7 +558,7 @@ class RedisStore(SessionStore):
 
     def adopt(self, keys: Iterable[bytes]) -> Adopted:
         """Index those of `keys` (session keys) that exist but are not indexed, and name those whose summary and
-        facets need recording anew (see `_ADOPT`); no value is read. One round trip per `ADOPT_BATCH` keys, so
+        facets need recording anew (see `lua/adopt.lua`); no value is read. One round trip per `ADOPT_BATCH` keys, so
         Redis serves other clients between them."""
         sessions, indexed, stale = 0, 0, []
         for batch in _batches(keys, self.ADOPT_BATCH):
@@ -862,7 +600,7 @@ class RedisStore(SessionStore):
         return Checked(len(body or b""), True)
 
     def lease(self, token: str, lease_ms: int) -> bool:
-        """Take or renew the reconciler's lease for `lease_ms` (see `_LEASE`); False while another holds it."""
+        """Take or renew the reconciler's lease for `lease_ms` (see `lua/lease.lua`); False while another holds it."""
         return bool(self._lease(keys=(RECONCILER_KEY,), args=(token, lease_ms)))
 
     def index_lost(self) -> bool:
@@ -933,7 +671,7 @@ class RedisStore(SessionStore):
 class Budget:
     """The most one reconcile round does (docs/decisions.md, "Tool writes reach the index": what it costs)."""
 
-    keys: int = 1000  # session keys SCAN finds and `_ADOPT` checks
+    keys: int = 1000  # session keys SCAN finds and `lua/adopt.lua` checks
     reads: int = 100  # sessions read in full (one round trip each; real ones are 0.3-3 MB: `bytes` binds first)
     bytes: int = 16 << 20  # session bytes read in full (the session that crosses it is read whole)
     scans: int = 10  # SCAN calls, COUNT `keys` each (a database of mostly other keys is walked no faster)
