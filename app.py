@@ -32,7 +32,7 @@ from storage import SessionStorage, build_storage
 from views import MESSAGES, SessionIdConverter, api
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("storyart.access")
+access_log = logging.getLogger("storyart.access")  # a channel, not a module: operators filter on its name
 
 DEFAULT_CORS_ORIGINS = (re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?$", re.IGNORECASE),)
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")

@@ -37,7 +37,7 @@ from backup import FORMAT, MANIFEST, UNREADABLE, Backup, BackupError, OnStep, de
 from config import Config, S3Settings
 from storage import SessionStorage, StorageUnavailable
 
-log = logging.getLogger("storyart.backups")
+log = logging.getLogger(__name__)
 
 NAME = re.compile(r"^storyart-backup-(\d{8}T\d{6}\.\d{3})Z\.zip$")  # what the service names (and rotates)
 SIDECAR = ".sha256"  # NAME.zip.sha256: written only after the upload was read back and matched

@@ -40,7 +40,7 @@ from config import Config
 from offsite import Outcome, summary, take
 from storage import SessionStorage
 
-log = logging.getLogger("storyart.backups")
+log = logging.getLogger(__name__)
 
 LEASE_PREFIX = "storyart:backup:lease:"
 CURSOR_KEY = "storyart:backup:cursor"

@@ -34,7 +34,7 @@ from gunicorn.workers import gthread
 
 from devserver import reset_on_close
 
-log = logging.getLogger("storyart")
+log = logging.getLogger(__name__)
 
 WRITE_WAIT = 0.02  # seconds a thread waits for a full socket to take more before it parks the answer
 PARKED = object()  # a step's result: the client must read before the answer goes on

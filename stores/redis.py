@@ -69,6 +69,7 @@ from allocator import MAX_AHEAD_MS, PROBES, SKEW_MS, distrusted, now_ms
 from config import Config
 from payload import Draft, content_hash, head_of, summarize
 from stores.base import (
+    INDEX_KEY,
     KEY_PREFIX,
     NEVER,
     Facets,
@@ -83,13 +84,12 @@ from stores.base import (
     session_key,
 )
 
-log = logging.getLogger("storyart.storage")
+log = logging.getLogger(__name__)
 
 META_PREFIX = "storyart:meta:"
 SAVE_PREFIX = "storyart:save:"
 DELETED_PREFIX = "storyart:deleted:"
 ACKED_KEY = "storyart:sessions:acked"
-INDEX_KEY = "storyart:sessions:index"
 EXPIRY_KEY = "storyart:sessions:expiry"
 CLOCK_KEY = "storyart:sessions:clock"
 PINNED_KEY = "storyart:sessions:pinned"

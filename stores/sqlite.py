@@ -3,7 +3,7 @@
 Every process on the host opens the same file: gunicorn's workers, `python app.py`, the next run of the service.
 A save returns only after its transaction has committed, so a session the service acknowledged survives a
 `kill -9` of any of them; with `synchronous=FULL` (the default) each commit is also flushed to the disk, so it
-survives a power loss too (see the README's "Local store").
+survives a power loss too (see docs/local-store.md).
 
 Each thread borrows a connection for as long as it lives and hands it back when it ends, so a server that starts a
 thread per connection (`python app.py`) reuses a few connections instead of leaking two descriptors per thread.
