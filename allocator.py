@@ -73,7 +73,9 @@ def distrusted(where: str, value: object, now: int) -> None:
 
 
 def choose(proposal: int, last: object, taken: Callable[[int], bool], now: int, where: str) -> tuple[int, int]:
-    """Step 2, for a store that keeps its own `last` assigned timestamp (a clock named `where`) and can tell a
+    """Choose the timestamp a local store assigns to a save.
+
+    Step 2, for a store that keeps its own `last` assigned timestamp (a clock named `where`) and can tell a
     taken one: (the timestamp, the store's clock after it). A `last` that is not `trusted` counts as none.
     (Unlike its Lua twin, `assign` in `stores/lua/assign.lua`, the loop needs no bound: Python's integers are
     exact and a local store is finite.)"""
@@ -88,7 +90,9 @@ def choose(proposal: int, last: object, taken: Callable[[int], bool], now: int, 
 
 @dataclass(frozen=True, slots=True)
 class Slot:
-    """Which milliseconds this host proposes: those with `ms % count == index`. Hosts sharing one Redis with
+    """This host's share of the millisecond timestamps.
+
+    Which milliseconds this host proposes: those with `ms % count == index`. Hosts sharing one Redis with
     distinct indexes (SERVICE_HOSTS, SERVICE_HOST_INDEX) never propose the same one, so the sessions they save
     in their local stores during a Redis outage do not meet under one timestamp at the write-back."""
 
@@ -100,7 +104,9 @@ ONE_HOST = Slot()
 
 
 class Allocator:
-    """Step 1: proposals never below the wall clock, each one above every timestamp proposed or seen assigned
+    """Propose save timestamps that only increase, across processes sharing a clock file.
+
+    Step 1: proposals never below the wall clock, each one above every timestamp proposed or seen assigned
     before, by this process or (with `shared`, a file path) by any process using the same file, and in this
     host's `Slot`. A clock file that does not hold a `trusted` value (8 bytes, little-endian) is logged and
     replaced: the proposal is then the wall clock's."""
@@ -115,7 +121,9 @@ class Allocator:
             self._fd = os.open(shared, os.O_RDWR | os.O_CREAT, 0o600)
 
     def propose(self, now: int) -> int:
-        """A timestamp no other save on this host was proposed: max(now, last + 1) or the next one in this
+        """Reserve the next timestamp for a save on this host.
+
+        A timestamp no other save on this host was proposed: max(now, last + 1) or the next one in this
         host's slot, reserved."""
         index, count = self._slot.index, self._slot.count
 

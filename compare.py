@@ -1,4 +1,6 @@
-"""What changed from one session to another, for `GET /api/v1/session/<a>/compare/<b>`: two parsed sessions
+"""Compare two sessions for the history page.
+
+What changed from one session to another, for `GET /api/v1/session/<a>/compare/<b>`: two parsed sessions
 in, a JSON-able report out (no storage, no HTTP), so the history page can show what a re-analysis changed.
 
 The report follows the session's shape (see docs/api.md): the top-level fields, the
@@ -43,7 +45,9 @@ class TooLarge(ValueError):
 
 @dataclass
 class Budget:
-    """What one compare may parse: at most `max_bytes` (COMPARE_MAX_BYTES) of the two sessions, and at most one
+    """Bound how much parsing one compare may cost.
+
+    What one compare may parse: at most `max_bytes` (COMPARE_MAX_BYTES) of the two sessions, and at most one
     JSON value per `BYTES_PER_VALUE` of that, the values of `episodeContext` (a document in a string) included.
 
     Parsing costs a worker about 2.5 bytes per byte of real sessions, but 40-200 per JSON value of sessions made
@@ -86,7 +90,9 @@ class Changes:
 
 
 def compare(before: dict[str, Any], after: dict[str, Any], budget: Budget | None = None) -> dict[str, Any]:
-    """The report of what changed from `before` to `after` (both parsed sessions); `identical` is true when
+    """Report what changed between two parsed sessions.
+
+    The report of what changed from `before` to `after` (both parsed sessions); `identical` is true when
     nothing but the timestamp differs (the order of scenes or beats included, which the sections do not
     report). `budget`, when given, holds what parsing the sessions took: the `episodeContext` documents are
     parsed only within what is left (else `TooLarge`)."""
@@ -111,7 +117,9 @@ def compare(before: dict[str, Any], after: dict[str, Any], budget: Budget | None
 
 def diff_fields(before: Any, after: Any, *, depth: int, skip: frozenset[str] = frozenset(),
                 prefix: str = "") -> Changes:
-    """The differences of two objects as dotted paths, descending into objects present on both sides at most
+    """List the dotted paths at which two objects differ.
+
+    The differences of two objects as dotted paths, descending into objects present on both sides at most
     `depth` levels; anything else (a list, a string) that differs is one changed path."""
     changes = Changes()
     if before == after:
@@ -139,7 +147,9 @@ def diff_fields(before: Any, after: Any, *, depth: int, skip: frozenset[str] = f
 
 
 def _script(before: Any, after: Any) -> dict[str, Any]:
-    """Line counts: how many lines each side has, and how many a line diff adds and removes (`exact` when they
+    """Compare the script texts of two sessions by line counts.
+
+    Line counts: how many lines each side has, and how many a line diff adds and removes (`exact` when they
     are the fewest possible; else those of a coarser diff, never fewer than the fewest)."""
     old, new = _text(before), _text(after)
     lines_before, lines_after = line_count(old), line_count(new)
@@ -167,7 +177,9 @@ class LineDiff:
 
 
 def line_diff(old: Sequence[str], new: Sequence[str], steps: int = DIFF_STEPS) -> LineDiff:
-    """How many lines a diff from `old` to `new` adds and removes: the fewest possible (Myers' O(ND) algorithm)
+    """Count the lines a diff adds and removes, in bounded time.
+
+    How many lines a diff from `old` to `new` adds and removes: the fewest possible (Myers' O(ND) algorithm)
     when that takes at most `steps` steps, else those of a diff that keeps the lines unique on both sides in
     order (patience diff's anchors, O(n log n)); either way linear in memory.
 
@@ -189,7 +201,9 @@ def line_diff(old: Sequence[str], new: Sequence[str], steps: int = DIFF_STEPS) -
 
 
 def _edit_distance(a: list[str], b: list[str], steps: int) -> int | None:
-    """The fewest lines to add and remove to turn `a` into `b` (E. Myers, "An O(ND) difference algorithm and
+    """Compute the exact line edit distance, if it fits within a step budget.
+
+    The fewest lines to add and remove to turn `a` into `b` (E. Myers, "An O(ND) difference algorithm and
     its variations", 1986: the furthest reaching path of each diagonal, one more edit per round), or None
     when that needs more than `steps` steps (diagonals visited, runs of `RUN` equal lines, and single ones)."""
     n, m = len(a), len(b)
@@ -221,7 +235,9 @@ def _edit_distance(a: list[str], b: list[str], steps: int) -> int | None:
 
 
 def _anchored_common(a: list[str], b: list[str]) -> int:
-    """The length of a common subsequence of `a` and `b` found in O(n log n): the lines found once on each side,
+    """Estimate the longest common subsequence of two line lists from their unique lines.
+
+    The length of a common subsequence of `a` and `b` found in O(n log n): the lines found once on each side,
     the longest run of them in the same order on both, and the equal lines around each of them."""
     count_a, count_b = Counter(a), Counter(b)
     where_b = {line: j for j, line in enumerate(b) if count_b[line] == 1}
@@ -263,7 +279,9 @@ def _ends_in_common(a: list[str], i0: int, i1: int, b: list[str], j0: int, j1: i
 
 
 def _context(before: Any, after: Any, budget: Budget | None) -> dict[str, Any]:
-    """`episodeContext` is a JSON document in a string: its `fields` when both sides parse to objects, else
+    """Compare the `episodeContext` of two sessions.
+
+    `episodeContext` is a JSON document in a string: its `fields` when both sides parse to objects, else
     just whether the text changed."""
     if not (isinstance(before, str) and isinstance(after, str)):
         return {"changed": before != after, "parsed": False}
@@ -278,7 +296,9 @@ def _context(before: Any, after: Any, budget: Budget | None) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Scene:
-    """A scene and what it is matched by: its `sceneNumber`, or its position (from 1) when it has none or
+    """A scene with the key it is matched by.
+
+    A scene and what it is matched by: its `sceneNumber`, or its position (from 1) when it has none or
     repeats one. The two never meet: a scene numbered "#2" is not the second scene that has no number."""
 
     key: tuple[str, Any]  # what it is matched by: ("number", its sceneNumber) or ("position", its position)
@@ -307,7 +327,9 @@ def _scenes(episode: dict[str, Any]) -> dict[tuple[str, Any], Scene]:
 
 
 def _compare_scenes(before: dict[Any, Scene], after: dict[Any, Scene]) -> dict[str, list[Any]]:
-    """Scenes by number (or position); a scene's own fields (its title, metadata) are compared here, its beats
+    """Compare the scenes of two sessions.
+
+    Scenes by number (or position); a scene's own fields (its title, metadata) are compared here, its beats
     below."""
     changed = []
     for key, scene in after.items():
@@ -375,7 +397,9 @@ def _compare_beats(before: dict[Any, Beat], after: dict[Any, Beat]) -> dict[str,
 
 
 def _prompts(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, str | None]]:
-    """Per prompt format (`cinematic`, `vertical`, ...) whose prompt text changed: the text before and after
+    """Report the prompt texts that changed, per format.
+
+    Per prompt format (`cinematic`, `vertical`, ...) whose prompt text changed: the text before and after
     (None where that side has none)."""
     old, new = _object(before.get("prompts")), _object(after.get("prompts"))
     texts = {}

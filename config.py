@@ -40,7 +40,9 @@ class ConfigError(ValueError):
 
 @contextlib.contextmanager
 def exits_on_config_error() -> Iterator[None]:
-    """Turn a `ConfigError` into what every start-up refusal gives: one line naming the setting or file on stderr,
+    """Decorate a start-up entry point so that a bad setting exits with one line.
+
+    Turn a `ConfigError` into what every start-up refusal gives: one line naming the setting or file on stderr,
     and exit status 2 (no traceback; `python app.py`, gunicorn's master and the CLI alike)."""
     try:
         yield
@@ -51,7 +53,9 @@ def exits_on_config_error() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class S3Settings:
-    """Where off-site backups go (`BACKUP_S3_URL`, `BACKUP_S3_ENDPOINT`) and the AWS credentials to reach it,
+    """Off-site backup target and its AWS credentials.
+
+    Where off-site backups go (`BACKUP_S3_URL`, `BACKUP_S3_ENDPOINT`) and the AWS credentials to reach it,
     read from the standard AWS variables (also from `.env`); without keys, boto3's own chain (AWS_PROFILE,
     ~/.aws/credentials, SSO, an instance role) finds them. The secrets never appear in a repr or a log."""
 
@@ -211,7 +215,9 @@ def _renamed(env: Mapping[str, str], name: str, old_name: str) -> str:
 
 
 def _path(env: Mapping[str, str], name: str, default: str) -> Path:
-    """A file path, relative to the working directory unless absolute (whether it is usable is checked when
+    """Parse a file path setting.
+
+    A file path, relative to the working directory unless absolute (whether it is usable is checked when
     the store opens it)."""
     raw = _text(env, name, default)
     if "\0" in raw:
@@ -220,7 +226,9 @@ def _path(env: Mapping[str, str], name: str, default: str) -> Path:
 
 
 def _folder(env: Mapping[str, str], name: str, default: str) -> Path:
-    """A folder path (created when first written to): a file of that name already there is refused now rather
+    """Parse a folder path setting.
+
+    A folder path (created when first written to): a file of that name already there is refused now rather
     than at the first backup."""
     path = _path(env, name, default)
     if path.exists() and not path.is_dir():
@@ -270,7 +278,9 @@ _PASSWORD = re.compile(r"^([^:/]+://[^:@/]*):[^@]*@")  # scheme://user:PASSWORD@
 
 
 def _redis_url(env: Mapping[str, str], sentinels: tuple[tuple[str, int], ...]) -> str | None:
-    """`REDIS_URL`, else `redis://REDIS_HOST:REDIS_PORT/0` when either is set, else no Redis (memory mode).
+    """Build the Redis URL from the settings.
+
+    `REDIS_URL`, else `redis://REDIS_HOST:REDIS_PORT/0` when either is set, else no Redis (memory mode).
     With `REDIS_SENTINELS` the Sentinels name the master, so REDIS_URL may only carry what the data nodes need
     (user, password, database, TLS): a host there, or REDIS_HOST/REDIS_PORT, would contradict them."""
     url = env.get("REDIS_URL", "").strip()
@@ -306,7 +316,9 @@ def _redis_url(env: Mapping[str, str], sentinels: tuple[tuple[str, int], ...]) -
 
 
 def _check_url_options(scheme: str, query: dict[str, list[str]], options: dict) -> None:
-    """Refuse now what redis-py would refuse on every connection: an option it does not know, TLS options
+    """Validate the Redis URL's options at start-up.
+
+    Refuse now what redis-py would refuse on every connection: an option it does not know, TLS options
     without TLS, and CA or client certificate files it cannot load (checked the way the TLS handshake will
     load them, so an unreadable or wrong file is named at start-up)."""
     for name in query:
@@ -373,7 +385,9 @@ def _is_ip(text: str) -> bool:
 
 
 def _sentinel_setting(env: Mapping[str, str], name: str, sentinels: tuple[tuple[str, int], ...]) -> str | None:
-    """A setting that only means something with `REDIS_SENTINELS`: refused without it (it would be silently
+    """Read a setting that is only valid with Sentinels.
+
+    A setting that only means something with `REDIS_SENTINELS`: refused without it (it would be silently
     ignored)."""
     value = env.get(name, "").strip()
     if value and not sentinels:
@@ -393,7 +407,9 @@ def _sentinel_master(env: Mapping[str, str], sentinels: tuple[tuple[str, int], .
 
 
 def _require_replicas(env: Mapping[str, str], wait_replicas: int) -> bool:
-    """`REDIS_REQUIRE_REPLICAS`: a save counts as in Redis only once `REDIS_WAIT_REPLICAS` replicas confirmed
+    """Parse `REDIS_REQUIRE_REPLICAS`.
+
+    `REDIS_REQUIRE_REPLICAS`: a save counts as in Redis only once `REDIS_WAIT_REPLICAS` replicas confirmed
     it (else it waits in the local store). Refused when no replica is waited for: it would change nothing."""
     required = _flag(env, "REDIS_REQUIRE_REPLICAS")
     if required and not wait_replicas:
@@ -416,7 +432,9 @@ _ALLOWED_HOST = re.compile(r"^(\*|\.?[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?|\[[0-9
 
 
 def _hosts(env: Mapping[str, str]) -> tuple[str, ...]:
-    """`ALLOWED_HOSTS`: names the service may be reached by besides localhost, 127.0.0.1 and [::1] (without a
+    """Parse `ALLOWED_HOSTS`.
+
+    `ALLOWED_HOSTS`: names the service may be reached by besides localhost, 127.0.0.1 and [::1] (without a
     port; `.example.com` also allows its subdomains; `*` turns the check off)."""
     raw = env.get("ALLOWED_HOSTS", "").strip().lower()
     hosts = tuple(h.strip() for h in raw.split(",") if h.strip())
@@ -446,7 +464,9 @@ _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")  # S3's ru
 
 
 def _backup_s3(env: Mapping[str, str]) -> S3Settings | None:
-    """`BACKUP_S3_URL` (`s3://bucket/prefix`), `BACKUP_S3_ENDPOINT` (any S3-compatible store; unset: AWS) and the
+    """Parse and check the off-site backup settings.
+
+    `BACKUP_S3_URL` (`s3://bucket/prefix`), `BACKUP_S3_ENDPOINT` (any S3-compatible store; unset: AWS) and the
     credentials, checked now so that a typo stops start-up rather than the first backup. A URL never carries a
     secret here: one with `user:password@` is refused without repeating it."""
     raw = env.get("BACKUP_S3_URL", "").strip()
@@ -505,7 +525,9 @@ def _s3_endpoint(env: Mapping[str, str]) -> str | None:
 
 
 def _check_aws_chain(settings: S3Settings) -> None:
-    """Without keys in the environment, boto3's chain must find some: AWS_PROFILE's profile or the default one
+    """Check that boto3 can find AWS credentials.
+
+    Without keys in the environment, boto3's chain must find some: AWS_PROFILE's profile or the default one
     in ~/.aws, SSO, a container or instance role. (boto3 is imported only when an S3 target is set.)"""
     import boto3
     from botocore.exceptions import BotoCoreError
@@ -521,7 +543,9 @@ def _check_aws_chain(settings: S3Settings) -> None:
 
 
 def _schedule(env: Mapping[str, str]) -> str | None:
-    """`BACKUP_SCHEDULE`: a cron expression (five fields, `@daily` and the like, or a sixth field of seconds,
+    """Parse and check `BACKUP_SCHEDULE`.
+
+    `BACKUP_SCHEDULE`: a cron expression (five fields, `@daily` and the like, or a sixth field of seconds,
     croniter's extension), parsed by croniter; one that never comes due (`0 0 31 2 *`) is refused too."""
     raw = " ".join(env.get("BACKUP_SCHEDULE", "").split())
     if not raw:

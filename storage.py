@@ -114,7 +114,9 @@ class SessionStorage:
         return "redis" if self._state is RedisState.CONNECTED else LOCAL
 
     def _redis_failed(self, error: redis.RedisError) -> None:
-        """Skip Redis until the background thread finds it again. An error Redis answered with (READONLY,
+        """Mark Redis as failed.
+
+        Skip Redis until the background thread finds it again. An error Redis answered with (READONLY,
         OOM, too few replicas) only stops saves: what it holds stays readable, also when it was down before
         (a new master that has no replica yet)."""
         state = RedisState.READ_ONLY if isinstance(error, redis.ResponseError) else RedisState.DOWN
@@ -154,7 +156,9 @@ class SessionStorage:
 
     @property
     def in_this_process_only(self) -> bool:
-        """Whether the sessions live only in this process (the memory store without Redis): another process,
+        """Whether sessions are visible to this process only.
+
+        Whether the sessions live only in this process (the memory store without Redis): another process,
         such as a CLI command, would see none of them."""
         return self.redis is None and self.local.kind == "memory"
 
@@ -166,12 +170,16 @@ class SessionStorage:
         return LocalReport(self.local.kind, self.local.location, held, held_bytes)
 
     def reindex(self) -> Adopted | None:
-        """Index every session key Redis holds (SCAN, in batches; safe while the service runs); None without
+        """Rebuild the Redis index from the session keys.
+
+        Index every session key Redis holds (SCAN, in batches; safe while the service runs); None without
         Redis (the local store keeps its own index). Raises `redis.RedisError` when Redis cannot be reached."""
         return self.redis.reindex() if self.redis is not None else None
 
     def shared(self, call: Callable[[redis.Redis], T]) -> T | None:
-        """`call` on the Redis every host shares, for what hosts coordinate beyond sessions (the backup schedule's
+        """Run a call on the shared Redis, if it can be asked now.
+
+        `call` on the Redis every host shares, for what hosts coordinate beyond sessions (the backup schedule's
         claims and record); None when there is no Redis or it cannot be asked now, and the caller goes on with
         what this host knows."""
         if self.redis is None or self._state is RedisState.DOWN:
@@ -187,7 +195,9 @@ class SessionStorage:
     # -- operations
 
     def save(self, draft: Draft, *, when_full: WhenFull | None = None) -> tuple[int, str]:
-        """Store and return (timestamp, where). Raises `StorageUnavailable` (or `StorageFull`) when no store
+        """Save a session to the first store that commits it.
+
+        Store and return (timestamp, where). Raises `StorageUnavailable` (or `StorageFull`) when no store
         could commit it: then nothing was acknowledged. An import or a restore passes `WhenFull.REFUSE`: what
         it was asked to keep never makes room by evicting other sessions."""
         now = now_ms()
@@ -210,7 +220,9 @@ class SessionStorage:
         return timestamp, LOCAL
 
     def _from_redis(self, call: Callable[[RedisStore], T]) -> T | None:
-        """`call(redis)`, or None when Redis is absent, known to be down, or fails now. `StorageBusy` (no free
+        """Run a call on Redis, or return None when Redis is unavailable.
+
+        `call(redis)`, or None when Redis is absent, known to be down, or fails now. `StorageBusy` (no free
         connection) is raised, not taken for a Redis that fails."""
         if not self._readable():
             return None
@@ -224,7 +236,9 @@ class SessionStorage:
         return StorageUnavailable("Redis is unreachable, and the session may be there")
 
     def get(self, timestamp: int) -> Stored | None:
-        """A pending local copy first (it was acknowledged after any copy in Redis this host saw; one another
+        """Read one session, the local store first.
+
+        A pending local copy first (it was acknowledged after any copy in Redis this host saw; one another
         host saved since is sorted out by the write-back), then Redis. Raises
         `StorageUnavailable` rather than answer "not found" for a session an unreachable Redis may hold, and
         `NotASession` for a record that is not one."""
@@ -241,7 +255,9 @@ class SessionStorage:
         return checked
 
     def held(self, timestamps: list[int]) -> tuple[set[int], bool]:
-        """(which of `timestamps` hold a session in either store, whether a configured Redis was asked). The local
+        """Tell which timestamps hold a session in either store.
+
+        (which of `timestamps` hold a session in either store, whether a configured Redis was asked). The local
         store is asked first: a session the write-back moves meanwhile is in Redis by the time Redis is asked."""
         held = {ts for ts in timestamps if self.local.exists(ts)}
         if self.redis is None:
@@ -267,7 +283,9 @@ class SessionStorage:
         return checked, partial
 
     def _index_lost(self) -> bool:
-        """Whether Redis has sessions but lost its index, then rebuilt; asked at most every `REINDEX_CHECK_S`
+        """Whether Redis lost its index and needs a rebuild.
+
+        Whether Redis has sessions but lost its index, then rebuilt; asked at most every `REINDEX_CHECK_S`
         (an empty Redis, the usual case on a new install, costs one SCAN step that often)."""
         now = time.monotonic()
         if now < self._index_checked + REINDEX_CHECK_S:
@@ -283,7 +301,9 @@ class SessionStorage:
         return bool(adopted.sessions)
 
     def listing(self, query: Query, summaries: bool = False) -> Listing:
-        """Sessions (or their summaries) newest first. The matching timestamps are found first (merged by
+        """List sessions newest first across both stores.
+
+        Sessions (or their summaries) newest first. The matching timestamps are found first (merged by
         timestamp while sessions are pending, a copy in both stores counted once, the local one winning);
         then the rows are read in batches (`ROWS_PER_READ`, `BODIES_PER_READ`) as the caller iterates."""
         local_total, local_stamps = self.local.timestamps(query)
@@ -305,7 +325,9 @@ class SessionStorage:
         return listing
 
     def _rows(self, page: list[int], local: set[int], summaries: bool, listing: Listing) -> Iterator[Stored]:
-        """`page`'s sessions, read a batch at a time. A session listed in the local store may have been written
+        """Read one page's sessions in batches.
+
+        `page`'s sessions, read a batch at a time. A session listed in the local store may have been written
         back since the list was made: the write-back removes it there only once Redis holds it, so what the local
         store no longer has is asked of Redis. Every listed session is then read, skipped (not a session), gone
         (deleted or expired meanwhile: no store holds it) or `missed` (a store holds it, yet it could not be
@@ -339,7 +361,9 @@ class SessionStorage:
                     yield checked
 
     def _checked(self, found: Stored) -> Stored | None:
-        """`found` if its bytes are the ones this service recorded (their hash is the summary's), else checked
+        """Return a session row if its bytes are valid, checking them when needed.
+
+        `found` if its bytes are the ones this service recorded (their hash is the summary's), else checked
         now: a JSON object gets a fresh summary (stored for next time); anything else is not a session (None,
         logged once per process)."""
         hashed = head_of(found.body, found.timestamp)
@@ -361,13 +385,17 @@ class SessionStorage:
         return found._replace(summary=summary)
 
     def delete(self, timestamp: int) -> bool:
-        """Delete everywhere, or not at all: with Redis configured but away, a copy there would come back. Redis
+        """Delete a session from every store.
+
+        Delete everywhere, or not at all: with Redis configured but away, a copy there would come back. Redis
         keeps a tombstone of the delete, so a copy another host acknowledged before it and still holds is
         dropped when that host writes it back (`stores.redis.RedisStore.delete`)."""
         return self._everywhere("deleted", lambda store: store.delete(timestamp))
 
     def pin(self, timestamp: int, pinned: bool) -> bool:
-        """Pin or unpin everywhere, or not at all (a copy left unchanged in Redis would undo it). A pending copy
+        """Pin or unpin a session in every store.
+
+        Pin or unpin everywhere, or not at all (a copy left unchanged in Redis would undo it). A pending copy
         is written back with its pin; one that is not pinned leaves the pin Redis has. Raises `NotASession`,
         as `get` does, for a record another tool wrote that is not a session: it is not kept forever."""
         if pinned and self.get(timestamp) is None:
@@ -377,7 +405,9 @@ class SessionStorage:
                                 lambda store: store.pin(timestamp, pinned, now=now, ttl_ms=self.ttl_ms))
 
     def _everywhere(self, done: str, change: Callable[[SessionStore], bool]) -> bool:
-        """`change` applied to Redis and the local store, inside the local store's write lock (so a write-back
+        """Apply a change to both stores atomically.
+
+        `change` applied to Redis and the local store, inside the local store's write lock (so a write-back
         of the same session cannot slip in between); True when either held the session. Raises
         `StorageUnavailable` when a configured Redis cannot be reached, before changing anything."""
         if self.redis is None:
@@ -395,7 +425,9 @@ class SessionStorage:
             return change(self.local) or in_redis
 
     def check(self, *, when_down: bool = False) -> RedisState:
-        """Health probe: ping Redis, unless it is known to be down (no wait on a dead Redis) and `when_down` is
+        """Probe the health of the stores.
+
+        Health probe: ping Redis, unless it is known to be down (no wait on a dead Redis) and `when_down` is
         not asked for; a Redis that answers again counts as connected at once (the background thread writes
         the pending sessions back)."""
         if self.redis is not None and (when_down or self._state is not RedisState.DOWN):
@@ -458,7 +490,9 @@ class SessionStorage:
                      "that unconfirmed copy is removed", record.timestamp, result.removed)
 
     def inspect_redis(self, facts: RedisFacts | None = None) -> None:
-        """Check the configured Redis once it answers (at start-up, or when it first does): every problem is
+        """Check a Redis's configuration once it answers.
+
+        Check the configured Redis once it answers (at start-up, or when it first does): every problem is
         logged loudly and kept for /health. (What refuses start-up was refused by `build_storage` already.)"""
         refuse, warn = (facts or self.redis.facts()).problems(self.allow_eviction)
         self._inspected = True
@@ -467,7 +501,9 @@ class SessionStorage:
             log.error("%s", warning)
 
     def recover(self) -> int:
-        """One round of the background thread: ping Redis; when it answers, count it as reachable again (reads,
+        """Run one recovery round: reconnect Redis and write pending sessions back.
+
+        One round of the background thread: ping Redis; when it answers, count it as reachable again (reads,
         deletes and new saves use it at once) and write every pending session back, which also tells whether
         a Redis that refused writes takes them again. Returns how many moved; raises what Redis or the local
         store raised."""
@@ -486,7 +522,9 @@ class SessionStorage:
         return moved
 
     def _recover_loop(self) -> None:
-        """Every `retry_interval`, while Redis is away, sessions are pending (left by this process, another
+        """Run the background thread's rounds.
+
+        Every `retry_interval`, while Redis is away, sessions are pending (left by this process, another
         worker, or an earlier run) or saves are not replicated (the ping tells when replicas are back): `recover`;
         else a round of `reconcile`."""
         while not self._stopping.wait(self.retry_interval):
@@ -501,7 +539,9 @@ class SessionStorage:
                 log.warning("write-back postponed: %s", error)
 
     def reconcile(self) -> None:
-        """One round of bringing Redis's index and list filters in step with the session keys other tools write
+        """Run one reconcile round of Redis's index and filters.
+
+        One round of bringing Redis's index and list filters in step with the session keys other tools write
         (`stores.redis.Reconciler`; one process of all sharing the Redis does it). An error Redis answers with (an
         ACL without SCAN, a replica or a full Redis refusing writes) is logged once and changes nothing else: the
         next save finds out what it means for saves. Raises a lost connection."""
@@ -524,7 +564,9 @@ class SessionStorage:
                      "(%d keys checked, %.1f MB read)", done.indexed, done.recorded, done.checked, done.read / 1e6)
 
     def index_every_key(self) -> None:
-        """Index every session key the Redis index lacks (another tool wrote it without the index), now: a full
+        """Index every session key Redis holds before a backup.
+
+        Index every session key the Redis index lacks (another tool wrote it without the index), now: a full
         pass over the keys, before a backup lists the index, so it never misses a live session key. Raises
         `StorageUnavailable` when a configured Redis cannot be read, or refuses writes (full, a replica) while
         some session key is not indexed."""
@@ -551,7 +593,9 @@ class SessionStorage:
                         INDEX_KEY)
 
     def close(self) -> None:
-        """Stop the background thread and try one last write-back, then say what is left: with the SQLite
+        """Shut storage down and report what is still pending.
+
+        Stop the background thread and try one last write-back, then say what is left: with the SQLite
         store it waits for the next start (which writes it back); with the memory store it ends here."""
         self._stopping.set()
         if self._worker is not None:
@@ -577,7 +621,9 @@ class SessionStorage:
 
 
 def _open_backends(config: Config) -> tuple[LocalStore, RedisStore | None, RedisFacts | None]:
-    """The backends a `Config` describes, opened, with what the Redis said of itself (None when it does not answer
+    """Open the backends a config describes.
+
+    The backends a `Config` describes, opened, with what the Redis said of itself (None when it does not answer
     now: it is inspected when it does). The start-up refusals live here: an unusable local store file or a Redis
     that cannot keep sessions safely raises `ConfigError` naming the setting, with everything closed again."""
     limits = Limits(config.local_max_sessions, config.local_max_bytes,
@@ -605,7 +651,9 @@ def _open_backends(config: Config) -> tuple[LocalStore, RedisStore | None, Redis
 
 
 def check_start_up(config: Config) -> None:
-    """The start-up refusals for a process that serves nothing itself (gunicorn's master, before any worker
+    """Run the start-up checks without serving.
+
+    The start-up refusals for a process that serves nothing itself (gunicorn's master, before any worker
     boots): open the backends as `build_storage` would, then close them. Creates the SQLite store's schema, so
     the workers find it in place. Raises `ConfigError`."""
     local, redis_store, _ = _open_backends(config)
@@ -615,7 +663,9 @@ def check_start_up(config: Config) -> None:
 
 
 def build_storage(config: Config) -> SessionStorage:
-    """The storage a `Config` describes: the one place that picks backends. Raises `ConfigError` as
+    """Build the storage a config describes.
+
+    The storage a `Config` describes: the one place that picks backends. Raises `ConfigError` as
     `check_start_up` does."""
     local, redis_store, facts = _open_backends(config)
     storage = SessionStorage(local, redis_store, config.session_ttl_seconds, config.redis_retry_interval,

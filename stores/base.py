@@ -55,7 +55,9 @@ class Stored(NamedTuple):
 
 
 class Origin(enum.Enum):
-    """Who chose a session's timestamp: it decides what a write-back does when Redis holds another session
+    """Who chose a session's timestamp.
+
+    Who chose a session's timestamp: it decides what a write-back does when Redis holds another session
     under it (see `stores.redis.RedisStore.write_back`)."""
 
     CLIENT = "client"  # the client's identity for the session: a later save of it replaces it
@@ -99,7 +101,9 @@ class Moved(NamedTuple):
 
 @dataclass
 class Listing:
-    """A list answer: `rows` is an iterator that reads the sessions in small batches while the answer is sent,
+    """A page of sessions, read lazily.
+
+    A list answer: `rows` is an iterator that reads the sessions in small batches while the answer is sent,
     so no reply from a store is large and a worker's memory does not grow with the page. `partial` and
     `skipped` are final once `rows` is exhausted."""
 
@@ -119,7 +123,9 @@ class StorageFull(StorageUnavailable):
 
 
 class StorageBusy(StorageUnavailable):
-    """Every Redis connection of this process stayed in use for `REDIS_POOL_TIMEOUT`: Redis is fine, this process
+    """No free Redis connection in time.
+
+    Every Redis connection of this process stayed in use for `REDIS_POOL_TIMEOUT`: Redis is fine, this process
     is busy. Only this request is refused (503 with Retry-After): nothing counts Redis as down or sends saves
     to the local store, and nothing was sent to Redis."""
 
@@ -143,7 +149,9 @@ class Limits:
 
     def victims(self, *, held: tuple[int, int], size: int, replaced: int | None, oldest: Iterable[tuple[int, int]],
                 when_full: WhenFull | None = None) -> list[int]:
-        """The sessions to evict so that one of `size` bytes fits, given (sessions, bytes) `held` now, the size of
+        """Choose the sessions to evict to make room for a save.
+
+        The sessions to evict so that one of `size` bytes fits, given (sessions, bytes) `held` now, the size of
         the copy it replaces (None for a new one) and the unpinned sessions other than it, oldest first, as
         (timestamp, bytes). Raises `StorageFull` when it cannot fit, or would need evicting where `when_full`
         (the caller's policy, else the store's) refuses."""
@@ -231,14 +239,18 @@ class Query:
 
 
 class SessionStore(abc.ABC):
-    """What every backend does. Timestamps come from `allocator.choose` (or its Lua twin) inside the store's
+    """The interface every session store implements.
+
+    What every backend does. Timestamps come from `allocator.choose` (or its Lua twin) inside the store's
     own atomic step; `proposal` is where that rule starts for a session sent without a timestamp."""
 
     storage: str  # the wire name of this store in `storage` fields
 
     @abc.abstractmethod
     def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None) -> int:
-        """Store `draft` under its own timestamp, or under one the allocator's rule chooses; return it.
+        """Store a session and return its timestamp.
+
+        Store `draft` under its own timestamp, or under one the allocator's rule chooses; return it.
         `when_full` overrides a local store's policy for this save (an import or a restore refuses rather than
         evict); Redis evicts nothing itself (a Redis that may is refused at start-up) and ignores it."""
 
@@ -253,7 +265,9 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     def timestamps(self, query: Query) -> tuple[int, list[int]]:
-        """(how many match, the timestamps of `query.widened()`'s page, newest first): a list is found by
+        """Find the timestamps of one page of a list.
+
+        (how many match, the timestamps of `query.widened()`'s page, newest first): a list is found by
         timestamps first (and two stores merged by them), then read with `rows`."""
 
     @abc.abstractmethod
@@ -265,7 +279,9 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
-        """Keep the session forever (`pinned`), or let it expire `ttl_ms` from `now`; False when there is none.
+        """Pin a session or set its expiry.
+
+        Keep the session forever (`pinned`), or let it expire `ttl_ms` from `now`; False when there is none.
         A later save of a pinned session keeps it pinned."""
 
     @abc.abstractmethod

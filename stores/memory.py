@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 
 class MemoryStore(LocalStore):
-    """Sessions in this process: the newest found in O(1), pages cut from a sorted index without copying it,
+    """In-process session store.
+
+    Sessions in this process: the newest found in O(1), pages cut from a sorted index without copying it,
     expired sessions purged from an expiry heap, bounded by count and bytes."""
 
     kind = "memory"
@@ -91,7 +93,9 @@ class MemoryStore(LocalStore):
             return True
 
     def _put(self, record: Record, now: int, when_full: WhenFull | None) -> None:
-        """Insert or replace; room is made (or refused) before anything changes, so a failed replace keeps the
+        """Insert or replace a session, making room first.
+
+        Insert or replace; room is made (or refused) before anything changes, so a failed replace keeps the
         old copy."""
         self._purge_expired(now)
         old = self._records.get(record.timestamp)

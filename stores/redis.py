@@ -187,7 +187,9 @@ def _summary_of(body: bytes, timestamp: int) -> bytes | None:
 
 
 def _recorded(body: bytes, timestamp: int, meta: bytes | None, facets: bytes | None) -> bool:
-    """Whether the summary and facets Redis holds for a key are those of the bytes it holds: the summary's
+    """Whether Redis's summary and facets for a key match its bytes.
+
+    Whether the summary and facets Redis holds for a key are those of the bytes it holds: the summary's
     content hash and size are theirs and the facets are the summary's; for a record that is not a session, no
     summary and empty facets. A same-size rewrite by another tool changes only the hash, which needs the bytes."""
     if meta is None:
@@ -201,7 +203,9 @@ def _recorded(body: bytes, timestamp: int, meta: bytes | None, facets: bytes | N
 
 
 def _lua(*names: str) -> str:
-    """One script, made of these files of `lua/` in order (the libraries it calls first), with each name in braces
+    """Load a Lua script from its files with the names filled in.
+
+    One script, made of these files of `lua/` in order (the libraries it calls first), with each name in braces
     (`{SESSION}`, `{PROBES}`, ...) filled in from the constant it names. A name left unfilled is a mistake in a
     file: it fails at import, not at the first request that runs the script."""
     source = "".join((SCRIPTS / f"{name}.lua").read_text(encoding="utf-8") for name in names)
@@ -231,13 +235,17 @@ _LEASE = _lua("lease")
 
 
 class NotReplicated(redis.ResponseError):
-    """With `REDIS_REQUIRE_REPLICAS`, fewer replicas than `REDIS_WAIT_REPLICAS` confirmed a write (or are
+    """Too few replicas confirmed a write.
+
+    With `REDIS_REQUIRE_REPLICAS`, fewer replicas than `REDIS_WAIT_REPLICAS` confirmed a write (or are
     online): Redis answers, but a failover now could lose what it holds, so saves go to the local store (like a
     Redis refusing writes)."""
 
 
 class _FreeConnections(LifoQueue):
-    """The free connections of a `redis.BlockingConnectionPool` (its `queue_class`): a thread that finds none
+    """A free-connection queue that raises `StorageBusy` when none comes.
+
+    The free connections of a `redis.BlockingConnectionPool` (its `queue_class`): a thread that finds none
     waits up to the pool's timeout, then gets `StorageBusy` rather than redis-py's `ConnectionError("No
     connection available.")`, which every caller would take for a Redis that is down."""
 
@@ -250,13 +258,17 @@ class _FreeConnections(LifoQueue):
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
-    """Sentinel's pool with the blocking pool's wait for a free connection, as without Sentinel: a thread
+    """Sentinel connection pool that waits for a free connection.
+
+    Sentinel's pool with the blocking pool's wait for a free connection, as without Sentinel: a thread
     waits for a connection instead of counting Redis as down when all are in use."""
 
 
 @dataclass(frozen=True)
 class Replication:
-    """How many replicas each write waits for, how long (ms), and whether a write they do not confirm is refused
+    """Replication requirements for writes.
+
+    How many replicas each write waits for, how long (ms), and whether a write they do not confirm is refused
     (`NotReplicated`) or kept, with a warning."""
 
     replicas: int = 0
@@ -295,7 +307,9 @@ class RedisStore(SessionStore):
 
     @classmethod
     def from_config(cls, config: Config) -> RedisStore:
-        """One pool per process, whose connections a request waits for (`_FreeConnections`); no redis-py
+        """Build the Redis store and its connection pools from the config.
+
+        One pool per process, whose connections a request waits for (`_FreeConnections`); no redis-py
         retries, so a dead Redis costs one connect timeout and the caller decides what happens next (the local
         store). With Sentinels, both clients are Sentinel-managed pools of the master (options in REDIS_URL win
         over the service's own, as `from_url` has them). The probe has a pool of its own, so a busy process
@@ -326,7 +340,9 @@ class RedisStore(SessionStore):
 
     @property
     def master(self) -> str | None:
-        """`host:port` of the Redis saves go to: with Sentinel, the master it named last (None before it
+        """The address of the Redis master saves go to.
+
+        `host:port` of the Redis saves go to: with Sentinel, the master it named last (None before it
         named one)."""
         pool = self.probe.connection_pool
         options = pool.connection_kwargs
@@ -355,13 +371,17 @@ class RedisStore(SessionStore):
 
     @property
     def unreplicated(self) -> str | None:
-        """Why writes are not replicated now ("0 of 1 replica(s) online"), or None: set when a write is not
+        """Why writes are not replicated now, if they are not.
+
+        Why writes are not replicated now ("0 of 1 replica(s) online"), or None: set when a write is not
         confirmed by `REDIS_WAIT_REPLICAS` replicas or a ping finds fewer online, cleared by a ping that finds
         them (without `REDIS_REQUIRE_REPLICAS`, which refuses such writes instead)."""
         return self._unreplicated
 
     def _replicas(self, online: int, shortfall: str) -> None:
-        """Record a count of replicas that confirmed a write, or are online: fewer than `REDIS_WAIT_REPLICAS`
+        """Record how many replicas confirmed a write or are online.
+
+        Record a count of replicas that confirmed a write, or are online: fewer than `REDIS_WAIT_REPLICAS`
         raises `NotReplicated` when they are required, else marks writes as not replicated (`shortfall` says
         why); the change either way is logged once."""
         wanted = self.replication.replicas
@@ -377,7 +397,9 @@ class RedisStore(SessionStore):
             log.warning("Redis saves are replicated again (%d of %d replica(s) online)", online, wanted)
 
     def _write(self, script: Script, keys: tuple[str, ...], args: tuple = ()) -> Any:
-        """Run a writing script; with `REDIS_WAIT_REPLICAS`, followed by WAIT on the same connection (WAIT
+        """Run a writing script and wait for its replicas.
+
+        Run a writing script; with `REDIS_WAIT_REPLICAS`, followed by WAIT on the same connection (WAIT
         counts the writes of its own connection), in one pipeline: one round trip. Too few replicas confirming
         it raises `NotReplicated` when they are required (the write may be in Redis, unconfirmed: a save's
         write-back later removes such a copy by its save id), else the write stands, not replicated. While
@@ -403,7 +425,9 @@ class RedisStore(SessionStore):
         return self._run_save(draft, now, ttl_ms, proposal).timestamp
 
     def write_back(self, record: Record, *, now: int) -> Moved:
-        """Recreate a pending session from the local store with its timestamp, remaining TTL, pin and the time
+        """Write a pending session back to Redis.
+
+        Recreate a pending session from the local store with its timestamp, remaining TTL, pin and the time
         it was acknowledged, unless Redis holds a copy acknowledged later or a later delete (see `lua/save.lua`).
         Writing the same bytes twice changes nothing, so a write-back cut short and repeated stores one copy."""
         ttl_ms = 0 if record.expires_at == NEVER else record.expires_at - now
@@ -413,7 +437,9 @@ class RedisStore(SessionStore):
         return bool(self._write(self._pin, (EXPIRY_KEY, PINNED_KEY), (timestamp, int(pinned), now, ttl_ms)))
 
     def delete(self, timestamp: int) -> bool:
-        """Delete the session and leave a tombstone (`lua/delete.lua`), found or not: a copy another host still holds
+        """Delete a session and leave a tombstone.
+
+        Delete the session and leave a tombstone (`lua/delete.lua`), found or not: a copy another host still holds
         and acknowledged before this delete is dropped at its write-back."""
         return bool(self._write(self._delete, (INDEX_KEY, EXPIRY_KEY, PINNED_KEY),
                                 (timestamp, now_ms(), self.tombstone_ms)))
@@ -484,7 +510,9 @@ class RedisStore(SessionStore):
         return found
 
     def _filtered(self, query: Query) -> tuple[int, list[int]]:
-        """Every timestamp in the range matching the filters, newest first. A story or episode filter reads that
+        """Find the timestamps matching a list's filters.
+
+        Every timestamp in the range matching the filters, newest first. A story or episode filter reads that
         story's (or episode's) set, then the facets of its members: O(its sessions). A title search alone reads
         the facets of every session (~70 bytes each, the timestamp among them) with one HVALS: O(sessions), and
         only those whose bytes contain the search text are decoded."""
@@ -511,7 +539,9 @@ class RedisStore(SessionStore):
         return len(matched), matched
 
     def _complete_facets(self) -> None:
-        """Record the facets of indexed sessions that have none (saved by another tool, by an older version of
+        """Record the facets of indexed sessions that lack them.
+
+        Record the facets of indexed sessions that have none (saved by another tool, by an older version of
         the service, or indexed again by `reindex`): once, when `lua/prune_now.lua` finds the counts differ. A member
         left with none (its key is gone, or holds no session) is settled too, or every filtered list would walk
         the index again."""
@@ -523,7 +553,9 @@ class RedisStore(SessionStore):
                         self._record(ts)
 
     def _backfill(self, timestamp: int) -> bytes:
-        """The summary of a session saved without one (by another tool or an older version), stored for next
+        """Compute and store a missing session summary.
+
+        The summary of a session saved without one (by another tool or an older version), stored for next
         time; empty when the session is gone or the record is not a JSON object (not a session)."""
         body = self.client.get(session_key(timestamp))
         summary = _summary_of(body, timestamp) if body is not None else None
@@ -533,12 +565,16 @@ class RedisStore(SessionStore):
         return summary
 
     def store_summary(self, timestamp: int, summary: bytes) -> bool:
-        """Record a summary and its facets with the session's remaining TTL (none when the session has none);
+        """Store a session's summary and facets.
+
+        Record a summary and its facets with the session's remaining TTL (none when the session has none);
         False when the session is gone."""
         return bool(self._summary(args=(timestamp, summary, _facets_json(summary))))
 
     def reindex(self) -> Adopted:
-        """Index every session key the index lacks, with its TTL, in one pass over the keys with SCAN in
+        """Index the session keys the index lacks.
+
+        Index every session key the index lacks, with its TTL, in one pass over the keys with SCAN in
         batches (never KEYS, which would stall Redis): for when the index was lost (a tool, a careless FLUSH, an
         eviction) while the sessions are still there, and before a backup lists the index. Returns how many
         session keys exist, how many were indexed now, and which need their summary recorded anew."""
@@ -557,7 +593,9 @@ class RedisStore(SessionStore):
         return missing
 
     def adopt(self, keys: Iterable[bytes]) -> Adopted:
-        """Index those of `keys` (session keys) that exist but are not indexed, and name those whose summary and
+        """Index a batch of session keys.
+
+        Index those of `keys` (session keys) that exist but are not indexed, and name those whose summary and
         facets need recording anew (see `lua/adopt.lua`); no value is read. One round trip per `ADOPT_BATCH` keys, so
         Redis serves other clients between them."""
         sessions, indexed, stale = 0, 0, []
@@ -568,7 +606,9 @@ class RedisStore(SessionStore):
         return Adopted(sessions, indexed, stale)
 
     def check_summary(self, timestamp: int) -> Checked:
-        """Compare the summary and facets recorded for a session with the bytes its key holds, and record them
+        """Check a session's summary against its bytes and fix it.
+
+        Compare the summary and facets recorded for a session with the bytes its key holds, and record them
         anew where they differ (another tool rewrote the key, or wrote it without them); a session that is gone
         leaves the index and the filters. The bytes are read once (twice when they changed)."""
         key = session_key(timestamp)
@@ -580,7 +620,9 @@ class RedisStore(SessionStore):
         return again._replace(read=len(body or b"") + again.read)
 
     def _record(self, timestamp: int) -> Checked:
-        """Record the summary and facets of the bytes the session's key holds now (a record that is not a
+        """Record a session's summary and facets from its bytes.
+
+        Record the summary and facets of the bytes the session's key holds now (a record that is not a
         session: none, and empty facets), unless the key or its summary changes meanwhile: WATCH makes the
         write fail then, and a later round looks again (a save recorded them itself)."""
         key, meta_key = session_key(timestamp), f"{META_PREFIX}{timestamp}"
@@ -613,7 +655,9 @@ class RedisStore(SessionStore):
         return any(k.count(b":") == 2 for k in keys)
 
     def facts(self) -> RedisFacts:
-        """What this Redis is, for the checks at start-up and in /health. An ACL user may be denied INFO and
+        """Describe this Redis for start-up checks and /health.
+
+        What this Redis is, for the checks at start-up and in /health. An ACL user may be denied INFO and
         CONFIG (the service itself needs neither): then what they would tell is unknown, not a failure."""
         try:
             info = {**self.probe.info("memory"), **self.probe.info("persistence"), **self.probe.info("cluster")}
@@ -629,7 +673,9 @@ class RedisStore(SessionStore):
                           persistent)
 
     def hint(self, error: redis.RedisError) -> str:
-        """A likely cause of `error` an operator can act on, for the log (else ""): a TLS server that requires
+        """Suggest a cause of a Redis connection error for the log.
+
+        A likely cause of `error` an operator can act on, for the log (else ""): a TLS server that requires
         client certificates hangs up on a client without one, which the client only sees as the connection
         ending (`HANGUP_SIGNS`)."""
         pool = self.probe.connection_pool
@@ -640,7 +686,9 @@ class RedisStore(SessionStore):
         return ""
 
     def ping(self) -> None:
-        """Raises unless Redis answers. With Sentinel, asks the Sentinels for the master first (a new one makes
+        """Check that Redis answers and is the master with enough replicas.
+
+        Raises unless Redis answers. With Sentinel, asks the Sentinels for the master first (a new one makes
         both pools drop their idle connections to the old, which may still take writes until it is demoted),
         then raises unless that node says it is the master (HELLO names the role, and any ACL user may send
         it). With `REDIS_WAIT_REPLICAS`, counts the replicas online (WAIT on a connection that never wrote
@@ -689,7 +737,9 @@ class Reconciled(NamedTuple):
 
 
 class Reconciler:
-    """Keeps the index, the expiry set, the summaries and the list filters' facets in step with the session keys
+    """Keep Redis's index, summaries and facets in step with the session keys.
+
+    Keeps the index, the expiry set, the summaries and the list filters' facets in step with the session keys
     themselves, which other StoryArt tools write directly (contract.md §0): a key SET without the index, a
     session rewritten with `SET ... KEEPTTL`. In rounds of bounded work (`Budget`), run by the background thread
     of one process at a time among all that share the Redis (a lease, `storyart:sessions:reconciler`):
@@ -718,7 +768,9 @@ class Reconciler:
         self._pass_started = -budget.rest  # the round the last reading pass started in
 
     def round(self, lease_ms: int) -> Reconciled | None:
-        """One round, when this process holds the lease (taken or renewed for `lease_ms`); None while another
+        """Run one reconcile round while this process holds the lease.
+
+        One round, when this process holds the lease (taken or renewed for `lease_ms`); None while another
         process holds it."""
         if not self.store.lease(self.token, lease_ms):
             return None
@@ -734,7 +786,9 @@ class Reconciler:
         return Reconciled(len(keys), adopted.indexed, read, recorded)
 
     def _next_keys(self) -> list[bytes]:
-        """The next `Budget.keys` session keys of the SCAN pass; a round ends where a pass does, so a database
+        """Return the next keys of the SCAN pass.
+
+        The next `Budget.keys` session keys of the SCAN pass; a round ends where a pass does, so a database
         of fewer keys is walked whole every round."""
         for _ in range(self.budget.scans):
             if len(self._found) >= self.budget.keys:
@@ -746,7 +800,9 @@ class Reconciler:
         return [self._found.popleft() for _ in range(min(self.budget.keys, len(self._found)))]
 
     def _next_to_read(self) -> int | None:
-        """The next session to read in full: one found stale, else the next of the reading pass; None when
+        """Return the next session to read in full.
+
+        The next session to read in full: one found stale, else the next of the reading pass; None when
         neither has one this round (the pass ended, or rests)."""
         if self._stale:
             ts = next(iter(self._stale))

@@ -134,7 +134,9 @@ class SqliteStore(LocalStore):
 
     @classmethod
     def open(cls, path: str | Path, limits: Limits, synchronous: str = "FULL") -> SqliteStore:
-        """Open (or create) the store, or raise `ConfigError` naming the path. A file that is not a usable
+        """Open or create the SQLite store.
+
+        Open (or create) the store, or raise `ConfigError` naming the path. A file that is not a usable
         SQLite database is never discarded: it is moved aside, the move is logged, and a new store starts."""
         path = Path(path).absolute()
         _check_usable(path)
@@ -173,7 +175,9 @@ class SqliteStore(LocalStore):
         return db
 
     def _create(self) -> None:
-        """Set the file up once (page size, incremental vacuum, WAL, the schema); every later open, by any
+        """Set up a new SQLite file.
+
+        Set the file up once (page size, incremental vacuum, WAL, the schema); every later open, by any
         process, finds it so and only waits its turn for the schema check."""
         db = self._db()
         if _patiently(lambda: db.execute("PRAGMA journal_mode").fetchone()[0]) != "wal":
@@ -196,7 +200,9 @@ class SqliteStore(LocalStore):
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction holding the file's write lock; nested uses join the open one. Any database
+        """Open a write transaction.
+
+        A write transaction holding the file's write lock; nested uses join the open one. Any database
         error becomes `StorageUnavailable` and nothing is changed."""
         db = self._db()
         if db.in_transaction:
@@ -221,7 +227,9 @@ class SqliteStore(LocalStore):
                 self._shrink(db)
 
     def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
-        """A read: WAL readers never wait for writers, so only the rare moments SQLite itself is busy (a WAL
+        """Run a read, waiting out SQLite's busy moments.
+
+        A read: WAL readers never wait for writers, so only the rare moments SQLite itself is busy (a WAL
         reset, a recovery) are waited out."""
         try:
             return _patiently(lambda: self._db().execute(sql, params).fetchall())
@@ -283,7 +291,9 @@ class SqliteStore(LocalStore):
         self._local.freed = True
 
     def _shrink(self, db: sqlite3.Connection) -> None:
-        """Once free pages pass a quarter of the file and 16 MiB, hand 4 MiB of them back to the file system (a
+        """Return free pages to the file system.
+
+        Once free pages pass a quarter of the file and 16 MiB, hand 4 MiB of them back to the file system (a
         bounded step, so no save waits long behind it); under steady churn the next saves reuse them instead.
         Runs after the commit: Python's sqlite3 steps a pragma once, so the vacuum runs as its own script."""
         self._local.freed = False
@@ -364,7 +374,9 @@ class SqliteStore(LocalStore):
 
 
 class _Lease:
-    """A connection lent to one thread; when the thread ends its thread-local values are dropped, and the
+    """A pooled connection lent to one thread.
+
+    A connection lent to one thread; when the thread ends its thread-local values are dropped, and the
     finalizer hands the connection back to the pool."""
 
     __slots__ = ("db", "pid", "__weakref__")
@@ -374,7 +386,9 @@ class _Lease:
 
 
 class _Pool:
-    """The connections of one process: lent to threads, kept idle (up to `IDLE_CONNECTIONS`) between them,
+    """The SQLite connection pool of one process.
+
+    The connections of one process: lent to threads, kept idle (up to `IDLE_CONNECTIONS`) between them,
     and all closed by `close()`."""
 
     def __init__(self) -> None:
@@ -421,7 +435,9 @@ def _busy(error: sqlite3.Error) -> bool:
 
 
 def _patiently(step: Callable[[], T]) -> T:
-    """`step()`, asked again every `LOCK_POLL_S` while SQLite says another connection is busy, for up to
+    """Run a step, retrying while SQLite is busy.
+
+    `step()`, asked again every `LOCK_POLL_S` while SQLite says another connection is busy, for up to
     `BUSY_TIMEOUT_S`."""
     deadline = time.monotonic() + BUSY_TIMEOUT_S
     while True:
