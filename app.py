@@ -94,9 +94,12 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
 
 
 def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
-    """Whether a `Host` header names this service: a name of `allowed` (any port), a subdomain of a `.name`, or
-    anything with `*`. Flask's TRUSTED_HOSTS would do this, but werkzeug compares the part before the first
-    colon, so it can never trust an IPv6 literal such as `[::1]`."""
+    """Tell whether a `Host` header names this service.
+
+    It does when it is a name of `allowed` (any port), a subdomain of a `.name`, or anything with `*`. Flask's
+    TRUSTED_HOSTS would do this, but werkzeug compares the part before the first colon, so it can never trust an IPv6
+    literal such as `[::1]`.
+    """
     host = host.strip().lower()
     name, bracket, rest = host.partition("]")
     if bracket:  # [v6] or [v6]:port
@@ -111,9 +114,12 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
 
 
 def loggable_address(value: str | None) -> str:
-    """The client address for the access line: `value` if it is one valid IPv4 or IPv6 address (a surrounding
-    `[...]` dropped), else `-`. With TRUSTED_PROXY_HOPS it is the last `X-Forwarded-For` entry, which a client
-    that reaches the service directly writes itself: nothing but an address may get from there into the line."""
+    """Return the client address to write into the access line, or `-`.
+
+    It is `value` if it is one valid IPv4 or IPv6 address (a surrounding `[...]` dropped), else `-`. With
+    TRUSTED_PROXY_HOPS it is the last `X-Forwarded-For` entry, which a client that reaches the service directly writes
+    itself: nothing but an address may get from there into the line.
+    """
     if not value or len(value) > 64:
         return "-"
     return _checked_address(value)
@@ -144,8 +150,11 @@ def _register_hooks(app: Flask, api_token: str | None, allowed_hosts: tuple[str,
 
     @app.before_request
     def require_known_host() -> Response | None:
-        """No page whose name was rebound to this address may use the service: its requests carry its own name
-        in `Host`. (A request without `Host` is no browser's.)"""
+        """Refuse a request whose `Host` header does not name this service.
+
+        No page whose name was rebound to this address may use the service: its requests carry its own name
+        in `Host`. (A request without `Host` is no browser's.)
+        """
         host = request.environ.get("HTTP_HOST")
         if host is None or host_allowed(host, allowed_hosts):
             return None
@@ -154,9 +163,12 @@ def _register_hooks(app: Flask, api_token: str | None, allowed_hosts: tuple[str,
 
     @app.before_request
     def answer_any_api_preflight() -> Response | None:
-        """A browser asks before it calls an endpoint this service does not have (the later StoryArt server's
+        """Answer a CORS preflight for any API path, including endpoints this service lacks.
+
+        A browser asks before it calls an endpoint this service does not have (the later StoryArt server's
         routes): answer the preflight, so the page can read the JSON 404 that follows. CORS decides the
-        headers, so a disallowed origin still gets none."""
+        headers, so a disallowed origin still gets none.
+        """
         if request.method == "OPTIONS" and request.path.startswith("/api/") and request.url_rule is None:
             return app.make_default_options_response()
         return None

@@ -73,8 +73,11 @@ def default_name(now: datetime | None = None) -> str:
 
 @dataclass
 class Backup:
-    """A backup being written: `chunks` are the ZIP file's bytes, produced while the sessions are read; the
-    counts are final once `chunks` is exhausted."""
+    """A backup being written, produced while the sessions are read.
+
+    `chunks` are the ZIP file's bytes, produced while the sessions are read; the counts are final once `chunks` is
+    exhausted.
+    """
 
     chunks: Iterator[bytes] = field(default_factory=lambda: iter(()))
     count: int = 0
@@ -84,8 +87,10 @@ class Backup:
 
 
 class _Pipe(io.RawIOBase):
-    """Where `zipfile` writes: it keeps the written bytes until they are taken (not seekable, so `zipfile`
-    writes each entry's sizes after its data, which every unzip tool reads)."""
+    """A write-only file for `zipfile` that keeps the written bytes until they are taken.
+
+    It is not seekable, so `zipfile` writes each entry's sizes after its data, which every unzip tool reads.
+    """
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []
@@ -104,12 +109,14 @@ class _Pipe(io.RawIOBase):
 
 
 def stream(storage: SessionStorage, on_step: OnStep | None = None) -> Backup:
-    """The backup of every live session (pinned ones included), newest first. Raises `StorageUnavailable` at
-    once when a configured Redis is unreachable (a backup would miss what it holds); if Redis goes away
-    midway, or a listed session a store still holds could not be read (`storage.Listing.missed`), iterating
-    `chunks` raises it before the manifest is written, so the file is never complete. (A session deleted or
-    expired while the backup runs is simply not in it.) Session keys another tool wrote without the index are
-    indexed first, so the backup has them too."""
+    """Return the backup of every live session (pinned ones included), newest first.
+
+    Raises `StorageUnavailable` at once when a configured Redis is unreachable (a backup would miss what it holds); if
+    Redis goes away midway, or a listed session a store still holds could not be read (`storage.Listing.missed`),
+    iterating `chunks` raises it before the manifest is written, so the file is never complete. (A session deleted or
+    expired while the backup runs is simply not in it.) Session keys another tool wrote without the index are indexed
+    first, so the backup has them too.
+    """
     storage.index_every_key()
     listing = storage.listing(Query(limit=EVERY))
     if listing.partial:
@@ -149,8 +156,11 @@ def stream(storage: SessionStorage, on_step: OnStep | None = None) -> Backup:
 
 
 def _member(name: str, timestamp: int) -> zipfile.ZipInfo:
-    """An entry dated by its session's timestamp (as far as ZIP dates go: 1980 to 2107; another tool may have
-    written any number of ms under a session key), readable by everyone on unpack."""
+    """Make a ZIP entry dated by its session's timestamp, readable by everyone on unpack.
+
+    The date goes only as far as ZIP dates go (1980 to 2107); another tool may have written any number of ms under a
+    session key.
+    """
     when = max(time.gmtime(min(timestamp / 1000, LAST_ZIP_SECOND))[:6], (1980, 1, 1, 0, 0, 0))
     info = zipfile.ZipInfo(name, date_time=when)
     info.compress_type = zipfile.ZIP_DEFLATED
@@ -159,9 +169,12 @@ def _member(name: str, timestamp: int) -> zipfile.ZipInfo:
 
 
 def write_file(storage: SessionStorage, path: Path, on_step: OnStep | None = None) -> Backup:
-    """Write the backup to `path` atomically: into a temporary file next to it, flushed to the disk, then
-    renamed over `path`. On any failure the temporary file is removed and `path` is untouched. Raises
-    `BackupError` when the folder cannot be written, `StorageUnavailable` as `stream` does."""
+    """Write the backup to `path` atomically.
+
+    It is written into a temporary file next to it, flushed to the disk, then renamed over `path`. On any failure the
+    temporary file is removed and `path` is untouched. Raises `BackupError` when the folder cannot be written,
+    `StorageUnavailable` as `stream` does.
+    """
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -198,8 +211,11 @@ def _sync_folder(folder: Path) -> None:
 
 
 def rotate(folder: Path, keep: int, spare: str | None = None) -> list[Path]:
-    """Remove the oldest backups in `folder` beyond the newest `keep` (only files named as `default_name`
-    names them), but never the one named `spare` (the newest verified one); returns the removed ones."""
+    """Remove the oldest backups in `folder` beyond the newest `keep`; return the removed ones.
+
+    Only files named as `default_name` names them count, and the one named `spare` (the newest verified one) is never
+    removed.
+    """
     backups = sorted(p for p in folder.iterdir() if _NAME.match(p.name) and p.is_file())
     removed = [p for p in backups[: max(0, len(backups) - keep)] if p.name != spare]
     for old in removed:
@@ -222,10 +238,12 @@ class Restored:
 
 
 def restore(storage: SessionStorage, path: Path, max_bytes: int, on_step: OnStep | None = None) -> Restored:
-    """Restore every session of the backup at `path`; sessions larger than `max_bytes` (MAX_CONTENT_LENGTH,
-    what a save could have stored) are rejected unread. Raises `BackupError` when `path` is not a backup, and
-    `StorageUnavailable` when a configured Redis is unreachable (pins need it, and so does replacing a session
-    it holds) before anything is restored."""
+    """Restore every session of the backup at `path`.
+
+    Sessions larger than `max_bytes` (MAX_CONTENT_LENGTH, what a save could have stored) are rejected unread. Raises
+    `BackupError` when `path` is not a backup, and `StorageUnavailable` when a configured Redis is unreachable (pins
+    need it, and so does replacing a session it holds) before anything is restored.
+    """
     if storage.redis_configured and storage.check(when_down=True) is RedisState.DOWN:
         raise StorageUnavailable("Redis is configured but unreachable; restore when it answers again")
     try:
@@ -322,9 +340,12 @@ def _read(archive: zipfile.ZipFile, name: str, max_bytes: int) -> bytes:
 
 
 def _exact_draft(body: bytes, timestamp: int) -> Draft:
-    """A `Draft` that stores `body` byte for byte under `timestamp`, validated like an import's item. A
-    session the service wrote ends in `<timestamp>}` and is kept as it is; one another tool wrote otherwise is
-    stored as a save would store it (its fields and values the same, its bytes re-serialized)."""
+    """Make a `Draft` that stores `body` byte for byte under `timestamp`.
+
+    It is validated like an import's item. A session the service wrote ends in `<timestamp>}` and is kept as it is; one
+    another tool wrote otherwise is stored as a save would store it (its fields and values the same, its bytes
+    re-serialized).
+    """
     try:
         session = orjson.loads(body)
     except orjson.JSONDecodeError as error:

@@ -36,9 +36,12 @@ def reindex() -> None:
 @sessions.command("backup")
 @click.argument("path", required=False, type=click.Path(path_type=Path))
 def backup(path: Path | None) -> None:
-    """Write every live session (pinned ones included) to one ZIP file: PATH (a file, or a folder to put a new
-    one in), else a new file in BACKUP_DIR, where only the newest BACKUP_KEEP backups are kept, then (with
-    BACKUP_S3_URL) upload it and every earlier one the store lacks, each read back before it counts."""
+    """Write every live session (pinned ones included) to one ZIP file.
+
+    It goes to PATH (a file, or a folder to put a new one in), else a new file in BACKUP_DIR, where only the newest
+    BACKUP_KEEP backups are kept; then (with BACKUP_S3_URL) it and every earlier one the store lacks are uploaded, each
+    read back before it counts.
+    """
     config: Config = current_app.config["STORYART"]
     storage = _shared_storage()
     if path is None:
@@ -64,9 +67,11 @@ def backup(path: Path | None) -> None:
 
 @sessions.command("backups")
 def list_backups() -> None:
-    """List the backups in BACKUP_DIR and in the store (BACKUP_S3_URL): name, sessions, bytes, age, and whether
-    each is verified (a readable backup here; off-site, one read back after its upload, whole and unchanged).
-    Exit status 1 when the store cannot be listed."""
+    """List the backups in BACKUP_DIR and in the store (BACKUP_S3_URL).
+
+    Each shows its name, sessions, bytes, age, and whether it is verified (a readable backup here; off-site, one read
+    back after its upload, whole and unchanged). Exit status 1 when the store cannot be listed.
+    """
     config: Config = current_app.config["STORYART"]
     copies = offsite.local_copies(config.backup_dir)
     failure = None
@@ -101,10 +106,12 @@ def _age(seconds: float) -> str:
 @click.option("--latest", is_flag=True, help="The newest verified backup in the store (BACKUP_S3_URL), or in "
                                              "BACKUP_DIR when no store is configured.")
 def restore_backup(source: str | None, latest: bool) -> None:
-    """Restore every session of the backup at SOURCE (a file, or s3://bucket/prefix/NAME.zip in the store) under
-    its own timestamp, byte for byte, pinned if it was. A backup in the store is restored only if it is a
-    verified copy and arrives with its SHA-256. Exit status 1 when any session was rejected, 2 when SOURCE is
-    not a (verified) backup."""
+    """Restore every session of the backup at SOURCE under its own timestamp.
+
+    SOURCE is a file, or s3://bucket/prefix/NAME.zip in the store; each session is restored byte for byte, pinned if it
+    was. A backup in the store is restored only if it is a verified copy and arrives with its SHA-256. Exit status 1
+    when any session was rejected, 2 when SOURCE is not a (verified) backup.
+    """
     config: Config = current_app.config["STORYART"]
     storage = _shared_storage()
     started = time.monotonic()
@@ -134,8 +141,11 @@ def restore_backup(source: str | None, latest: bool) -> None:
 
 
 def _shared_storage() -> SessionStorage:
-    """The storage, unless it lives only in this command's own process (LOCAL_STORE=memory without Redis): a
-    backup of it would be empty and a restore into it would end with the command."""
+    """Return the storage, unless it lives only in this command's own process.
+
+    That is LOCAL_STORE=memory without Redis: a backup of it would be empty and a restore into it would end with the
+    command.
+    """
     storage: SessionStorage = current_app.extensions["storyart"]
     if storage.in_this_process_only:
         raise click.ClickException("LOCAL_STORE=memory keeps sessions inside the running service's process, "
@@ -144,8 +154,11 @@ def _shared_storage() -> SessionStorage:
 
 
 class Progress:
-    """`backed up 12/50 sessions, 36.0 MB, about 4 s left` on stderr, rewritten in place, at most 10 times a
-    second; only when stderr is a terminal (a cron job's log gets the summary line alone)."""
+    """Show a backup's progress on stderr while it runs.
+
+    `backed up 12/50 sessions, 36.0 MB, about 4 s left` on stderr, rewritten in place, at most 10 times a
+    second; only when stderr is a terminal (a cron job's log gets the summary line alone).
+    """
 
     def __init__(self, verb: str) -> None:
         self.verb = verb

@@ -27,8 +27,11 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 class Watch:
-    """One body's deadline: `expired` once the watchdog cut the read side, `done` once the body was read or
-    the app answered (a save whose body arrived in time is never answered with a 408)."""
+    """One body's deadline, and whether it expired or the body is in.
+
+    `expired` is set once the watchdog cut the read side, `done` once the body was read or the app answered (a save
+    whose body arrived in time is never answered with a 408).
+    """
 
     __slots__ = ("deadline", "sock", "expired", "done")
 
@@ -38,8 +41,10 @@ class Watch:
 
 
 class Watchdog:
-    """A heap of deadlines and one daemon thread (started on first use in each process, so after gunicorn's
-    fork too) that sleeps until the nearest one."""
+    """A heap of deadlines and one daemon thread that sleeps until the nearest one.
+
+    The thread starts on first use in each process, so after gunicorn's fork too.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Condition()
@@ -120,9 +125,11 @@ class BodyDeadline:
 
 
 class _Input:
-    """`wsgi.input` that calls `done()` once the body is in: `left` bytes (the declared Content-Length) read, or,
-    for a chunked body (`left` None), its end met. So a body that arrived in time is never answered with a
-    408, however long the app then works on it (a large import)."""
+    """A `wsgi.input` that calls `done()` once the body is in.
+
+    That is `left` bytes (the declared Content-Length) read, or, for a chunked body (`left` None), its end met. So a
+    body that arrived in time is never answered with a 408, however long the app then works on it (a large import).
+    """
 
     def __init__(self, stream: Any, left: int | None, done: Callable[[], None]) -> None:
         self.stream, self.left, self.done = stream, left, done

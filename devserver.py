@@ -1,7 +1,9 @@
-"""The development server (`python app.py`): werkzeug's threaded server, stopped gracefully on SIGINT and
-SIGTERM, answering even what it cannot parse in the service's JSON error shape, closing connections that wait
-for a request longer than `IDLE_SECONDS`, and dropping an answer whose client takes none of its bytes for
-RESPONSE_SEND_TIMEOUT seconds."""
+"""The development server (`python app.py`): werkzeug's threaded server.
+
+It stops gracefully on SIGINT and SIGTERM, answers even what it cannot parse in the service's JSON error shape, closes
+connections that wait for a request longer than `IDLE_SECONDS`, and drops an answer whose client takes none of its bytes
+for RESPONSE_SEND_TIMEOUT seconds.
+"""
 
 from __future__ import annotations
 
@@ -27,11 +29,14 @@ IDLE_SECONDS = 5.0  # as gunicorn's keepalive (gunicorn.conf.py): a connection w
 
 
 class SendDeadline(io.BufferedIOBase):
-    """A connection's `wfile`: every `send` must get bytes taken within `seconds` (RESPONSE_SEND_TIMEOUT), as
-    with nginx's send_timeout, else TimeoutError. werkzeug takes that for a dropped connection: the thread stops
-    writing, closes the answer's iterable (and so lets go of its bytes) and ends; the connection is reset, so the
-    kernel lets go of what the client never read too. Without it, a client that asked for the list of ten 1 MB
-    sessions and read nothing kept a thread and several MB for as long as it stayed connected."""
+    """A connection's `wfile` that raises TimeoutError when a send makes no progress for `seconds`.
+
+    Every `send` must get bytes taken within `seconds` (RESPONSE_SEND_TIMEOUT), as with nginx's send_timeout, else
+    TimeoutError. werkzeug takes that for a dropped connection: the thread stops writing, closes the answer's
+    iterable (and so lets go of its bytes) and ends; the connection is reset, so the kernel lets go of what the
+    client never read too. Without it, a client that asked for the list of ten 1 MB sessions and read nothing kept a
+    thread and several MB for as long as it stayed connected.
+    """
 
     def __init__(self, sock: socket.socket, seconds: float) -> None:
         self.sock, self.seconds = sock, seconds
@@ -57,16 +62,21 @@ class SendDeadline(io.BufferedIOBase):
 
 
 def reset_on_close(sock: socket.socket) -> None:
-    """SO_LINGER 0: closing the socket resets the connection and discards what the peer never read, instead of
-    the kernel keeping it while it retries."""
+    """Make closing the socket reset the connection (SO_LINGER 0).
+
+    What the peer never read is discarded, instead of the kernel keeping it while it retries.
+    """
     linger = struct.pack("HH" if sys.platform == "win32" else "ii", 1, 0)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
 
 
 class _ConnectionHandler(WSGIRequestHandler):
-    """Keeps `server.idle` = the connections that have not begun a request (a browser's preconnect, a client
-    that connected and said nothing), which a stopping server closes instead of waiting on them for ever."""
+    """Track in `server.idle` the connections that have not begun a request.
+
+    Those are a browser's preconnect or a client that connected and said nothing; a stopping server closes them instead
+    of waiting on them for ever.
+    """
 
     def setup(self) -> None:
         super().setup()
@@ -74,8 +84,11 @@ class _ConnectionHandler(WSGIRequestHandler):
         self.server.idle.add(self.connection)
 
     def handle_one_request(self) -> None:
-        """Each connection has its own thread, so idle ones block nobody, but a browser's preconnected sockets
-        and kept-alive ones would keep theirs for ever: waiting for a request ends after `IDLE_SECONDS`."""
+        """Handle one request, closing the connection after `IDLE_SECONDS` without one.
+
+        Each connection has its own thread, so idle ones block nobody, but a browser's preconnected sockets
+        and kept-alive ones would keep theirs for ever: waiting for a request ends after `IDLE_SECONDS`.
+        """
         self.connection.settimeout(IDLE_SECONDS)
         super().handle_one_request()
 
@@ -89,8 +102,11 @@ class _ConnectionHandler(WSGIRequestHandler):
         super().send_response(code, message)
 
     def send_header(self, keyword: str, value: str) -> None:
-        """One `Connection` header per answer: werkzeug adds its own `close` after the app's (drain.py, deadline.py
-        send `Connection: close` for gunicorn's sake)."""
+        """Send a header, but only one `Connection` header per answer.
+
+        werkzeug adds its own `close` after the app's (drain.py, deadline.py send `Connection: close` for gunicorn's
+        sake).
+        """
         if keyword.lower() == "connection":
             if self.connection_said:
                 return
@@ -111,9 +127,12 @@ class _ConnectionHandler(WSGIRequestHandler):
         super().finish()
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server answers what it cannot parse (a request line over 64 KiB: 414, a header over 64 KiB
+        """Answer a request http.server cannot parse in the service's JSON error shape.
+
+        http.server answers what it cannot parse (a request line over 64 KiB: 414, a header over 64 KiB
         or more than 100 of them: 431, a garbled request line: 400) itself, with an HTML page; this service
-        answers JSON (docs/contract.md §1), with a status line even to what looked like an HTTP/0.9 request."""
+        answers JSON (docs/contract.md §1), with a status line even to what looked like an HTTP/0.9 request.
+        """
         self.log_error("code %d, message %s", code, message)
         reason = self.responses.get(code, ("Error",))[0]
         body = error_body(f"{reason}: {message}." if message else f"{reason}.")
@@ -129,8 +148,11 @@ class _ConnectionHandler(WSGIRequestHandler):
 
 
 def serve(app: Flask, config: Config) -> None:
-    """Development server that stops gracefully: on SIGINT/SIGTERM it stops accepting, lets requests in
-    flight finish (their threads are joined), then flushes memory-held sessions to Redis."""
+    """Run the development server until SIGINT or SIGTERM, then stop gracefully.
+
+    On SIGINT/SIGTERM it stops accepting, lets requests in flight finish (their threads are joined), then flushes
+    memory-held sessions to Redis.
+    """
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the app logs each request itself
     server = make_server(config.host, config.port, app, threaded=True, request_handler=_ConnectionHandler)
     server.daemon_threads = False  # so server_close() joins the requests in flight

@@ -29,8 +29,11 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 class DrainRefusedBody:
-    """WSGI middleware: after a 413 has been sent, drain the unread request body when it is at most
-    `max_excess` bytes over `limit` (the app's MAX_CONTENT_LENGTH), for at most `max_seconds`."""
+    """WSGI middleware that drains a refused request body after a 413 has been sent.
+
+    It drains the unread body only when it is at most `max_excess` bytes over `limit` (the app's MAX_CONTENT_LENGTH),
+    for at most `max_seconds`.
+    """
 
     def __init__(self, app: WSGIApp, limit: int, max_excess: int = DRAIN_MAX_EXCESS,
                  max_seconds: float = DRAIN_MAX_SECONDS) -> None:
@@ -80,8 +83,11 @@ class _ThenDrain:
                 self.sock.shutdown(socket.SHUT_RDWR)
 
     def _drain(self) -> None:
-        """From the connection's socket when the server says which (each `recv` returns whatever has arrived,
-        so the deadline holds however slowly the peer trickles), else from `wsgi.input`."""
+        """Drain the body from the connection's socket, else from `wsgi.input`.
+
+        The socket is used when the server says which: each `recv` returns whatever has arrived, so the deadline holds
+        however slowly the peer trickles.
+        """
         sock = self.sock
         read = sock.recv if sock is not None else self.environ["wsgi.input"].read
         left, deadline = self.left, time.monotonic() + self.max_seconds

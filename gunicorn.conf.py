@@ -64,9 +64,12 @@ loglevel = _config.log_level.lower()
 
 
 def _write_json_error(sock, status_int, reason, mesg):
-    """gunicorn answers what it cannot parse (a request line over 4094 bytes: 414, too many or too large
+    """Answer what gunicorn's own parser refuses in the service's JSON error shape.
+
+    gunicorn answers what it cannot parse (a request line over 4094 bytes: 414, too many or too large
     headers: 431, a bad request line, header or chunk: 400) itself, before the app sees it, with an HTML
-    page. Every answer of this service is JSON (docs/contract.md §1), so it writes the same error shape instead."""
+    page. Every answer of this service is JSON (docs/contract.md §1), so it writes the same error shape instead.
+    """
     body = error_body(f"{reason}: {mesg}." if mesg else f"{reason}.")
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")
@@ -77,11 +80,14 @@ util.write_error = _write_json_error  # workers call util.write_error(...) at th
 
 
 def _keep_session_buffers_in_the_heap():
-    """glibc gives an allocation above its (dynamic, 128 KB-32 MB) mmap threshold fresh pages from the kernel and
+    """Have glibc serve buffers up to 32 MB from the heap, not fresh mmap pages.
+
+    glibc gives an allocation above its (dynamic, 128 KB-32 MB) mmap threshold fresh pages from the kernel and
     hands them back on free, so every 1 MB session read page-faulted ~150-900 fresh pages: about 1 ms of CPU per
     request, more than the JSON work. Serve buffers up to 32 MB from the heap instead (orjson's parser reserves
     ~8x the body, 24 MB for a 3 MB session, of which it touches what it uses), and give free heap back to the
-    kernel only beyond 64 MB. Set in the master before it forks, so every worker inherits it."""
+    kernel only beyond 64 MB. Set in the master before it forks, so every worker inherits it.
+    """
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -104,8 +110,10 @@ def post_worker_init(worker):  # noqa: ARG001 - gunicorn's hook signature
 
 
 def worker_exit(server, worker):  # noqa: ARG001 - gunicorn's hook signature
-    """After a worker's last request: stop its backup schedule, try one last write-back of pending sessions,
-    and say what is left."""
+    """Stop the worker's backup schedule, try one last write-back of pending sessions, and say what is left.
+
+    Runs after the worker's last request.
+    """
     app_module = sys.modules.get("app")
     if app_module is not None:
         app_module.app.extensions["storyart-backups"].stop()

@@ -1,5 +1,4 @@
-"""Backups kept in two places: `BACKUP_DIR` on this disk, and with `BACKUP_S3_URL` an S3-compatible store
-(docs/backups.md).
+"""Keep backups in `BACKUP_DIR` on this disk and, with `BACKUP_S3_URL`, in an S3-compatible store (docs/backups.md).
 
 `take` is one backup as the `sessions backup` command and the schedule (`scheduler.py`) take it: the ZIP is
 written to `BACKUP_DIR` first (`backup.write_file`, atomic), then every backup there that the store does not yet
@@ -95,8 +94,10 @@ def made_at(name: str) -> datetime | None:
 
 
 def _manifest(path: Path) -> dict[str, Any] | None:
-    """The backup's manifest if the file is a readable StoryArt backup (its central directory and manifest:
-    what a truncated or foreign file lacks), else None."""
+    """Return the backup's manifest if the file is a readable StoryArt backup, else None.
+
+    Readable means its central directory and manifest are there: what a truncated or foreign file lacks.
+    """
     try:
         with zipfile.ZipFile(path) as archive, archive.open(MANIFEST) as member:
             manifest = orjson.loads(member.read(64 * 1024 * 1024))
@@ -155,8 +156,11 @@ class Store:
         return self.settings.prefix + name
 
     def copies(self) -> list[Copy]:
-        """The backups under the prefix named as the service names them, oldest first, each checked for
-        what makes it verified (a HEAD and its small checksum file each; nothing large is downloaded)."""
+        """List the backups under the prefix, oldest first, each checked for what makes it verified.
+
+        Only objects named as the service names them count; each check is a HEAD and its small checksum file, nothing
+        large is downloaded.
+        """
         sizes: dict[str, int] = {}
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
@@ -193,8 +197,11 @@ class Store:
         return body.decode("ascii", "replace").split(" ", 1)[0].strip().lower()
 
     def upload(self, path: Path, facts: Facts) -> str:
-        """Upload the backup at `path`, read it back, and only then mark it verified; its URL. Raises
-        `OffsiteError` naming what failed: the upload, a size or hash that does not match, the mark."""
+        """Upload the backup at `path`, read it back, mark it verified, and return its URL.
+
+        It is marked only once read back. Raises `OffsiteError` naming what failed: the upload, a size or hash that does
+        not match, the mark.
+        """
         from boto3.s3.transfer import TransferConfig
 
         key = self.key(facts.name)
@@ -242,8 +249,10 @@ class Store:
         return size, digest.hexdigest()
 
     def fetch(self, key: str, into: Path) -> None:
-        """Download the backup at `key` into the file `into`, only if it is a verified copy and what arrives
-        has its size and SHA-256; else `OffsiteError` saying why it is not restored from."""
+        """Download the backup at `key` into the file `into`, if it is a verified copy.
+
+        What arrives must have its size and SHA-256; otherwise raises `OffsiteError` saying why it is not restored from.
+        """
         url = self.url(key)
         meta_head = self._head(key)
         problem = _problem(meta_head["ContentLength"], meta_head["Metadata"], self._sidecar(key))
@@ -256,8 +265,10 @@ class Store:
                                "the store); it is not restored from")
 
     def remove(self, names: list[str]) -> None:
-        """Delete these backups and their checksum files (the checksum file first: a copy half removed reads as
-        unverified, never as verified)."""
+        """Delete these backups and their checksum files, the checksum file first.
+
+        A copy half removed thus reads as unverified, never as verified.
+        """
         for name in names:
             key = self.key(name)
             try:
@@ -293,8 +304,10 @@ def _missing(error: Exception) -> bool:
 
 
 def reason(error: Exception) -> str:
-    """One line for a botocore error or a connection's, with no secret in it (botocore's messages carry the
-    endpoint URL and error codes, never the keys)."""
+    """Describe a botocore or connection error in one line, with no secret in it.
+
+    botocore's messages carry the endpoint URL and error codes, never the keys.
+    """
     response = getattr(error, "response", None)
     if isinstance(response, dict) and "Error" in response:
         code, message = response["Error"].get("Code", "?"), response["Error"].get("Message", "")
@@ -307,8 +320,10 @@ def reason(error: Exception) -> str:
 
 @dataclass
 class Outcome:
-    """What one backup did: its file, the off-site copies it verified, what rotation removed, and the error
-    (one line) if it fell short anywhere."""
+    """What one backup did: its file, its verified off-site copies, rotation's removals, and any error.
+
+    The error is one line, set if the backup fell short anywhere.
+    """
 
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
     due: int | None = None  # the scheduled time it was taken for (ms), None when a person asked
@@ -340,8 +355,11 @@ def _iso(when: datetime) -> str:
 
 
 def take(config: Config, storage: SessionStorage, on_step: OnStep | None = None, due: int | None = None) -> Outcome:
-    """One backup into `BACKUP_DIR`, then off-site (see the module's docstring); never raises for what the
-    backup meets: the outcome says what failed. The local rotation runs even when the store failed."""
+    """Take one backup into `BACKUP_DIR`, then off-site (see the module's docstring).
+
+    It never raises for what the backup meets: the outcome says what failed. The local rotation runs even when the store
+    failed.
+    """
     started = time.monotonic()
     outcome = Outcome(due=due, offsite_configured=config.backup_s3 is not None)
     path = config.backup_dir / default_name()
@@ -365,8 +383,10 @@ def take(config: Config, storage: SessionStorage, on_step: OnStep | None = None,
 
 
 def _offsite(store: Store, config: Config, outcome: Outcome) -> None:
-    """Upload every local backup the store lacks verified (newest first) that its rotation would keep, then
-    rotate the store."""
+    """Upload the local backups the store lacks verified, then rotate the store.
+
+    Uploads go newest first, and only of backups the store's rotation would keep.
+    """
     remote = {c.name: c for c in store.copies()}
     verified = {name for name, c in remote.items() if c.verified}
     local = [c.name for c in local_copies(config.backup_dir) if c.verified]
@@ -417,9 +437,12 @@ def _mb(count: int) -> str:
 
 @contextlib.contextmanager
 def fetched(config: Config, source: str | None, latest: bool) -> Iterator[tuple[Path, str]]:
-    """The backup to restore as a local file, and how to name it: `source` as it is (a path), an `s3://` URL
-    downloaded and checked into a temporary file removed afterwards, or with `latest` the newest verified
-    backup of the store (of `BACKUP_DIR` when no store is configured). Raises `BackupError` (one line)."""
+    """Return the backup to restore as a local file, and how to name it.
+
+    It is `source` as it is (a path), an `s3://` URL downloaded and checked into a temporary file removed afterwards, or
+    with `latest` the newest verified backup of the store (of `BACKUP_DIR` when no store is configured). Raises
+    `BackupError` (one line).
+    """
     if latest == bool(source):
         raise BackupError("give either a backup (a path or an s3:// URL) or --latest")
     if source and not source.startswith("s3://"):

@@ -1,5 +1,4 @@
-"""The history page: `/` and its files under `/static/`, the only HTML this service serves
-(docs/history-page.md).
+"""The history page (docs/history-page.md): `/` and its files under `/static/`, the only HTML served.
 
 Plain files from `static/` (no build step, nothing from another origin, so it works offline), served by Flask's
 own static route. Every answer for them carries a strict Content-Security-Policy: no inline script or style,

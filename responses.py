@@ -1,5 +1,8 @@
-"""How answers are written: orjson for Flask's JSON, the one error shape, and stored sessions spliced into their
-envelopes as bytes (a 1 MB session is never parsed or serialized again on its way out)."""
+"""How answers are written: orjson for Flask's JSON, the one error shape, and sessions spliced in as bytes.
+
+Stored sessions are spliced into their envelopes as bytes: a 1 MB session is never parsed or serialized again on its way
+out.
+"""
 
 from __future__ import annotations
 
@@ -34,8 +37,11 @@ def json_response(payload: dict[str, Any], status: int = 200, headers: dict[str,
 
 
 def error_body(message: str) -> bytes:
-    """The one error shape of every answer (docs/contract.md §1), also written by the development server's
-    and gunicorn's own parsers when they refuse a request before the app sees it."""
+    """Build the one error shape of every answer (docs/contract.md §1).
+
+    It is also written by the development server's and gunicorn's own parsers when they refuse a request before the app
+    sees it.
+    """
     return orjson.dumps({"success": False, "error": message})
 
 
@@ -74,9 +80,11 @@ def summary_item(found: Stored) -> bytes:
 
 
 def saved_at(timestamp: int) -> str | None:
-    """The timestamp as ISO 8601 UTC, or None past the year 9999, which ISO's (and Python's) four-digit years
-    cannot write: another tool may have stored a session under any number of ms, and one such session must
-    not cut the list short."""
+    """Write the timestamp as ISO 8601 UTC, or None past the year 9999.
+
+    Years past 9999 are what ISO's (and Python's) four-digit years cannot write: another tool may have stored a session
+    under any number of ms, and one such session must not cut the list short.
+    """
     if timestamp > LAST_ISO_MS:
         return None
     seconds, ms = divmod(timestamp, 1000)  # whole numbers: through a float, ms past 2**43 (2248) may be one off

@@ -1,5 +1,6 @@
-"""The backup schedule the service keeps itself (`BACKUP_SCHEDULE`, docs/backups.md), and the record of the
-last backup that `/health` and the history page show.
+"""The backup schedule the service keeps itself, and the record of the last backup.
+
+The schedule is `BACKUP_SCHEDULE` (docs/backups.md); `/health` and the history page show the record.
 
 Every serving process (each gunicorn worker, `python app.py`) runs one thread that sleeps until the next due time
 of the cron expression, in the machine's time zone, and then claims that due time; only the claim's winner
@@ -58,8 +59,11 @@ return 0
 
 
 class Ledger:
-    """This host's claims and last outcome: `<LOCAL_STORE_PATH>-backups`, one SQLite file every process shares
-    (created on the first claim or record; /health only reads it when it exists)."""
+    """This host's backup claims and last outcome, in one SQLite file every process shares.
+
+    The file is `<LOCAL_STORE_PATH>-backups` (created on the first claim or record; /health only reads it when it
+    exists).
+    """
 
     SCHEMA = ("CREATE TABLE IF NOT EXISTS claims (due INTEGER PRIMARY KEY, owner TEXT NOT NULL, at INTEGER NOT NULL)",
               "CREATE TABLE IF NOT EXISTS last (id INTEGER PRIMARY KEY CHECK (id = 1), outcome TEXT NOT NULL)")
@@ -113,8 +117,10 @@ class Ledger:
 
 
 class Scheduler:
-    """The schedule of one process (started by the server that serves the app: gunicorn's `post_worker_init`,
-    `python app.py`'s `serve`), and the record of the last backup for every process."""
+    """The backup schedule of one process, and the record of the last backup for every process.
+
+    The schedule is started by the server that serves the app: gunicorn's `post_worker_init`, `python app.py`'s `serve`.
+    """
 
     def __init__(self, config: Config, storage: SessionStorage) -> None:
         self.config = config

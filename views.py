@@ -1,5 +1,8 @@
-"""The API's views: module-level functions on one blueprint, each a thin step from the request to `storage.py`
-and back through `responses.py`. What each answers is in `openapi.yaml`; the promises in docs/contract.md §1."""
+"""The API's views, each a thin step from the request to `storage.py` and back through `responses.py`.
+
+They are module-level functions on one blueprint. What each answers is in `openapi.yaml`; the promises in
+docs/contract.md §1.
+"""
 
 from __future__ import annotations
 
@@ -45,8 +48,11 @@ api = Blueprint("api", __name__)
 
 
 class SessionIdConverter(BaseConverter):
-    """Any path segment but the POST-only action names, so `GET /api/v1/session/save` is a 405, not a bad
-    timestamp; the view itself answers non-digits with 400 as docs/contract.md §1 asks."""
+    """Match a session id: any path segment but the POST-only action names.
+
+    Excluding those makes `GET /api/v1/session/save` a 405, not a bad timestamp; the view itself answers non-digits with
+    400 as docs/contract.md §1 asks.
+    """
 
     regex = r"(?!(?:save|import|latest|list)$)[^/]+"
 
@@ -89,8 +95,11 @@ def latest() -> Response:
 
 @api.get("/api/v1/session/list")
 def list_sessions() -> Response:
-    """Streamed: the sessions go out as they are read, a few at a time, so a bare list of every session (what
-    the StoryArt session browser asks for) costs a worker the memory of a few sessions, not of all of them."""
+    """List the stored sessions, streamed as they are read.
+
+    Streamed: the sessions go out as they are read, a few at a time, so a bare list of every session (what
+    the StoryArt session browser asks for) costs a worker the memory of a few sessions, not of all of them.
+    """
     try:
         query, summaries = _list_query()
     except ValueError as exc:
@@ -129,10 +138,12 @@ def export_session(raw: str) -> Response:
 
 @api.get("/api/v1/session/<session_id:raw>/compare/<session_id:other>")
 def compare_sessions(raw: str, other: str) -> Response:
-    """What changed from session `raw` to session `other` (see `compare.py`), bounded as docs/contract.md §1
-    says: a compare that finds COMPARE_CONCURRENCY others under way in this process is a 503 at once (one holds
-    the GIL for up to a second or two: more at once would keep other requests from their answers), and a pair
-    over COMPARE_MAX_BYTES a 422 before it is parsed."""
+    """Answer what changed from session `raw` to session `other` (see `compare.py`).
+
+    The compare is bounded as docs/contract.md §1 says: a compare that finds COMPARE_CONCURRENCY others under way in
+    this process is a 503 at once (one holds the GIL for up to a second or two: more at once would keep other requests
+    from their answers), and a pair over COMPARE_MAX_BYTES a 422 before it is parsed.
+    """
     stamps = (_timestamp(raw), _timestamp(other))
     config = current_app.config["STORYART"]
     turns = current_app.extensions["storyart-compares"]
@@ -159,20 +170,26 @@ _MALLOC_TRIM = _malloc_trim()
 
 
 def _give_back_freed_heap() -> None:
-    """Hand the heap a compare freed back to the kernel. Each thread allocates from its own glibc arena, which
-    keeps up to 64 MB free (gunicorn.conf.py): compares served one after another by different threads of a
-    worker otherwise left it 180-220 MB larger after ten seconds of them, though only one ran at a time."""
+    """Hand the heap a compare freed back to the kernel.
+
+    Each thread allocates from its own glibc arena, which keeps up to 64 MB free (gunicorn.conf.py): compares served one
+    after another by different threads of a worker otherwise left it 180-220 MB larger after ten seconds of them, though
+    only one ran at a time.
+    """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
 
 @contextmanager
 def _without_cycle_collection() -> Iterator[None]:
-    """Parsing two sessions and comparing them makes up to a million objects and no reference cycle, yet each
+    """Keep Python's cycle collector off while a compare runs.
+
+    Parsing two sessions and comparing them makes up to a million objects and no reference cycle, yet each
     batch of new objects sets off Python's cycle collector, whose full passes over every object in the worker
     hold the GIL all along: 130,000 empty beats a side took 0.55-0.63 s of CPU with it, 0.34 s without, and
     other requests waited up to a second. The collector is off for that while (at most a few seconds, the
-    budget sees to it): whatever cycles other threads leave meanwhile are collected after."""
+    budget sees to it): whatever cycles other threads leave meanwhile are collected after.
+    """
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -232,11 +249,13 @@ def _pin(raw: str, *, pinned: bool) -> Response:
 
 @api.post("/api/v1/session/import")
 def import_sessions() -> Response:
-    """One session or an array of them, as exported: each validated like `save`, timestamps kept. Bounded by
-    IMPORT_MAX_ITEMS (413 before anything is stored) and IMPORT_TIME_LIMIT_SECONDS (the items not reached by
-    then are reported `skipped`, so the answer comes well within the 60 s a proxy waits). A retry stores nothing
-    twice: an item with a timestamp replaces itself, and one without gets the timestamp it got the first time
-    (its save id is its content's hash)."""
+    """Import one session or an array of them, as exported, keeping their timestamps.
+
+    Each item is validated like `save`. Bounded by IMPORT_MAX_ITEMS (413 before anything is stored) and
+    IMPORT_TIME_LIMIT_SECONDS (the items not reached by then are reported `skipped`, so the answer comes well within the
+    60 s a proxy waits). A retry stores nothing twice: an item with a timestamp replaces itself, and one without gets
+    the timestamp it got the first time (its save id is its content's hash).
+    """
     if request.mimetype != "application/json":
         return error(415, MESSAGES[415])
     limit, config = current_app.config["MAX_CONTENT_LENGTH"], current_app.config["STORYART"]
@@ -264,8 +283,11 @@ def import_sessions() -> Response:
 
 @api.get("/api/v1/backup")
 def download_backup() -> Response:
-    """Every live session as one ZIP file, the format of `flask --app app sessions backup` (see `backup.py`),
-    streamed while the sessions are read: a worker holds a few of them at a time, whatever their number."""
+    """Download every live session as one ZIP file, streamed while the sessions are read.
+
+    The file has the format of `flask --app app sessions backup` (see `backup.py`); while it streams, a worker holds a
+    few sessions at a time, whatever their number.
+    """
     backup = stream(_storage())
     disposition = f'attachment; filename="{default_name()}"'
     return Response(stream_with_context(backup.chunks), mimetype="application/zip",
@@ -307,8 +329,11 @@ def ready() -> Response:
 
 
 def _backups() -> dict[str, Any]:
-    """`lastBackup` (when, where, verified, or the error; null before the first) and, with BACKUP_SCHEDULE,
-    `nextBackup` (see scheduler.py)."""
+    """Describe the last backup and, with a schedule, the next one, for /health.
+
+    `lastBackup` (when, where, verified, or the error; null before the first) and, with BACKUP_SCHEDULE,
+    `nextBackup` (see scheduler.py).
+    """
     schedule = current_app.extensions["storyart-backups"]
     due = schedule.next_due()
     shown = datetime.fromtimestamp(due / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z") \
@@ -317,8 +342,11 @@ def _backups() -> dict[str, Any]:
 
 
 def _replicated(sessions: SessionStorage) -> dict[str, bool]:
-    """`replicated` for /health, with `REDIS_WAIT_REPLICAS`: whether saves reach that many replicas now (false:
-    they go on to the master alone, or with `REDIS_REQUIRE_REPLICAS` wait in the local store)."""
+    """Report whether saves reach `REDIS_WAIT_REPLICAS` replicas now, for /health's `replicated`.
+
+    `replicated` for /health, with `REDIS_WAIT_REPLICAS`: whether saves reach that many replicas now (false:
+    they go on to the master alone, or with `REDIS_REQUIRE_REPLICAS` wait in the local store).
+    """
     replicated = sessions.replicated
     return {} if replicated is None else {"replicated": replicated}
 
@@ -374,8 +402,10 @@ def _timestamp(raw: str) -> int:
 
 
 def _list_query() -> tuple[Query, bool]:
-    """The list's query string as a `Query`, and whether summaries were asked for; ValueError says what is
-    wrong. Empty text filters count as absent."""
+    """Parse the list's query string into a `Query`, and whether summaries were asked for.
+
+    Raises ValueError saying what is wrong. Empty text filters count as absent.
+    """
     view = request.args.get("view", "full")
     if view not in ("full", "summary"):
         raise ValueError("view must be full or summary.")
@@ -393,9 +423,12 @@ def _list_query() -> tuple[Query, bool]:
 
 
 def _request_body(limit: int) -> bytes:
-    """The whole body: 413 when it is larger than `limit` (werkzeug stops reading a body without a
-    Content-Length, i.e. chunked, at the limit without saying it cut it), 400 and `Connection: close` when the
-    server cannot read it (a malformed chunk under gunicorn raises its own parser error here)."""
+    """Read the whole request body, refusing one over `limit` or one the server cannot read.
+
+    It answers 413 when it is larger than `limit` (werkzeug stops reading a body without a Content-Length, i.e. chunked,
+    at the limit without saying it cut it), 400 and `Connection: close` when the server cannot read it (a malformed
+    chunk under gunicorn raises its own parser error here).
+    """
     try:
         body = request.get_data(cache=False)
         if request.content_length is None and len(body) >= limit and request.environ["wsgi.input"].read(1):

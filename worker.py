@@ -1,5 +1,7 @@
-"""The gunicorn worker (gunicorn.conf.py): gthread, except that an answer its client does not read waits in the
-worker's poller instead of in one of its threads, and is dropped after RESPONSE_SEND_TIMEOUT without progress.
+"""The gunicorn worker (gunicorn.conf.py): gthread, with unread answers parked in the poller, not a thread.
+
+It is gthread, except that an answer its client does not read waits in the worker's poller instead of in one of its
+threads, and is dropped after RESPONSE_SEND_TIMEOUT without progress.
 
 gthread gives a request one of the worker's threads until its answer is written. A client that asks for a large
 answer and reads nothing keeps that thread blocked in `send` for as long as it stays connected: 200 connections
@@ -41,8 +43,11 @@ PARKED = object()  # a step's result: the client must read before the answer goe
 
 
 class Outbox:
-    """Stands in for a connection's socket in gunicorn's `Response`: `sendall` hands the socket what it takes at
-    once and keeps the rest (views of the caller's bytes, not copies) for `flush`."""
+    """A connection's socket for gunicorn's `Response` that keeps what the socket does not take at once.
+
+    `sendall` hands the socket what it takes at once and keeps the rest (views of the caller's bytes, not copies) for
+    `flush`.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -84,11 +89,13 @@ class Outbox:
 
 
 class Reply:
-    """One answer on its way: gunicorn's `Response` writing into an `Outbox`, and the app's iterable, taken up
-    again by whichever of the worker's threads is free once the client has read. The app and its iterable run in
-    the answer's own `contextvars.Context` (`context`): Flask's `stream_with_context` keeps the request's
-    context in context variables while the answer is streamed, and they must go with the iterable to the next
-    thread, not stay behind in the first."""
+    """One answer on its way, taken up by whichever worker thread is free once the client has read.
+
+    It is gunicorn's `Response` writing into an `Outbox`, and the app's iterable. The app and its iterable run in the
+    answer's own `contextvars.Context` (`context`): Flask's `stream_with_context` keeps the request's context in context
+    variables while the answer is streamed, and they must go with the iterable to the next thread, not stay behind in
+    the first.
+    """
 
     def __init__(self, worker: ParkingWorker, req: Any, resp: wsgi.Response, environ: dict[str, Any],
                  body: Any, started: datetime, context: contextvars.Context) -> None:
@@ -99,8 +106,11 @@ class Reply:
         self.ended = self.finished = False
 
     def step(self) -> bool | object:
-        """Write until the answer is out (then: whether the connection may stay open) or until the client has not
-        read for `WRITE_WAIT` (then: `PARKED`). Runs in one of the worker's threads."""
+        """Write the answer until it is out or the client stops reading; runs in one of the worker's threads.
+
+        Returns whether the connection may stay open once the answer is out, or `PARKED` when the client has not read
+        for `WRITE_WAIT`.
+        """
         try:
             parked = self.context.run(self._write)
         except BaseException:
@@ -123,8 +133,10 @@ class Reply:
         return not self.outbox.flushed_within(WRITE_WAIT)
 
     def finish(self) -> None:
-        """What gunicorn does after every answer, written or dropped: the access log, the iterable's `close()`,
-        the post_request hook."""
+        """Do what gunicorn does after every answer, written or dropped.
+
+        That is the access log, the iterable's `close()`, the post_request hook.
+        """
         if self.finished:
             return
         self.finished = True
@@ -231,8 +243,11 @@ class ParkingWorker(gthread.ThreadWorker):
         return False
 
     def murder_keepalived(self, force: bool = False) -> None:
-        """gthread's sweep of expired kept-alive connections (each turn of the main loop), and of parked answers
-        whose socket took nothing for `send_timeout` seconds (all of them when the worker stops)."""
+        """Close expired kept-alive connections and stalled parked answers.
+
+        gthread's sweep of expired kept-alive connections (each turn of the main loop), and of parked answers
+        whose socket took nothing for `send_timeout` seconds (all of them when the worker stops).
+        """
         super().murder_keepalived(force)
         stalled = time.monotonic() - self.send_timeout
         for conn in list(self.parked):
