@@ -49,15 +49,6 @@ LAST_KEY = "storyart:backup:last"
 SLICE_S = 30.0  # the longest wait without a look at the wall clock
 STOP_WAIT_S = 20.0  # how long closing waits for a backup in progress (gunicorn's graceful_timeout is 30 s)
 KEEP_CLAIMS = 1000  # due times kept in the host's file (the cursor needs only the largest)
-_CLAIM = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if tonumber(ARGV[3]) > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], ARGV[3]) end
-  return 1
-end
-return 0
-"""
-
-
 class Ledger:
     """This host's backup claims and last outcome, in one SQLite file every process shares.
 
@@ -221,8 +212,7 @@ class Scheduler:
         if not self.storage.redis_configured:
             return True
         period = _next(expression, _next(expression, due / 1000) / 1000) - _next(expression, due / 1000)
-        claimed = self.storage.shared(lambda r: r.eval(_CLAIM, 2, f"{LEASE_PREFIX}{due}", CURSOR_KEY, owner,
-                                                       2 * period + 3_600_000, due))
+        claimed = self.storage.claim(f"{LEASE_PREFIX}{due}", CURSOR_KEY, owner, 2 * period + 3_600_000, due)
         if claimed is None:
             log.warning("Redis does not answer: the backup due at %s is claimed on this host only", _local(due))
             return True

@@ -176,6 +176,13 @@ class SessionStorage:
         Redis (the local store keeps its own index). Raises `redis.RedisError` when Redis cannot be reached."""
         return self.redis.reindex() if self.redis is not None else None
 
+    def claim(self, lease_key: str, cursor_key: str, owner: str, lease_ms: int, due: int) -> bool | None:
+        """Claim a due time among every host sharing the Redis (the backup schedule's lease).
+
+        True when `owner` took it, False when another process had; None when there is no Redis or it cannot be
+        asked now."""
+        return self.shared(lambda _: self.redis.claim(lease_key, cursor_key, owner, lease_ms, due))
+
     def shared(self, call: Callable[[redis.Redis], T]) -> T | None:
         """Run a call on the shared Redis, if it can be asked now.
 

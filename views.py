@@ -310,7 +310,7 @@ def health() -> Response:
         "memorySessions": local.sessions,
         "localStore": {"kind": local.kind, "path": local.location, "sessions": local.sessions, "bytes": local.bytes},
         **_replicated(sessions),
-        **({"warnings": sessions.warnings} if sessions.warnings else {}),
+        **({"warnings": warnings} if (warnings := sessions.warnings) else {}),
         **_backups(),
         "service": SERVICE_NAME,
         "pid": os.getpid(),

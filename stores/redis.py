@@ -232,6 +232,7 @@ _SUMMARY = _lua("forget", "summary")
 _NO_FACETS = _lua("forget", "no_facets")
 _ADOPT = _lua("adopt")
 _LEASE = _lua("lease")
+_CLAIM = _lua("claim")
 
 
 class NotReplicated(redis.ResponseError):
@@ -303,6 +304,7 @@ class RedisStore(SessionStore):
         self._no_facets = client.register_script(_NO_FACETS)
         self._adopt = client.register_script(_ADOPT)
         self._lease = client.register_script(_LEASE)
+        self._claim = client.register_script(_CLAIM)
         self.reconciler = Reconciler(self)
 
     @classmethod
@@ -570,6 +572,10 @@ class RedisStore(SessionStore):
         Record a summary and its facets with the session's remaining TTL (none when the session has none);
         False when the session is gone."""
         return bool(self._summary(args=(timestamp, summary, _facets_json(summary))))
+
+    def claim(self, lease_key: str, cursor_key: str, owner: str, lease_ms: int, due: int) -> bool:
+        """Take the lease of one due time (`lua/claim.lua`) unless another process has; True when `owner` did."""
+        return bool(self._claim(keys=(lease_key, cursor_key), args=(owner, lease_ms, due)))
 
     def reindex(self) -> Adopted:
         """Index the session keys the index lacks.

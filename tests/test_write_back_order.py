@@ -95,6 +95,16 @@ def test_an_unpin_just_before_the_write_back_keeps_the_later_copy(service, own_r
     assert 0 < redis_server.client().pttl(f"storyart:session:{ts}") <= 7 * 86_400_000  # unpinned: its TTL runs
 
 
+def v1_pending_on_a_host_that_is_down(redis_server, host_a, host_b, ts: int) -> None:
+    """Redis goes away, host B acknowledges v1 of `ts` into its local store and is killed before Redis returns;
+    host A sees Redis again."""
+    redis_server.kill()
+    store(host_b, session("v1", timestamp=ts), "memory")
+    host_b.kill_group()
+    redis_server.start(*PERSISTENT)
+    wait_for(lambda: health(host_a)["redis"] == "connected", what="host A to see Redis again")
+
+
 @pytest.mark.parametrize("later", ["pinned", "no ttl"])
 def test_a_pending_copy_on_a_host_that_was_down_loses_to_a_later_save(later, service, own_redis) -> None:
     """Host B holds v1 of T, pending, and is down when Redis returns; v2 of T is saved on host A and (with the
@@ -105,11 +115,7 @@ def test_a_pending_copy_on_a_host_that_was_down_loses_to_a_later_save(later, ser
     host_a, host_b = (host(service, redis_server, n, 2, **env) for n in (0, 1))
     ts = now_ms() - 60_000
     store(host_a, session("v0", timestamp=ts), "redis")
-    redis_server.kill()
-    store(host_b, session("v1", timestamp=ts), "memory")
-    host_b.kill_group()
-    redis_server.start(*PERSISTENT)
-    wait_for(lambda: health(host_a)["redis"] == "connected", what="host A to see Redis again")
+    v1_pending_on_a_host_that_is_down(redis_server, host_a, host_b, ts)
     store(host_a, session("v2", timestamp=ts), "redis")
     if later == "pinned":
         pin(host_a, ts)
@@ -128,11 +134,7 @@ def test_an_unpin_on_another_host_does_not_make_the_older_copy_win(service, own_
     ts = now_ms() - 60_000
     store(host_a, session("v0", timestamp=ts), "redis")
     pin(host_a, ts)
-    redis_server.kill()
-    store(host_b, session("v1", timestamp=ts), "memory")
-    host_b.kill_group()
-    redis_server.start(*PERSISTENT)
-    wait_for(lambda: health(host_a)["redis"] == "connected", what="host A to see Redis again")
+    v1_pending_on_a_host_that_is_down(redis_server, host_a, host_b, ts)
     pin(host_a, ts, pinned=False)
     host_b.restart()
     written_back(host_b)
@@ -149,11 +151,7 @@ def test_a_delete_wins_over_a_pending_copy_on_a_host_that_was_down(service, own_
     ts, kept = now_ms() - 60_000, now_ms() - 50_000
     store(host_a, session("v0", timestamp=ts), "redis")
     store(host_a, session("k0", timestamp=kept), "redis")
-    redis_server.kill()
-    store(host_b, session("v1", timestamp=ts), "memory")
-    host_b.kill_group()
-    redis_server.start(*PERSISTENT)
-    wait_for(lambda: health(host_a)["redis"] == "connected", what="host A to see Redis again")
+    v1_pending_on_a_host_that_is_down(redis_server, host_a, host_b, ts)
     for doomed in (ts, kept):
         deleted = request(host_a.port, "DELETE", f"/api/v1/session/{doomed}")
         assert deleted.status == 200 and deleted.json()["message"] == "Session deleted", deleted.body
