@@ -10,6 +10,7 @@ describes. The vocabulary callers need is re-exported here from `stores.base`. H
 
 from __future__ import annotations
 
+import copy
 import enum
 import logging
 import threading
@@ -25,10 +26,11 @@ from config import Config, ConfigError
 from payload import Draft, content_hash, head_of, summarize
 from stores import memory, sqlite
 from stores.base import (
+    DEFAULT_OWNER,
     EVERY,
     INDEX_KEY,
-    KEY_PREFIX,
     LOCAL,
+    Keys,
     Limits,
     Listing,
     LocalStore,
@@ -79,8 +81,20 @@ class RedisState(enum.Enum):
     DOWN = "disconnected"
 
 
+class _Link:
+    """The state of the Redis link, shared by a storage and every user's view of it (`SessionStorage.space`)."""
+
+    def __init__(self, state: RedisState) -> None:
+        self.state = state
+        self.lock = threading.Lock()
+        self.spaces: dict[str, SessionStorage] = {}
+
+
 class SessionStorage:
-    """Redis first, the local store when Redis is absent, failing or refusing writes; reads see both."""
+    """Redis first, the local store when Redis is absent, failing or refusing writes; reads see both.
+
+    The storage the factory builds is the default user's; `space(owner)` is the same storage as another user
+    sees it (docs/contract.md §6)."""
 
     def __init__(self, local: LocalStore, redis_store: RedisStore | None, ttl_seconds: int,
                  retry_interval: float, *, allow_eviction: bool = False, slot: Slot = ONE_HOST) -> None:
@@ -89,8 +103,8 @@ class SessionStorage:
         self.ttl_ms = ttl_seconds * 1000
         self.retry_interval = retry_interval
         self.allocator = Allocator(local.clock_path, slot)
-        self._state = RedisState.CONNECTED if redis_store is not None else RedisState.NOT_CONFIGURED
-        self._lock = threading.Lock()
+        self.owner = DEFAULT_OWNER
+        self._link = _Link(RedisState.CONNECTED if redis_store is not None else RedisState.NOT_CONFIGURED)
         self._stopping = threading.Event()
         self._reported: set[int] = set()  # timestamps of records that are not sessions, logged once
         self._index_checked = -REINDEX_CHECK_S
@@ -103,15 +117,36 @@ class SessionStorage:
             self._worker = threading.Thread(target=self._recover_loop, name="storyart-write-back", daemon=True)
             self._worker.start()
 
+    def space(self, owner: str) -> SessionStorage:
+        """This storage in one user's space.
+
+        The same stores, Redis link, failover and background thread, every operation on `owner`'s sessions only:
+        another user's timestamps are sessions that do not exist."""
+        if owner == self.owner:
+            return self
+        with self._link.lock:
+            view = self._link.spaces.get(owner)
+            if view is None:
+                view = copy.copy(self)
+                view.owner, view.local, view._reported = owner, self.local.scoped(owner), set()
+                view.redis = self.redis.scoped(owner) if self.redis is not None else None
+                self._link.spaces[owner] = view
+        return view
+
+    @property
+    def keys(self) -> Keys:
+        """This space's Redis key names (the default user's: the public layout)."""
+        return Keys.of(self.owner)
+
     # -- state
 
     @property
     def redis_state(self) -> RedisState:
-        return self._state
+        return self._link.state
 
     @property
     def saves_go_to(self) -> str:
-        return "redis" if self._state is RedisState.CONNECTED else LOCAL
+        return "redis" if self._link.state is RedisState.CONNECTED else LOCAL
 
     def _redis_failed(self, error: redis.RedisError) -> None:
         """Mark Redis as failed.
@@ -120,14 +155,14 @@ class SessionStorage:
         OOM, too few replicas) only stops saves: what it holds stays readable, also when it was down before
         (a new master that has no replica yet)."""
         state = RedisState.READ_ONLY if isinstance(error, redis.ResponseError) else RedisState.DOWN
-        with self._lock:
-            if self._state is RedisState.CONNECTED:
+        with self._link.lock:
+            if self._link.state is RedisState.CONNECTED:
                 log.error("Redis unavailable (%s: %s); saving to the local %s store and retrying every %gs",
                           type(error).__name__, error, self.local.kind, self.retry_interval)
-            elif self._state is RedisState.DOWN and state is RedisState.READ_ONLY:
+            elif self._link.state is RedisState.DOWN and state is RedisState.READ_ONLY:
                 log.warning("Redis answers again, but takes no saves yet (%s: %s)", type(error).__name__, error)
-            if self._state is not RedisState.DOWN or state is RedisState.READ_ONLY:
-                self._state = state
+            if self._link.state is not RedisState.DOWN or state is RedisState.READ_ONLY:
+                self._link.state = state
 
     @property
     def warnings(self) -> list[str]:
@@ -152,7 +187,7 @@ class SessionStorage:
         """With `REDIS_WAIT_REPLICAS`, whether saves reach that many replicas now; None when none are asked for."""
         if self.redis is None or not self.redis.replication.replicas:
             return None
-        return self.redis.unreplicated is None and self._state is RedisState.CONNECTED
+        return self.redis.unreplicated is None and self._link.state is RedisState.CONNECTED
 
     @property
     def in_this_process_only(self) -> bool:
@@ -189,7 +224,7 @@ class SessionStorage:
         `call` on the Redis every host shares, for what hosts coordinate beyond sessions (the backup schedule's
         claims and record); None when there is no Redis or it cannot be asked now, and the caller goes on with
         what this host knows."""
-        if self.redis is None or self._state is RedisState.DOWN:
+        if self.redis is None or self._link.state is RedisState.DOWN:
             return None
         try:
             return call(self.redis.client)
@@ -197,7 +232,7 @@ class SessionStorage:
             return None
 
     def _readable(self) -> bool:
-        return self.redis is not None and self._state is not RedisState.DOWN
+        return self.redis is not None and self._link.state is not RedisState.DOWN
 
     # -- operations
 
@@ -209,7 +244,7 @@ class SessionStorage:
         it was asked to keep never makes room by evicting other sessions."""
         now = now_ms()
         proposal = self.allocator.propose(now) if draft.timestamp is None else now
-        if self.redis is not None and self._state is RedisState.CONNECTED:
+        if self.redis is not None and self._link.state is RedisState.CONNECTED:
             try:
                 timestamp = self.redis.save(draft, now=now, ttl_ms=self.ttl_ms, proposal=proposal)
             except redis.RedisError as error:
@@ -383,8 +418,8 @@ class SessionStorage:
         if not isinstance(session, dict):
             if found.timestamp not in self._reported:
                 self._reported.add(found.timestamp)
-                log.warning("the record under %s%d is not a session (not a JSON object); it is skipped",
-                            KEY_PREFIX, found.timestamp)
+                log.warning("the record under %s is not a session (not a JSON object); it is skipped",
+                            self.keys.session_key(found.timestamp))
             return None
         summary = summarize(session, len(found.body), hashed)
         if found.storage == "redis":
@@ -421,7 +456,7 @@ class SessionStorage:
             with self.local.exclusive():
                 return change(self.local)
         unreachable = f"Redis is unreachable, so the session cannot be {done} everywhere"
-        if self._state is RedisState.DOWN and self.check(when_down=True) is RedisState.DOWN:  # rare: ask now
+        if self._link.state is RedisState.DOWN and self.check(when_down=True) is RedisState.DOWN:  # rare: ask now
             raise StorageUnavailable(unreachable)
         with self.local.exclusive():
             try:
@@ -437,16 +472,16 @@ class SessionStorage:
         Health probe: ping Redis, unless it is known to be down (no wait on a dead Redis) and `when_down` is
         not asked for; a Redis that answers again counts as connected at once (the background thread writes
         the pending sessions back)."""
-        if self.redis is not None and (when_down or self._state is not RedisState.DOWN):
+        if self.redis is not None and (when_down or self._link.state is not RedisState.DOWN):
             try:
                 self.redis.ping()
             except redis.RedisError as error:
                 self._redis_failed(error)
             else:
-                with self._lock:
-                    if self._state is RedisState.DOWN:
-                        self._state = RedisState.CONNECTED
-        return self._state
+                with self._link.lock:
+                    if self._link.state is RedisState.DOWN:
+                        self._link.state = RedisState.CONNECTED
+        return self._link.state
 
     # -- recovery
 
@@ -468,18 +503,18 @@ class SessionStorage:
                     break
                 now = now_ms()
                 if record.expires_at > now:
-                    self._log_move(record, self.redis.write_back(record, now=now))
+                    self._log_move(record, self.redis.scoped(record.owner).write_back(record, now=now))
                     moved += 1
                     if moved == 1:  # Redis takes writes: new saves go there while the rest follows
                         self._accepting()
-                self.local.delete(record.timestamp)
+                self.local.scoped(record.owner).delete(record.timestamp)
             time.sleep(MOVE_PAUSE_S)  # between moves the lock is free: a save waiting for it gets its turn
         return moved
 
     def _accepting(self) -> None:
         """Redis took a write (or answers again and nothing is pending): saves go to it again."""
-        with self._lock:
-            was, self._state = self._state, RedisState.CONNECTED
+        with self._link.lock:
+            was, self._link.state = self._link.state, RedisState.CONNECTED
         if was is RedisState.READ_ONLY:
             log.warning("Redis accepts writes again")
 
@@ -518,9 +553,9 @@ class SessionStorage:
         if not self._inspected:
             self.inspect_redis()
         pending = self.local.count()[0]
-        with self._lock:
-            if self._state is RedisState.DOWN:
-                self._state = RedisState.CONNECTED
+        with self._link.lock:
+            if self._link.state is RedisState.DOWN:
+                self._link.state = RedisState.CONNECTED
                 log.warning("Redis is reachable again; writing back %d pending session(s)", pending)
         moved = self.write_back() if pending else 0
         self._accepting()
@@ -536,7 +571,7 @@ class SessionStorage:
         else a round of `reconcile`."""
         while not self._stopping.wait(self.retry_interval):
             try:
-                if self._state is not RedisState.CONNECTED or self.local.count()[0] or self.redis.unreplicated:
+                if self._link.state is not RedisState.CONNECTED or self.local.count()[0] or self.redis.unreplicated:
                     self.recover()
                 else:
                     self.reconcile()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import functools
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -29,16 +30,63 @@ from payload import Draft, head_of
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "storyart:session:"
-INDEX_KEY = "storyart:sessions:index"  # the public index: member a session key, score its timestamp
+DEFAULT_OWNER = ""  # the default user's space: the public layout, and every session saved before users existed
 LOCAL = "memory"  # the wire name of the local fallback in `storage` fields, whichever local store it is
 EVERY = 2**31  # `Query.limit` of a list that asked for no limit
 NEVER = 2**62  # the `expires_at` of a session that does not expire (pinned, or SESSION_TTL_SECONDS=0)
 
 
 
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The Redis key names of one user's space.
+
+    The default user's are the public layout other StoryArt tools read (`storyart:session:<ms>`,
+    `storyart:sessions:index`, ...); every other user's are the same names under `storyart:{u:<name>}:`, whose
+    hash tag keeps one user's keys in one Redis Cluster slot. `stores/redis.py` says what each key holds."""
+
+    owner: str
+    prefix: str
+    session: str  # + <ms>: the session JSON
+    index: str
+    meta: str  # + <ms>: its summary
+    save: str  # + <save id>
+    deleted: str  # + <ms>: a delete's tombstone
+    acked: str
+    expiry: str
+    clock: str
+    pinned: str
+    facets: str
+    story: str  # + <storyUuid>
+    episode: str  # + <n>
+    shares: str  # a hash: share id -> the share's record
+    activity: str  # a sorted set: the activity log, by time
+
+    @classmethod
+    def of(cls, owner: str) -> Keys:
+        return _keys(owner)
+
+    def session_key(self, timestamp: int) -> str:
+        return f"{self.session}{timestamp}"
+
+
+@functools.cache
+def _keys(owner: str) -> Keys:
+    prefix = "storyart:" if owner == DEFAULT_OWNER else f"storyart:{{u:{owner}}}:"
+    return Keys(owner, prefix, f"{prefix}session:", f"{prefix}sessions:index", f"{prefix}meta:", f"{prefix}save:",
+                f"{prefix}deleted:", f"{prefix}sessions:acked", f"{prefix}sessions:expiry", f"{prefix}sessions:clock",
+                f"{prefix}sessions:pinned", f"{prefix}sessions:facets", f"{prefix}sessions:story:",
+                f"{prefix}sessions:episode:", f"{prefix}shares", f"{prefix}activity")
+
+
+DEFAULT_KEYS = Keys.of(DEFAULT_OWNER)
+KEY_PREFIX = DEFAULT_KEYS.session
+INDEX_KEY = DEFAULT_KEYS.index  # the public index: member a session key, score its timestamp
+
+
 def session_key(timestamp: int) -> str:
-    return f"{KEY_PREFIX}{timestamp}"
+    """The default user's key of a session (`Keys.session_key` names any user's)."""
+    return DEFAULT_KEYS.session_key(timestamp)
 
 
 def expiry(now: int, ttl_ms: int) -> int:
@@ -76,6 +124,7 @@ class Record:
     save_id: str = ""  # the save's id (`payload.Draft.save_id`)
     pinned: bool = False
     acked: int = 0  # when this copy was acknowledged (wall clock, ms): what orders it against other copies; 0: unknown
+    owner: str = DEFAULT_OWNER  # whose space it is in
 
     @property
     def draft(self) -> Draft:
@@ -245,6 +294,14 @@ class SessionStore(abc.ABC):
     own atomic step; `proposal` is where that rule starts for a session sent without a timestamp."""
 
     storage: str  # the wire name of this store in `storage` fields
+    owner: str = DEFAULT_OWNER  # whose space this store's operations see: one user's, never another's
+
+    @abc.abstractmethod
+    def scoped(self, owner: str) -> SessionStore:
+        """This store seen from one user's space.
+
+        The same store (its connections, locks and caps shared) whose every operation sees `owner`'s sessions
+        only: how the service keeps one user's sessions from another (docs/contract.md §6)."""
 
     @abc.abstractmethod
     def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None) -> int:
@@ -305,9 +362,12 @@ class LocalStore(SessionStore):
     def exclusive(self) -> AbstractContextManager[None]: ...
 
     @abc.abstractmethod
+    def scoped(self, owner: str) -> LocalStore: ...
+
+    @abc.abstractmethod
     def oldest(self) -> Record | None:
-        """The oldest session held, expired or not (a write-back drops an expired one)."""
+        """The oldest session held in any user's space, expired or not (a write-back drops an expired one)."""
 
     @abc.abstractmethod
     def count(self) -> tuple[int, int]:
-        """(sessions, bytes) held."""
+        """(sessions, bytes) held, in every user's space: the caps are the host's."""

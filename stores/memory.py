@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import heapq
 import logging
 import threading
@@ -23,10 +24,23 @@ from stores.base import LOCAL, NEVER, Limits, LocalStore, Origin, Query, Record,
 log = logging.getLogger(__name__)
 
 
+class _Shelf:
+    """Every space's sessions in this process, shared by the store and its views (`MemoryStore.scoped`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # also `exclusive()`: a write-back step and a delete never interleave
+        self.records: dict[tuple[str, int], Record] = {}  # by (owner, timestamp)
+        self.order: list[tuple[str, int]] = []  # (owner, timestamp), ascending: each space's sessions in a row
+        self.expiry: list[tuple[int, str, int]] = []  # heap of (expires_at, owner, timestamp); replaced ones skipped
+        self.saves: dict[tuple[str, str], int] = {}  # (owner, save id) -> timestamp
+        self.bytes = 0
+        self.last_assigned = 0
+
+
 class MemoryStore(LocalStore):
     """In-process session store.
 
-    Sessions in this process: the newest found in O(1), pages cut from a sorted index without copying it,
+    Sessions in this process: the newest found in O(log n), pages cut from a sorted index without copying it,
     expired sessions purged from an expiry heap, bounded by count and bytes."""
 
     kind = "memory"
@@ -34,62 +48,68 @@ class MemoryStore(LocalStore):
     clock_path = None  # nothing is shared: the allocator's clock is this process's own
 
     def __init__(self, limits: Limits | None = None) -> None:
-        self._lock = threading.RLock()  # also `exclusive()`: a write-back step and a delete never interleave
-        self._records: dict[int, Record] = {}
-        self._order: list[int] = []  # timestamps, ascending
-        self._expiry: list[tuple[int, int]] = []  # heap of (expires_at, timestamp); replaced pairs are skipped
-        self._saves: dict[str, int] = {}  # save id -> timestamp
-        self._bytes = 0
-        self._last_assigned = 0
+        self._shelf = _Shelf()
         self.configure(limits or Limits())
 
     def configure(self, limits: Limits) -> None:
         self.limits = limits
 
+    def scoped(self, owner: str) -> MemoryStore:
+        """This store in `owner`'s space: the same sessions and lock, that user's keys."""
+        if owner == self.owner:
+            return self
+        view = copy.copy(self)
+        view.owner = owner
+        return view
+
     def clear(self) -> None:
-        with self._lock:
-            self._records.clear()
-            self._saves.clear()
-            self._order.clear()
-            self._expiry.clear()
-            self._bytes = 0
+        shelf = self._shelf
+        with shelf.lock:
+            shelf.records.clear()
+            shelf.saves.clear()
+            shelf.order.clear()
+            shelf.expiry.clear()
+            shelf.bytes = 0
 
     def count(self) -> tuple[int, int]:
-        return len(self._records), self._bytes
+        return len(self._shelf.records), self._shelf.bytes
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
-        with self._lock:
+        with self._shelf.lock:
             yield
 
     def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None) -> int:
-        with self._lock:
+        shelf, owner = self._shelf, self.owner
+        with shelf.lock:
             timestamp, origin = draft.timestamp, Origin.CLIENT
-            earlier = self._records.get(self._saves.get(draft.save_id, -1))
+            earlier = shelf.records.get((owner, shelf.saves.get((owner, draft.save_id), -1)))
             if timestamp is None and earlier and earlier.expires_at > now \
                     and earlier.body == draft.render(earlier.timestamp):
                 return earlier.timestamp  # this very save was applied before (a retried import)
             if timestamp is None:
-                timestamp, self._last_assigned = choose(proposal, self._last_assigned, self._records.__contains__,
-                                                        now, "The memory store's last assigned timestamp")
+                timestamp, shelf.last_assigned = choose(proposal, shelf.last_assigned,
+                                                        lambda ts: (owner, ts) in shelf.records, now,
+                                                        "The memory store's last assigned timestamp")
                 origin = Origin.SERVICE
-            old = self._records.get(timestamp)
+            old = shelf.records.get((owner, timestamp))
             pinned = old is not None and old.pinned
             acked = now if old is None else max(now, old.acked + 1)  # after the copy it replaces
             self._put(Record(timestamp, draft.render(timestamp), draft.summary,
-                             NEVER if pinned else expiry(now, ttl_ms), origin, draft.save_id, pinned, acked), now,
-                      when_full)
+                             NEVER if pinned else expiry(now, ttl_ms), origin, draft.save_id, pinned, acked, owner),
+                      now, when_full)
             return timestamp
 
     def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
-        with self._lock:
+        shelf = self._shelf
+        with shelf.lock:
             record = self._live(timestamp)
             if record is None:
                 return False
             if record.pinned != pinned:
                 record = replace(record, pinned=pinned, expires_at=NEVER if pinned else expiry(now, ttl_ms))
-                self._records[timestamp] = record
-                heapq.heappush(self._expiry, (record.expires_at, timestamp))
+                shelf.records[self.owner, timestamp] = record
+                heapq.heappush(shelf.expiry, (record.expires_at, self.owner, timestamp))
             return True
 
     def _put(self, record: Record, now: int, when_full: WhenFull | None) -> None:
@@ -97,49 +117,62 @@ class MemoryStore(LocalStore):
 
         Insert or replace; room is made (or refused) before anything changes, so a failed replace keeps the
         old copy."""
+        shelf, key = self._shelf, (record.owner, record.timestamp)
         self._purge_expired(now)
-        old = self._records.get(record.timestamp)
+        old = shelf.records.get(key)
         self._make_room(record, old, when_full)
         if old:
-            self._drop(record.timestamp)
-        bisect.insort(self._order, record.timestamp)
-        self._records[record.timestamp] = record
-        self._saves[record.save_id] = record.timestamp
-        self._bytes += len(record.body)
-        heapq.heappush(self._expiry, (record.expires_at, record.timestamp))
+            self._drop(key)
+        bisect.insort(shelf.order, key)
+        shelf.records[key] = record
+        shelf.saves[record.owner, record.save_id] = record.timestamp
+        shelf.bytes += len(record.body)
+        heapq.heappush(shelf.expiry, (record.expires_at, *key))
 
     def _make_room(self, record: Record, replaced: Record | None, when_full: WhenFull | None) -> None:
-        """Evict the oldest unpinned sessions (never the one being replaced) as `Limits.victims` says."""
-        others = ((ts, len(self._records[ts].body)) for ts in self._order
-                  if ts != record.timestamp and not self._records[ts].pinned)
-        for victim in self.limits.victims(held=(len(self._records), self._bytes), size=len(record.body),
+        """Evict the oldest unpinned sessions as `Limits.victims` says.
+
+        Only the saving user's own, never the one being replaced: one person's saves never evict another's
+        sessions (docs/decisions.md, "People")."""
+        shelf = self._shelf
+        low, high = self._bounds(0, 2**63)
+        others = ((ts, len(shelf.records[owner, ts].body)) for owner, ts in shelf.order[low:high]
+                  if ts != record.timestamp and not shelf.records[owner, ts].pinned)
+        for victim in self.limits.victims(held=(len(shelf.records), shelf.bytes), size=len(record.body),
                                           replaced=len(replaced.body) if replaced else None, oldest=others,
                                           when_full=when_full):
-            self._drop(victim)
+            self._drop((self.owner, victim))
+
+    def _bounds(self, low: int, high: int) -> tuple[int, int]:
+        """Where this space's sessions from `low` to `high` (ms, both included) sit in the shared order."""
+        order = self._shelf.order
+        return bisect.bisect_left(order, (self.owner, low)), bisect.bisect_right(order, (self.owner, high))
 
     def _purge_expired(self, now: int) -> None:
         """Drop what has expired: only the due end of the expiry heap is looked at, never every session."""
-        heap = self._expiry
+        shelf = self._shelf
+        heap = shelf.expiry
         while heap and heap[0][0] <= now:
-            expires_at, timestamp = heapq.heappop(heap)
-            record = self._records.get(timestamp)
+            expires_at, *key = heapq.heappop(heap)
+            record = shelf.records.get(tuple(key))
             if record is not None and record.expires_at == expires_at:
-                self._drop(timestamp)
-        if len(heap) > 2 * len(self._records) + 64:  # pairs of replaced or removed sessions: rebuild, amortized
-            self._expiry = [(record.expires_at, ts) for ts, record in self._records.items()]
-            heapq.heapify(self._expiry)
+                self._drop(tuple(key))
+        if len(heap) > 2 * len(shelf.records) + 64:  # pairs of replaced or removed sessions: rebuild, amortized
+            heap[:] = [(record.expires_at, *key) for key, record in shelf.records.items()]
+            heapq.heapify(heap)
 
-    def _drop(self, timestamp: int) -> Record | None:
-        record = self._records.pop(timestamp, None)
+    def _drop(self, key: tuple[str, int]) -> Record | None:
+        shelf = self._shelf
+        record = shelf.records.pop(key, None)
         if record is not None:
-            if self._saves.get(record.save_id) == timestamp:
-                del self._saves[record.save_id]
-            self._order.pop(bisect.bisect_left(self._order, timestamp))
-            self._bytes -= len(record.body)
+            if shelf.saves.get((record.owner, record.save_id)) == record.timestamp:
+                del shelf.saves[record.owner, record.save_id]
+            shelf.order.pop(bisect.bisect_left(shelf.order, key))
+            shelf.bytes -= len(record.body)
         return record
 
     def _live(self, timestamp: int) -> Record | None:
-        record = self._records.get(timestamp)
+        record = self._shelf.records.get((self.owner, timestamp))
         return record if record is not None and record.expires_at > now_ms() else None
 
     @staticmethod
@@ -155,10 +188,11 @@ class MemoryStore(LocalStore):
         return self._live(timestamp) is not None
 
     def latest(self) -> Stored | None:
-        now = now_ms()
-        with self._lock:
-            for timestamp in reversed(self._order):
-                record = self._records[timestamp]
+        now, shelf = now_ms(), self._shelf
+        with shelf.lock:
+            low, high = self._bounds(0, 2**63)
+            for key in reversed(shelf.order[low:high]):
+                record = shelf.records[key]
                 if record.expires_at > now:
                     return self._stored(record)
         return None
@@ -166,17 +200,16 @@ class MemoryStore(LocalStore):
     def _matching(self, query: Query) -> tuple[int, list[int]]:
         """(how many match, their timestamps newest first, cut to the page); the caller holds the lock."""
         self._purge_expired(now_ms())
-        low = bisect.bisect_left(self._order, query.low)
-        high = bisect.bisect_right(self._order, query.high)
+        order, records = self._shelf.order, self._shelf.records
+        low, high = self._bounds(query.low, query.high)
         if query.filters_summaries:
-            chosen = [ts for ts in reversed(self._order[low:high])
-                      if query.matches(orjson.loads(self._records[ts].summary))]
+            chosen = [key[1] for key in reversed(order[low:high]) if query.matches(orjson.loads(records[key].summary))]
             return len(chosen), chosen[query.offset : query.offset + query.limit]
         stop = max(low, high - query.offset)  # an index slice, newest first, without copying the rest
-        return high - low, self._order[max(low, stop - query.limit) : stop][::-1]
+        return high - low, [ts for _, ts in order[max(low, stop - query.limit) : stop][::-1]]
 
     def timestamps(self, query: Query) -> tuple[int, list[int]]:
-        with self._lock:
+        with self._shelf.lock:
             return self._matching(query.widened())
 
     def rows(self, timestamps: list[int], summaries: bool = False) -> list[Stored]:
@@ -184,12 +217,13 @@ class MemoryStore(LocalStore):
         return [self._stored(record, summaries) for record in found if record is not None]
 
     def delete(self, timestamp: int) -> bool:
-        with self._lock:
-            return self._drop(timestamp) is not None
+        with self._shelf.lock:
+            return self._drop((self.owner, timestamp)) is not None
 
     def oldest(self) -> Record | None:
-        with self._lock:
-            return self._records[self._order[0]] if self._order else None
+        shelf = self._shelf
+        with shelf.lock:
+            return shelf.records[min(shelf.records, key=lambda key: key[1])] if shelf.records else None
 
     def close(self) -> None:
         """The module-level store outlives an app built on it (tests build many): nothing to release."""

@@ -46,6 +46,8 @@ none comes free it gets `StorageBusy` (a 503 for that request alone), never a Re
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import re
 import secrets
@@ -68,11 +70,11 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 from allocator import MAX_AHEAD_MS, PROBES, SKEW_MS, distrusted, now_ms
 from config import Config
 from payload import Draft, content_hash, head_of, summarize
-from stores.base import (
-    INDEX_KEY,
-    KEY_PREFIX,
+from stores.base import (  # INDEX_KEY and KEY_PREFIX: tools and tests import them from here
+    DEFAULT_KEYS,
     NEVER,
     Facets,
+    Keys,
     Moved,
     Outcome,
     Query,
@@ -81,25 +83,28 @@ from stores.base import (
     StorageBusy,
     Stored,
     WhenFull,
-    session_key,
+)
+from stores.base import (
+    INDEX_KEY as INDEX_KEY,
+)
+from stores.base import (
+    KEY_PREFIX as KEY_PREFIX,
 )
 
 log = logging.getLogger(__name__)
 
-META_PREFIX = "storyart:meta:"
-SAVE_PREFIX = "storyart:save:"
-DELETED_PREFIX = "storyart:deleted:"
-ACKED_KEY = "storyart:sessions:acked"
-EXPIRY_KEY = "storyart:sessions:expiry"
-CLOCK_KEY = "storyart:sessions:clock"
-PINNED_KEY = "storyart:sessions:pinned"
-FACETS_KEY = "storyart:sessions:facets"
-STORY_PREFIX = "storyart:sessions:story:"
-EPISODE_PREFIX = "storyart:sessions:episode:"
+# The default user's keys by name (`stores.base.Keys` has every user's):
+META_PREFIX = DEFAULT_KEYS.meta
+SAVE_PREFIX = DEFAULT_KEYS.save
+DELETED_PREFIX = DEFAULT_KEYS.deleted
+ACKED_KEY = DEFAULT_KEYS.acked
+EXPIRY_KEY = DEFAULT_KEYS.expiry
+CLOCK_KEY = DEFAULT_KEYS.clock
+PINNED_KEY = DEFAULT_KEYS.pinned
+FACETS_KEY = DEFAULT_KEYS.facets
+STORY_PREFIX = DEFAULT_KEYS.story
+EPISODE_PREFIX = DEFAULT_KEYS.episode
 RECONCILER_KEY = "storyart:sessions:reconciler"
-# A key the service counts as a session's: the prefix and a timestamp as the API names one (1-16 digits, no
-# leading zero), which is also what other tools keep ("exactly two colons").
-SESSION_KEY = re.compile(re.escape(KEY_PREFIX.encode()) + rb"[1-9][0-9]{0,15}")
 # How a hang-up reads, by when it came: mid-handshake, or (TLS 1.3 completes the client's side first) at the
 # first read after it, as the server's "certificate required" alert when it arrived before the hang-up.
 HANGUP_SIGNS = ("EOF occurred", "Connection reset", "Error while reading from socket", "Connection closed by server",
@@ -202,37 +207,56 @@ def _recorded(body: bytes, timestamp: int, meta: bytes | None, facets: bytes | N
         return False
 
 
-def _lua(*names: str) -> str:
+def _lua(keys: Keys, *names: str) -> str:
     """Load a Lua script from its files with the names filled in.
 
     One script, made of these files of `lua/` in order (the libraries it calls first), with each name in braces
-    (`{SESSION}`, `{PROBES}`, ...) filled in from the constant it names. A name left unfilled is a mistake in a
-    file: it fails at import, not at the first request that runs the script."""
+    (`{SESSION}`, `{PROBES}`, ...) filled in from the constant it names, the key names those of `keys`' space. A
+    name left unfilled is a mistake in a file: it fails at import, not at the first request that runs the script."""
     source = "".join((SCRIPTS / f"{name}.lua").read_text(encoding="utf-8") for name in names)
-    for name, value in _FILLED.items():
+    filled = {"SESSION": keys.session, "META": keys.meta, "SAVE": keys.save, "FACETS": keys.facets,
+              "ACKED": keys.acked, "DELETED": keys.deleted, "STORY": keys.story, "EPISODE": keys.episode,
+              "ID_AT": str(len(keys.session) + 1), **_CONSTANTS}
+    for name, value in filled.items():
         source = source.replace(f"{{{name}}}", value)
     if unfilled := re.search(r"\{[A-Z_]+\}", source):
         raise RuntimeError(f"{unfilled.group()} in the Lua script {'+'.join(names)} names no constant")
     return source
 
 
-_FILLED = {"SESSION": KEY_PREFIX, "META": META_PREFIX, "SAVE": SAVE_PREFIX, "FACETS": FACETS_KEY, "ACKED": ACKED_KEY,
-           "DELETED": DELETED_PREFIX, "STORY": STORY_PREFIX, "EPISODE": EPISODE_PREFIX,
-           "SAVE_ID_TTL": str(SAVE_ID_TTL_MS), "ID_AT": str(len(KEY_PREFIX) + 1), "PROBES": str(PROBES),
-           "SKEW_MS": str(SKEW_MS), "MAX_AHEAD_MS": str(MAX_AHEAD_MS), "FORGET_BATCH": str(FORGET_BATCH),
-           "PAGE_ROUNDS": str(PAGE_ROUNDS)}
-# Read once, at import; `forget`, `prune` and `assign` are libraries of local functions the others call.
-_SAVE = _lua("forget", "prune", "assign", "save")
-_LATEST = _lua("forget", "prune", "latest")
-_PAGE = _lua("forget", "prune", "page")
-_PRUNE_NOW = _lua("forget", "prune", "prune_now")
-_PIN = _lua("pin")
-_DELETE = _lua("forget", "delete")
-_SUMMARY = _lua("forget", "summary")
-_NO_FACETS = _lua("forget", "no_facets")
-_ADOPT = _lua("adopt")
-_LEASE = _lua("lease")
-_CLAIM = _lua("claim")
+_CONSTANTS = {"SAVE_ID_TTL": str(SAVE_ID_TTL_MS), "PROBES": str(PROBES), "SKEW_MS": str(SKEW_MS),
+              "MAX_AHEAD_MS": str(MAX_AHEAD_MS), "FORGET_BATCH": str(FORGET_BATCH), "PAGE_ROUNDS": str(PAGE_ROUNDS)}
+# Each script of a space, by the attribute a store keeps it in; `forget`, `prune` and `assign` are libraries of
+# local functions the others call.
+_SCRIPTS = {"_save": ("forget", "prune", "assign", "save"), "_latest": ("forget", "prune", "latest"),
+            "_page": ("forget", "prune", "page"), "_prune_now": ("forget", "prune", "prune_now"), "_pin": ("pin",),
+            "_delete": ("forget", "delete"), "_summary": ("forget", "summary"), "_no_facets": ("forget", "no_facets"),
+            "_adopt": ("adopt",), "_lease": ("lease",), "_claim": ("claim",)}
+
+
+@functools.cache
+def _scripts(keys: Keys) -> dict[str, str]:
+    """The scripts of one space, read and filled in once per process (the default user's at import)."""
+    return {attribute: _lua(keys, *names) for attribute, names in _SCRIPTS.items()}
+
+
+def _session_key_pattern(keys: Keys) -> re.Pattern[bytes]:
+    """Match the keys the service counts as a space's sessions.
+
+    The prefix and a timestamp as the API names one (1-16 digits, no leading zero), which is also what other
+    tools keep ("exactly two colons" in the default user's space)."""
+    return re.compile(re.escape(keys.session.encode()) + rb"[1-9][0-9]{0,15}")
+
+
+_scripts(DEFAULT_KEYS)  # a mistake in a file fails at import
+
+
+class _ReplicasNow:
+    """Why writes are not replicated now (None: they are), and the lock that changes it: one per Redis."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.lock = threading.Lock()
 
 
 class NotReplicated(redis.ResponseError):
@@ -292,20 +316,29 @@ class RedisStore(SessionStore):
         self.replication = replication
         self.sentinel = sentinel
         self.tombstone_ms = tombstone_ms
-        self._unreplicated: str | None = None  # why writes are not replicated now (see `unreplicated`)
-        self._replication_lock = threading.Lock()
-        self._save = client.register_script(_SAVE)
-        self._latest = client.register_script(_LATEST)
-        self._page = client.register_script(_PAGE)
-        self._pin = client.register_script(_PIN)
-        self._delete = client.register_script(_DELETE)
-        self._summary = client.register_script(_SUMMARY)
-        self._prune_now = client.register_script(_PRUNE_NOW)
-        self._no_facets = client.register_script(_NO_FACETS)
-        self._adopt = client.register_script(_ADOPT)
-        self._lease = client.register_script(_LEASE)
-        self._claim = client.register_script(_CLAIM)
-        self.reconciler = Reconciler(self)
+        self._replicas_now = _ReplicasNow()  # shared by every space's view of this store
+        self._spaces: dict[str, RedisStore] = {}  # the views `scoped` made, shared too
+        self._use(DEFAULT_KEYS)
+        self.reconciler = Reconciler(self)  # other tools write the default user's keys only
+
+    def _use(self, keys: Keys) -> None:
+        self.keys, self.owner = keys, keys.owner
+        self.is_session_key = _session_key_pattern(keys).fullmatch
+        self._indexes = (keys.index, keys.expiry, keys.pinned)  # what the scripts that forget expired members take
+        self._save_keys = (keys.index, keys.expiry, keys.clock, keys.pinned)
+        for attribute, source in _scripts(keys).items():
+            setattr(self, attribute, self.client.register_script(source))
+
+    def scoped(self, owner: str) -> RedisStore:
+        """This store in `owner`'s space: the same connections, that user's keys (`stores.base.Keys`)."""
+        if owner == self.owner:
+            return self
+        view = self._spaces.get(owner)
+        if view is None:
+            view = copy.copy(self)
+            view._use(Keys.of(owner))
+            self._spaces[owner] = view
+        return view
 
     @classmethod
     def from_config(cls, config: Config) -> RedisStore:
@@ -365,10 +398,10 @@ class RedisStore(SessionStore):
             (pending.origin.value, "1" if pending.pinned else "", pending.acked)
         args = (draft.head, draft.summary, now, ttl_ms, "" if draft.timestamp is None else draft.timestamp, proposal,
                 origin, draft.save_id, pin, _facets_json(draft.summary), acked)
-        outcome, stored_as, removed, *held = self._write(self._save, (INDEX_KEY, EXPIRY_KEY, CLOCK_KEY, PINNED_KEY),
+        outcome, stored_as, removed, *held = self._write(self._save, self._save_keys,
                                                          args)
         if held:
-            distrusted(f"Redis's clock key {CLOCK_KEY}", repr(held[0].decode(errors="replace")), now)
+            distrusted(f"Redis's clock key {self.keys.clock}", repr(held[0].decode(errors="replace")), now)
         return Moved(Outcome(outcome.decode()), int(stored_as), int(removed) if removed else None)
 
     @property
@@ -378,7 +411,7 @@ class RedisStore(SessionStore):
         Why writes are not replicated now ("0 of 1 replica(s) online"), or None: set when a write is not
         confirmed by `REDIS_WAIT_REPLICAS` replicas or a ping finds fewer online, cleared by a ping that finds
         them (without `REDIS_REQUIRE_REPLICAS`, which refuses such writes instead)."""
-        return self._unreplicated
+        return self._replicas_now.reason
 
     def _replicas(self, online: int, shortfall: str) -> None:
         """Record how many replicas confirmed a write or are online.
@@ -390,8 +423,8 @@ class RedisStore(SessionStore):
         if online < wanted and self.replication.required:
             raise NotReplicated(shortfall)
         reason = shortfall if online < wanted else None
-        with self._replication_lock:
-            was, self._unreplicated = self._unreplicated, reason
+        with self._replicas_now.lock:
+            was, self._replicas_now.reason = self._replicas_now.reason, reason
         if reason and not was:
             log.warning("Redis saves are not replicated (%s): they go on to the master, but a failover now would "
                         "lose them (REDIS_REQUIRE_REPLICAS=1 keeps them in the local store instead)", reason)
@@ -408,7 +441,7 @@ class RedisStore(SessionStore):
         writes are known not to be replicated (and that is allowed) there is no WAIT: it would last its whole
         timeout each time."""
         wanted = self.replication.replicas
-        if not wanted or (self._unreplicated and not self.replication.required):
+        if not wanted or (self._replicas_now.reason and not self.replication.required):
             return script(keys=keys, args=args)
         for _ in range(2):  # a new master's script cache may be empty: load it, then once more
             with self.client.pipeline(transaction=False) as pipe:
@@ -436,26 +469,27 @@ class RedisStore(SessionStore):
         return self._run_save(record.draft, now, ttl_ms, record.timestamp, record)
 
     def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
-        return bool(self._write(self._pin, (EXPIRY_KEY, PINNED_KEY), (timestamp, int(pinned), now, ttl_ms)))
+        return bool(self._write(self._pin, (self.keys.expiry, self.keys.pinned), (timestamp, int(pinned), now, ttl_ms)))
 
     def delete(self, timestamp: int) -> bool:
         """Delete a session and leave a tombstone.
 
         Delete the session and leave a tombstone (`lua/delete.lua`), found or not: a copy another host still holds
         and acknowledged before this delete is dropped at its write-back."""
-        return bool(self._write(self._delete, (INDEX_KEY, EXPIRY_KEY, PINNED_KEY),
+        return bool(self._write(self._delete, self._indexes,
                                 (timestamp, now_ms(), self.tombstone_ms)))
 
     # -- reads
 
     def get(self, timestamp: int) -> Stored | None:
-        key = session_key(timestamp)
+        key = self.keys.session_key(timestamp)
         with self.client.pipeline(transaction=False) as pipe:
-            (body, summary), pinned = pipe.mget(key, f"{META_PREFIX}{timestamp}").sismember(PINNED_KEY, key).execute()
+            pipe.mget(key, f"{self.keys.meta}{timestamp}").sismember(self.keys.pinned, key)
+            (body, summary), pinned = pipe.execute()
         return Stored(timestamp, body, self.storage, summary, bool(pinned)) if body is not None else None
 
     def exists(self, timestamp: int) -> bool:
-        return bool(self.client.exists(session_key(timestamp)))
+        return bool(self.client.exists(self.keys.session_key(timestamp)))
 
     def existing(self, timestamps: list[int]) -> set[int]:
         """Which of `timestamps` hold a session: one round trip per 1,000 of them."""
@@ -463,14 +497,14 @@ class RedisStore(SessionStore):
         for batch in _batches(timestamps, 1000):
             with self.client.pipeline(transaction=False) as pipe:
                 for timestamp in batch:
-                    pipe.exists(session_key(timestamp))
+                    pipe.exists(self.keys.session_key(timestamp))
                 found.update(ts for ts, held in zip(batch, pipe.execute(), strict=True) if held)
         return found
 
     def latest(self) -> Stored | None:
         missed = 0
         while missed < 3:  # the newest may expire or be deleted between the two round trips: look again
-            top = self._latest(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY), args=(now_ms(),))
+            top = self._latest(keys=self._indexes, args=(now_ms(),))
             if top == 0:
                 continue  # the script forgot a batch of dead members: on with the rest
             if not top:
@@ -488,18 +522,18 @@ class RedisStore(SessionStore):
             return total, matched[: wide.limit]
         out: list[bytes] = []
         while not out:  # empty: the script forgot dead members for a while and stopped; on with the rest
-            out = self._page(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY),
+            out = self._page(keys=self._indexes,
                              args=(wide.offset, wide.limit, wide.low, wide.high, now_ms()))
         return int(out[0]), [int(ts) for ts in out[1:]]
 
     def rows(self, timestamps: list[int], summaries: bool = False) -> list[Stored]:
         if not timestamps:
             return []
-        keys = [session_key(ts) for ts in timestamps]
+        keys = [self.keys.session_key(ts) for ts in timestamps]
         with self.client.pipeline(transaction=False) as pipe:
             if not summaries:
                 pipe.mget(keys)
-            pipe.mget([f"{META_PREFIX}{ts}" for ts in timestamps]).smismember(PINNED_KEY, keys)
+            pipe.mget([f"{self.keys.meta}{ts}" for ts in timestamps]).smismember(self.keys.pinned, keys)
             *bodies, metas, pins = pipe.execute()
         found = []
         for i, (ts, meta, pinned) in enumerate(zip(timestamps, metas, pins, strict=True)):
@@ -518,17 +552,17 @@ class RedisStore(SessionStore):
         story's (or episode's) set, then the facets of its members: O(its sessions). A title search alone reads
         the facets of every session (~70 bytes each, the timestamp among them) with one HVALS: O(sessions), and
         only those whose bytes contain the search text are decoded."""
-        if self._prune_now(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY), args=(now_ms(),)):
+        if self._prune_now(keys=self._indexes, args=(now_ms(),)):
             self._complete_facets()
         if query.story_uuid is not None or query.episode is not None:
-            source = f"{STORY_PREFIX}{query.story_uuid}" if query.story_uuid is not None \
-                else f"{EPISODE_PREFIX}{query.episode}"
+            source = f"{self.keys.story}{query.story_uuid}" if query.story_uuid is not None \
+                else f"{self.keys.episode}{query.episode}"
             stamps = [int(score) for _, score in self.client.zrevrangebyscore(source, query.high, query.low,
                                                                               withscores=True)]
             candidates: Iterable[bytes | None] = (facets for batch in _batches(stamps, self.SCAN_BATCH)
-                                                  for facets in self.client.hmget(FACETS_KEY, batch))
+                                                  for facets in self.client.hmget(self.keys.facets, batch))
         else:
-            candidates = self.client.hvals(FACETS_KEY)
+            candidates = self.client.hvals(self.keys.facets)
         needle = orjson.dumps(query.text.casefold())[1:-1] if query.text is not None else b""  # as JSON writes it
         matched = []
         for facets in candidates:
@@ -547,10 +581,10 @@ class RedisStore(SessionStore):
         the service, or indexed again by `reindex`): once, when `lua/prune_now.lua` finds the counts differ. A member
         left with none (its key is gone, or holds no session) is settled too, or every filtered list would walk
         the index again."""
-        for batch in _batches((int(score) for _, score in self.client.zscan_iter(INDEX_KEY, count=1000)), 500):
-            for ts, facets in zip(batch, self.client.hmget(FACETS_KEY, batch), strict=True):
+        for batch in _batches((int(score) for _, score in self.client.zscan_iter(self.keys.index, count=1000)), 500):
+            for ts, facets in zip(batch, self.client.hmget(self.keys.facets, batch), strict=True):
                 if facets is None:
-                    meta = self.client.get(f"{META_PREFIX}{ts}")
+                    meta = self.client.get(f"{self.keys.meta}{ts}")
                     if meta is None or not self.store_summary(ts, meta):
                         self._record(ts)
 
@@ -559,7 +593,7 @@ class RedisStore(SessionStore):
 
         The summary of a session saved without one (by another tool or an older version), stored for next
         time; empty when the session is gone or the record is not a JSON object (not a session)."""
-        body = self.client.get(session_key(timestamp))
+        body = self.client.get(self.keys.session_key(timestamp))
         summary = _summary_of(body, timestamp) if body is not None else None
         if summary is None:
             return b""
@@ -584,17 +618,18 @@ class RedisStore(SessionStore):
         batches (never KEYS, which would stall Redis): for when the index was lost (a tool, a careless FLUSH, an
         eviction) while the sessions are still there, and before a backup lists the index. Returns how many
         session keys exist, how many were indexed now, and which need their summary recorded anew."""
-        return self.adopt(key for key in self.client.scan_iter(match=f"{KEY_PREFIX}*", count=1000)
-                          if SESSION_KEY.fullmatch(key))
+        return self.adopt(key for key in self.client.scan_iter(match=f"{self.keys.session}*", count=1000)
+                          if self.is_session_key(key))
 
     def unindexed(self) -> int:
         """How many session keys the index lacks, found without writing (for a Redis that refuses writes)."""
         missing = 0
-        keys = (key for key in self.client.scan_iter(match=f"{KEY_PREFIX}*", count=1000) if SESSION_KEY.fullmatch(key))
+        keys = (key for key in self.client.scan_iter(match=f"{self.keys.session}*", count=1000)
+                if self.is_session_key(key))
         for batch in _batches(keys, 500):
             with self.client.pipeline(transaction=False) as pipe:
                 for key in batch:
-                    pipe.zscore(INDEX_KEY, key)
+                    pipe.zscore(self.keys.index, key)
                 missing += sum(score is None for score in pipe.execute())
         return missing
 
@@ -606,7 +641,7 @@ class RedisStore(SessionStore):
         Redis serves other clients between them."""
         sessions, indexed, stale = 0, 0, []
         for batch in _batches(keys, self.ADOPT_BATCH):
-            found, added, names = self._adopt(keys=(INDEX_KEY, EXPIRY_KEY), args=(now_ms(), *batch))
+            found, added, names = self._adopt(keys=(self.keys.index, self.keys.expiry), args=(now_ms(), *batch))
             sessions, indexed = sessions + found, indexed + added
             stale += [int(ts) for ts in names]
         return Adopted(sessions, indexed, stale)
@@ -617,9 +652,10 @@ class RedisStore(SessionStore):
         Compare the summary and facets recorded for a session with the bytes its key holds, and record them
         anew where they differ (another tool rewrote the key, or wrote it without them); a session that is gone
         leaves the index and the filters. The bytes are read once (twice when they changed)."""
-        key = session_key(timestamp)
+        key = self.keys.session_key(timestamp)
         with self.client.pipeline(transaction=False) as pipe:
-            body, meta, facets = pipe.get(key).get(f"{META_PREFIX}{timestamp}").hget(FACETS_KEY, timestamp).execute()
+            pipe.get(key).get(f"{self.keys.meta}{timestamp}").hget(self.keys.facets, timestamp)
+            body, meta, facets = pipe.execute()
         if body is not None and _recorded(body, timestamp, meta, facets):
             return Checked(len(body), False)
         again = self._record(timestamp)
@@ -631,14 +667,14 @@ class RedisStore(SessionStore):
         Record the summary and facets of the bytes the session's key holds now (a record that is not a
         session: none, and empty facets), unless the key or its summary changes meanwhile: WATCH makes the
         write fail then, and a later round looks again (a save recorded them itself)."""
-        key, meta_key = session_key(timestamp), f"{META_PREFIX}{timestamp}"
+        key, meta_key = self.keys.session_key(timestamp), f"{self.keys.meta}{timestamp}"
         with self.client.pipeline() as pipe:
             pipe.watch(key, meta_key)
             body = pipe.get(key)
             summary = _summary_of(body, timestamp) if body is not None else None
             pipe.multi()
             if summary is None:
-                self._no_facets(keys=(INDEX_KEY, EXPIRY_KEY, PINNED_KEY), args=(timestamp,), client=pipe)
+                self._no_facets(keys=self._indexes, args=(timestamp,), client=pipe)
             else:
                 self._summary(args=(timestamp, summary, _facets_json(summary)), client=pipe)
             try:
@@ -653,12 +689,12 @@ class RedisStore(SessionStore):
 
     def index_lost(self) -> bool:
         """The index is empty while session keys exist (one SCAN step tells)."""
-        if self.client.zcard(INDEX_KEY):
+        if self.client.zcard(self.keys.index):
             return False
-        cursor, keys = self.client.scan(0, match=f"{KEY_PREFIX}*", count=1000)
+        cursor, keys = self.client.scan(0, match=f"{self.keys.session}*", count=1000)
         while not keys and cursor:
-            cursor, keys = self.client.scan(cursor, match=f"{KEY_PREFIX}*", count=1000)
-        return any(k.count(b":") == 2 for k in keys)
+            cursor, keys = self.client.scan(cursor, match=f"{self.keys.session}*", count=1000)
+        return any(self.is_session_key(k) for k in keys)
 
     def facts(self) -> RedisFacts:
         """Describe this Redis for start-up checks and /health.
@@ -799,8 +835,9 @@ class Reconciler:
         for _ in range(self.budget.scans):
             if len(self._found) >= self.budget.keys:
                 break
-            self._cursor, keys = self.store.client.scan(self._cursor, match=f"{KEY_PREFIX}*", count=self.budget.keys)
-            self._found.extend(key for key in keys if SESSION_KEY.fullmatch(key))
+            self._cursor, keys = self.store.client.scan(self._cursor, match=f"{self.store.keys.session}*",
+                                                        count=self.budget.keys)
+            self._found.extend(key for key in keys if self.store.is_session_key(key))
             if not self._cursor:
                 break
         return [self._found.popleft() for _ in range(min(self.budget.keys, len(self._found)))]
@@ -820,7 +857,7 @@ class Reconciler:
                     return None
                 self._pass_started = self._rounds
             high = "+inf" if self._below is None else f"({self._below}"
-            rows = self.store.client.zrevrangebyscore(INDEX_KEY, high, "-inf", start=0, num=self.WALK_STEP,
+            rows = self.store.client.zrevrangebyscore(self.store.keys.index, high, "-inf", start=0, num=self.WALK_STEP,
                                                       withscores=True)
             self._walk = [int(score) for _, score in reversed(rows)]
             if not self._walk:

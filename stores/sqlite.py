@@ -16,6 +16,7 @@ to check.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import sqlite3
@@ -60,15 +61,25 @@ RECLAIM_SHARE = 4  # hand free pages back to the file system once they are over 
 RECLAIM_PAGES = 1024  # ... and over 16 MiB: under steady churn the next saves reuse them anyway
 RECLAIM_STEP = 256  # pages handed back after one commit (4 MiB: about 15 ms)
 
+SESSIONS = """CREATE TABLE IF NOT EXISTS {name} (
+    owner TEXT NOT NULL DEFAULT '',  -- whose space: '' the default user's, else the user's name, casefolded
+    timestamp INTEGER NOT NULL,
+    body BLOB NOT NULL,       -- the session JSON exactly as the API returns it
+    summary BLOB NOT NULL,    -- its summary JSON (list views, ETags)
+    expires_at INTEGER NOT NULL,  -- wall clock, ms
+    origin TEXT NOT NULL,     -- who chose the timestamp: 'client' or 'service'
+    save_id TEXT NOT NULL DEFAULT '',  -- the save's id, by which a write-back finds a copy Redis applied unconfirmed
+    pinned INTEGER NOT NULL DEFAULT 0,  -- kept forever: its expires_at is storage.NEVER
+    story_uuid TEXT,  -- the list's filters (`storage.Facets`), indexed below
+    episode TEXT,
+    title TEXT,  -- casefolded
+    -- When the copy was acknowledged (ms), which orders it against a copy Redis holds; 0 in an older file:
+    -- acknowledged before anything this version acknowledged.
+    acked INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (owner, timestamp)
+)"""
 SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS sessions (
-        timestamp INTEGER PRIMARY KEY,
-        body BLOB NOT NULL,       -- the session JSON exactly as the API returns it
-        summary BLOB NOT NULL,    -- its summary JSON (list views, ETags)
-        expires_at INTEGER NOT NULL,  -- wall clock, ms
-        origin TEXT NOT NULL,     -- who chose the timestamp: 'client' or 'service'
-        save_id TEXT NOT NULL     -- the save's id, by which a write-back finds a copy Redis applied unconfirmed
-    )""",
+    SESSIONS.format(name="sessions"),
     "CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at)",
     """CREATE TABLE IF NOT EXISTS state (
         id INTEGER PRIMARY KEY CHECK (id = 0),
@@ -89,35 +100,47 @@ SCHEMA = (
 )
 
 # Columns added since the first version of the file: `_create` adds what an older file lacks and fills the
-# facets in from the summaries.
+# facets in from the summaries; a file from before users existed is rebuilt with `owner` (`_add_owners`).
 ADDED_COLUMNS = {
     "save_id": "TEXT NOT NULL DEFAULT ''",  # files of the first days had none
-    "pinned": "INTEGER NOT NULL DEFAULT 0",  # kept forever: its expires_at is storage.NEVER
-    "story_uuid": "TEXT",  # the list's filters (`storage.Facets`), indexed below
+    "pinned": "INTEGER NOT NULL DEFAULT 0",
+    "story_uuid": "TEXT",
     "episode": "TEXT",
-    "title": "TEXT",  # casefolded
-    # When the copy was acknowledged (ms), which orders it against a copy Redis holds; 0 in an older file:
-    # acknowledged before anything this version acknowledged.
+    "title": "TEXT",
     "acked": "INTEGER NOT NULL DEFAULT 0",
 }
 # Covering indexes: a filtered list is counted and cut from an index alone, never from the rows, whose small
 # columns sit behind the body's overflow pages. (`+expires_at` in the queries keeps SQLite from choosing the
 # expiry index instead.)
 INDEXES = (
-    "CREATE INDEX IF NOT EXISTS sessions_by_story ON sessions (story_uuid, timestamp, expires_at)",
-    "CREATE INDEX IF NOT EXISTS sessions_by_episode ON sessions (episode, timestamp, expires_at)",
-    "CREATE INDEX IF NOT EXISTS sessions_by_title ON sessions (timestamp, expires_at, title)",
+    "CREATE INDEX IF NOT EXISTS sessions_by_story ON sessions (owner, story_uuid, timestamp, expires_at)",
+    "CREATE INDEX IF NOT EXISTS sessions_by_episode ON sessions (owner, episode, timestamp, expires_at)",
+    "CREATE INDEX IF NOT EXISTS sessions_by_title ON sessions (owner, timestamp, expires_at, title)",
     "CREATE INDEX IF NOT EXISTS sessions_by_save ON sessions (save_id)",  # a retried import finds its first copy
 )
 
 # A save replaces whatever holds its timestamp, acknowledged after it (even should the clock step back); a pinned
 # session stays pinned.
-UPSERT = """INSERT INTO sessions (timestamp, body, summary, expires_at, origin, save_id, story_uuid, episode, title,
-    acked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-    ON CONFLICT (timestamp) DO UPDATE SET body = excluded.body, summary = excluded.summary,
+UPSERT = """INSERT INTO sessions (owner, timestamp, body, summary, expires_at, origin, save_id, story_uuid, episode,
+    title, acked) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (owner, timestamp) DO UPDATE SET body = excluded.body, summary = excluded.summary,
     expires_at = CASE WHEN pinned THEN expires_at ELSE excluded.expires_at END, origin = excluded.origin,
     save_id = excluded.save_id, story_uuid = excluded.story_uuid, episode = excluded.episode, title = excluded.title,
     acked = max(excluded.acked, sessions.acked + 1)"""
+
+
+def _add_owners(db: sqlite3.Connection) -> None:
+    """Rebuild a file from before users existed with an `owner` column.
+
+    Its sessions become the default user's; SQLite cannot change a primary key in place, so the table is copied
+    (the triggers go with the old table and `_create` makes them again; the counts in `state` stay right)."""
+    columns = ", ".join(row[1] for row in db.execute("PRAGMA table_info(sessions)"))
+    db.execute(SESSIONS.format(name="sessions_owned"))
+    db.execute(f"INSERT INTO sessions_owned ({columns}) SELECT {columns} FROM sessions")
+    db.execute("DROP TABLE sessions")
+    db.execute("ALTER TABLE sessions_owned RENAME TO sessions")
+    for statement in SCHEMA:
+        db.execute(statement)
 
 
 class SqliteStore(LocalStore):
@@ -195,6 +218,8 @@ class SqliteStore(LocalStore):
                 db.executemany("UPDATE sessions SET story_uuid = ?, episode = ?, title = ? WHERE timestamp = ?",
                                [(*Facets.of(orjson.loads(summary)), ts)
                                 for ts, summary in db.execute("SELECT timestamp, summary FROM sessions")])
+            if "owner" not in have:
+                _add_owners(db)
             for statement in INDEXES:
                 db.execute(statement)
 
@@ -248,38 +273,45 @@ class SqliteStore(LocalStore):
             self._purge_expired(db, now)
             timestamp, origin = draft.timestamp, Origin.CLIENT
             if timestamp is None:
-                for earlier, body in db.execute("SELECT timestamp, body FROM sessions WHERE save_id = ?",
-                                                (draft.save_id,)):
+                for earlier, body in db.execute("SELECT timestamp, body FROM sessions WHERE save_id = ? AND owner = ?",
+                                                (draft.save_id, self.owner)):
                     if body == draft.render(earlier):  # this very save was applied before (a retried import)
                         return earlier
                 last = db.execute("SELECT last_assigned FROM state").fetchone()[0]
-                timestamp, clock = choose(proposal, last, lambda ts: bool(
-                    db.execute("SELECT 1 FROM sessions WHERE timestamp = ?", (ts,)).fetchone()), now,
-                    f"The local store's last assigned timestamp ({self.path})")
+                taken = "SELECT 1 FROM sessions WHERE owner = ? AND timestamp = ?"
+                timestamp, clock = choose(proposal, last,
+                                          lambda ts: bool(db.execute(taken, (self.owner, ts)).fetchone()), now,
+                                          f"The local store's last assigned timestamp ({self.path})")
                 db.execute("UPDATE state SET last_assigned = ?", (clock,))
                 origin = Origin.SERVICE
             body = draft.render(timestamp)
             self._make_room(db, timestamp, len(body), when_full)
-            db.execute(UPSERT, (timestamp, body, draft.summary, expiry(now, ttl_ms), origin.value, draft.save_id,
-                                *Facets.of(orjson.loads(draft.summary)), now))
+            db.execute(UPSERT, (self.owner, timestamp, body, draft.summary, expiry(now, ttl_ms), origin.value,
+                                draft.save_id, *Facets.of(orjson.loads(draft.summary)), now))
         return timestamp
 
     def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
         with self._write() as db:
             return db.execute("UPDATE sessions SET expires_at = CASE WHEN pinned = ?1 THEN expires_at ELSE ?2 END, "
-                              "pinned = ?1 WHERE timestamp = ?3 AND expires_at > ?4",
-                              (int(pinned), NEVER if pinned else expiry(now, ttl_ms), timestamp, now)).rowcount > 0
+                              "pinned = ?1 WHERE owner = ?5 AND timestamp = ?3 AND expires_at > ?4",
+                              (int(pinned), NEVER if pinned else expiry(now, ttl_ms), timestamp, now, self.owner)
+                              ).rowcount > 0
 
     def _make_room(self, db: sqlite3.Connection, timestamp: int, size: int, when_full: WhenFull | None) -> None:
-        """Evict the oldest unpinned sessions (never the one being replaced) as `Limits.victims` says."""
+        """Evict the oldest unpinned sessions as `Limits.victims` says.
+
+        Only the saving user's own, never the one being replaced: one person's saves never evict another's
+        sessions (docs/decisions.md, "People")."""
         held = db.execute("SELECT sessions, bytes FROM state").fetchone()
-        old = db.execute("SELECT length(body) FROM sessions WHERE timestamp = ?", (timestamp,)).fetchone()
-        others = db.execute("SELECT timestamp, length(body) FROM sessions WHERE timestamp != ? AND NOT pinned "
-                            "ORDER BY timestamp", (timestamp,))
+        old = db.execute("SELECT length(body) FROM sessions WHERE owner = ? AND timestamp = ?",
+                         (self.owner, timestamp)).fetchone()
+        others = db.execute("SELECT timestamp, length(body) FROM sessions WHERE owner = ? AND timestamp != ? "
+                            "AND NOT pinned ORDER BY timestamp", (self.owner, timestamp))
         victims = self.limits.victims(held=held, size=size, replaced=old[0] if old else None, oldest=others,
                                       when_full=when_full)
         if victims:
-            db.executemany("DELETE FROM sessions WHERE timestamp = ?", [(victim,) for victim in victims])
+            db.executemany("DELETE FROM sessions WHERE owner = ? AND timestamp = ?",
+                           [(self.owner, victim) for victim in victims])
             self._reclaim()
 
     def _purge_expired(self, db: sqlite3.Connection, now: int) -> None:
@@ -303,7 +335,8 @@ class SqliteStore(LocalStore):
 
     def delete(self, timestamp: int) -> bool:
         with self._write() as db:
-            deleted = db.execute("DELETE FROM sessions WHERE timestamp = ?", (timestamp,)).rowcount > 0
+            deleted = db.execute("DELETE FROM sessions WHERE owner = ? AND timestamp = ?",
+                                 (self.owner, timestamp)).rowcount > 0
             if deleted:
                 self._reclaim()
             return deleted
@@ -311,25 +344,26 @@ class SqliteStore(LocalStore):
     # -- reads
 
     def get(self, timestamp: int) -> Stored | None:
-        rows = self._read("SELECT body, summary, pinned FROM sessions WHERE timestamp = ? AND +expires_at > ?",
-                          (timestamp, now_ms()))
+        rows = self._read("SELECT body, summary, pinned FROM sessions WHERE owner = ? AND timestamp = ? "
+                          "AND +expires_at > ?", (self.owner, timestamp, now_ms()))
         return self._stored(timestamp, *rows[0]) if rows else None
 
     def _stored(self, timestamp: int, value: bytes, summary: bytes, pinned: int) -> Stored:
         return Stored(timestamp, value, self.storage, summary, bool(pinned))
 
     def exists(self, timestamp: int) -> bool:
-        return bool(self._read("SELECT 1 FROM sessions WHERE timestamp = ? AND +expires_at > ?",
-                               (timestamp, now_ms())))
+        return bool(self._read("SELECT 1 FROM sessions WHERE owner = ? AND timestamp = ? AND +expires_at > ?",
+                               (self.owner, timestamp, now_ms())))
 
     def latest(self) -> Stored | None:
-        rows = self._read("SELECT timestamp, body, summary, pinned FROM sessions WHERE +expires_at > ? "
-                          "ORDER BY timestamp DESC LIMIT 1", (now_ms(),))
+        rows = self._read("SELECT timestamp, body, summary, pinned FROM sessions WHERE owner = ? AND +expires_at > ? "
+                          "ORDER BY timestamp DESC LIMIT 1", (self.owner, now_ms()))
         return self._stored(*rows[0]) if rows else None
 
     def _matching(self, query: Query) -> tuple[int, list[int]]:
         """(how many match, the page's timestamps newest first), from the covering indexes."""
-        where, params = "timestamp BETWEEN ? AND ? AND +expires_at > ?", [query.low, query.high, now_ms()]
+        where, params = "owner = ? AND timestamp BETWEEN ? AND ? AND +expires_at > ?", \
+            [self.owner, query.low, query.high, now_ms()]
         for column, value in (("story_uuid", query.story_uuid), ("episode", query.episode)):
             if value is not None:
                 where += f" AND {column} = ?"
@@ -352,21 +386,30 @@ class SqliteStore(LocalStore):
             batch = timestamps[start : start + 500]
             marks = ",".join("?" * len(batch))
             for ts, *row in self._read(f"SELECT timestamp, {column}, summary, pinned FROM sessions "
-                                       f"WHERE timestamp IN ({marks}) AND +expires_at > ?", (*batch, now_ms())):
+                                       f"WHERE owner = ? AND timestamp IN ({marks}) AND +expires_at > ?",
+                                       (self.owner, *batch, now_ms())):
                 found[ts] = self._stored(ts, *row)
         return [found[ts] for ts in timestamps if ts in found]
 
     def oldest(self) -> Record | None:
-        rows = self._read("SELECT timestamp, body, summary, expires_at, origin, save_id, pinned, acked FROM sessions "
-                          "ORDER BY timestamp LIMIT 1")
+        rows = self._read("SELECT timestamp, body, summary, expires_at, origin, save_id, pinned, acked, owner "
+                          "FROM sessions ORDER BY timestamp LIMIT 1")
         if not rows:
             return None
-        timestamp, body, summary, expires_at, origin, save_id, pinned, acked = rows[0]
-        return Record(timestamp, body, summary, expires_at, Origin(origin), save_id, bool(pinned), acked)
+        timestamp, body, summary, expires_at, origin, save_id, pinned, acked, owner = rows[0]
+        return Record(timestamp, body, summary, expires_at, Origin(origin), save_id, bool(pinned), acked, owner)
 
     def count(self) -> tuple[int, int]:
         sessions, nbytes = self._read("SELECT sessions, bytes FROM state")[0]
         return sessions, nbytes
+
+    def scoped(self, owner: str) -> SqliteStore:
+        """This store in `owner`'s space: the same file, connections and thread's transaction, that user's rows."""
+        if owner == self.owner:
+            return self
+        view = copy.copy(self)
+        view.owner = owner
+        return view
 
     def close(self) -> None:
         self._pool.close()
