@@ -25,6 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
+import orjson
+
 from config import LOCAL_MAX_BYTES, LOCAL_MAX_SESSIONS
 from payload import Draft, head_of
 
@@ -92,6 +94,80 @@ def session_key(timestamp: int) -> str:
 def expiry(now: int, ttl_ms: int) -> int:
     """When a session saved (or unpinned) at `now` expires: `NEVER` with no TTL (SESSION_TTL_SECONDS=0)."""
     return now + ttl_ms if ttl_ms else NEVER
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of a user's activity log, recorded in the same step as the change it records.
+
+    Stored as the JSON `render` writes (the same bytes in every store, so a copy written back to Redis is the copy
+    already there); `id` tells copies apart from other events. A save without a timestamp learns its timestamp
+    where the store chooses it, which renders it in (`split`)."""
+
+    id: str
+    at: int  # ms
+    action: str  # save, delete, pin, unpin, import, share, revoke, share-opened
+    source: str  # the client's address as the access log has it ("from")
+    timestamp: int | None = None
+    share_id: str | None = None
+
+    def split(self) -> tuple[bytes, bytes]:
+        """The JSON before and after the session's timestamp."""
+        head = b'{"id":"%s","at":%d,"action":"%s","timestamp":' % (self.id.encode(), self.at, self.action.encode())
+        share = b',"shareId":"%s"' % self.share_id.encode() if self.share_id else b""
+        return head, b'%s,"from":%s}' % (share, orjson.dumps(self.source))
+
+    def render(self, timestamp: int | None = None) -> bytes:
+        head, tail = self.split()
+        return b"%s%d%s" % (head, timestamp if timestamp is not None else self.timestamp or 0, tail)
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """A share link: who may read one session without signing in, until when.
+
+    Only the SHA-256 of its token is kept (the token is in the answer that made it, and in the link)."""
+
+    id: str
+    owner: str
+    timestamp: int  # the session's
+    token_sha: str
+    created_at: int
+    expires_at: int
+    revoked: bool = False
+    opened: int = 0
+
+    def record(self) -> bytes:
+        """The share as the stores keep it (without `opened`, which stores count apart)."""
+        return orjson.dumps({"id": self.id, "owner": self.owner, "timestamp": self.timestamp,
+                             "tokenSha256": self.token_sha, "createdAt": self.created_at,
+                             "expiresAt": self.expires_at, "revoked": self.revoked})
+
+    @classmethod
+    def of(cls, record: bytes, opened: int = 0) -> Share:
+        r = orjson.loads(record)
+        return cls(r["id"], r["owner"], r["timestamp"], r["tokenSha256"], r["createdAt"], r["expiresAt"],
+                   r["revoked"], opened)
+
+    def public(self) -> dict[str, object]:
+        """What `GET /api/v1/shares` says of it (never the token or its hash)."""
+        return {"id": self.id, "timestamp": self.timestamp, "createdAt": self.created_at,
+                "expiresAt": self.expires_at, "opened": self.opened, "revoked": self.revoked}
+
+    def open_at(self, now: int) -> bool:
+        return not self.revoked and self.expires_at > now
+
+
+@dataclass(frozen=True, slots=True)
+class Keep:
+    """How much of an activity log is kept: `days`, and at most `most` events."""
+
+    days: int = 90
+    most: int = 10_000
+
+    @property
+    def ms(self) -> int:
+        return self.days * 86_400_000
 
 
 class Stored(NamedTuple):
@@ -304,12 +380,14 @@ class SessionStore(abc.ABC):
         only: how the service keeps one user's sessions from another (docs/contract.md §6)."""
 
     @abc.abstractmethod
-    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None) -> int:
+    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None,
+             event: Event | None = None) -> int:
         """Store a session and return its timestamp.
 
         Store `draft` under its own timestamp, or under one the allocator's rule chooses; return it.
         `when_full` overrides a local store's policy for this save (an import or a restore refuses rather than
-        evict); Redis evicts nothing itself (a Redis that may is refused at start-up) and ignores it."""
+        evict); Redis evicts nothing itself (a Redis that may is refused at start-up) and ignores it. `event`
+        is recorded in the activity log in the same step, with the timestamp chosen."""
 
     @abc.abstractmethod
     def get(self, timestamp: int) -> Stored | None: ...
@@ -332,14 +410,40 @@ class SessionStore(abc.ABC):
         """The sessions (or summaries) of `timestamps` that still exist, in that order."""
 
     @abc.abstractmethod
-    def delete(self, timestamp: int) -> bool: ...
+    def delete(self, timestamp: int, *, event: Event | None = None) -> bool:
+        """Delete a session; `event` is recorded in the same step when there was one."""
 
     @abc.abstractmethod
-    def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
+    def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int, event: Event | None = None) -> bool:
         """Pin a session or set its expiry.
 
         Keep the session forever (`pinned`), or let it expire `ttl_ms` from `now`; False when there is none.
-        A later save of a pinned session keeps it pinned."""
+        A later save of a pinned session keeps it pinned. `event` is recorded in the same step when there was one."""
+
+    # -- share links and the activity log, in this space
+
+    @abc.abstractmethod
+    def add_share(self, share: Share, event: Event) -> None: ...
+
+    @abc.abstractmethod
+    def shares(self) -> list[Share]:
+        """This space's shares, revoked and expired ones included, with how often each was opened."""
+
+    @abc.abstractmethod
+    def find_share(self, token_sha: str) -> Share | None:
+        """The share of this space whose token has this SHA-256 (revoked and expired ones too)."""
+
+    @abc.abstractmethod
+    def revoke_share(self, share_id: str, event: Event) -> bool:
+        """Revoke a share for good; False when this space has none by that id (one revoked before: True)."""
+
+    @abc.abstractmethod
+    def share_opened(self, share: Share, event: Event) -> None:
+        """Count one opening of a share, and record it, in one step."""
+
+    @abc.abstractmethod
+    def events(self, before: int, limit: int) -> list[bytes]:
+        """This space's activity, newest first, `at` before `before`: each as `Event.render` wrote it."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -371,3 +475,23 @@ class LocalStore(SessionStore):
     @abc.abstractmethod
     def count(self) -> tuple[int, int]:
         """(sessions, bytes) held, in every user's space: the caps are the host's."""
+
+    @abc.abstractmethod
+    def pending_people(self) -> Pending:
+        """What waits for Redis besides sessions, in every space: shares, counts of openings, activity."""
+
+    @abc.abstractmethod
+    def settle(self, pending: Pending) -> None:
+        """Drop what `pending_people` gave once Redis holds it (openings counted since stay)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """Shares, share openings and activity a local store keeps while Redis is away, to be written back."""
+
+    shares: list[Share]
+    opens: list[tuple[str, str, int, str]]  # (owner, share id, openings, batch id: how Redis applies them once)
+    events: list[tuple[str, bytes]]  # (owner, the event as rendered)
+
+    def __bool__(self) -> bool:
+        return bool(self.shares or self.opens or self.events)
