@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -13,8 +15,9 @@ from flask.cli import AppGroup
 
 import offsite
 from backup import BackupError, Step, default_name, restore, write_file
-from config import Config
+from config import Config, exits_on_config_error
 from storage import INDEX_KEY, SessionStorage, StorageUnavailable
+from users import Users
 
 sessions = AppGroup("sessions", help="Housekeeping for the stored StoryArt sessions.")
 
@@ -138,6 +141,112 @@ def restore_backup(source: str | None, latest: bool) -> None:
                f"{time.monotonic() - started:.1f} s.")
     if counts["rejected"]:
         raise click.exceptions.Exit(1)
+
+
+users = AppGroup("users", help="The people of a shared service: their tokens and quotas (USERS_FILE).")
+# These commands need no app: they read USERS_FILE from the settings (the service's .env), so they also run as
+# `python -c "from cli import users; users()"`, and a change reaches every running worker at its next request.
+
+
+def _settings() -> Config:
+    """The service's settings (its `.env`); a bad one stops with one line naming it (exit 2)."""
+    with exits_on_config_error():
+        return Config.from_env()
+
+
+def _users() -> Users:
+    """The users file the service's settings name; an unusable file stops with one line naming it (exit 2)."""
+    with exits_on_config_error():
+        return Users.open(_settings().users_file)
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """An invalid name, a user that exists or does not: one line and exit 1; an unusable file: one line, exit 2."""
+    with exits_on_config_error():
+        try:
+            yield
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
+
+
+@users.command("add", with_appcontext=False)
+@click.argument("name")
+@click.option("--max-sessions", type=click.IntRange(min=0), help="Her cap on sessions (0: none; default: "
+                                                                 "USER_MAX_SESSIONS).")
+@click.option("--max-bytes", type=click.IntRange(min=0), help="Her cap on bytes (0: none; default: USER_MAX_BYTES).")
+def add_user(name: str, max_sessions: int | None, max_bytes: int | None) -> None:
+    """Create the user NAME and print her new token alone on the last line (shown this once, kept nowhere)."""
+    people = _users()
+    with _refusals():
+        user, token = people.add(name, max_sessions=max_sessions, max_bytes=max_bytes)
+    click.echo(f"Added {user.name}. The token, shown once (`users rotate {user.name}` makes a new one):")
+    click.echo(token)
+
+
+@users.command("list", with_appcontext=False)
+def list_users() -> None:
+    """List the users: name, whether her token is set, her quotas (never a token or its hash)."""
+    config = _settings()
+    people = _users()
+    everyone = people.all()
+    click.echo(f"{'name':<24} {'token':<8} {'max sessions':>16} {'max bytes':>20}")
+    for user in everyone:
+        token = "set" if user.has_token else "revoked" if user.revoked else "none"
+        click.echo(f"{user.name:<24} {token:<8} {_quota(user.max_sessions, config.user_max_sessions):>16} "
+                   f"{_quota(user.max_bytes, config.user_max_bytes):>20}")
+    click.echo(f"{len(everyone)} user(s) in {people.path}; * = the setting (USER_MAX_SESSIONS, USER_MAX_BYTES).")
+
+
+def _quota(own: int | None, setting: int) -> str:
+    """`100`, `none` (no limit), or the setting's value marked with `*` when she has no override."""
+    value = setting if own is None else own
+    return ("none" if value == 0 else str(value)) + ("*" if own is None else "")
+
+
+@users.command("revoke", with_appcontext=False)
+@click.argument("name")
+def revoke_user(name: str) -> None:
+    """Make NAME's token stop working now, on every worker; she and her sessions stay (`rotate` gives a new one)."""
+    with _refusals():
+        _users().revoke(name)
+    click.echo(f"Revoked the token of {name}.")
+
+
+@users.command("rotate", with_appcontext=False)
+@click.argument("name")
+def rotate_user(name: str) -> None:
+    """Give NAME a new token, printed alone on the last line; her old one stops working now."""
+    with _refusals():
+        token = _users().rotate(name)
+    click.echo(f"New token for {name}, shown once (the old one no longer works):")
+    click.echo(token)
+
+
+@users.command("quota", with_appcontext=False)
+@click.argument("name")
+@click.option("--max-sessions", help="Her cap on sessions: a number (0: none), or `setting` for USER_MAX_SESSIONS.")
+@click.option("--max-bytes", help="Her cap on bytes: a number (0: none), or `setting` for USER_MAX_BYTES.")
+def set_user_quota(name: str, max_sessions: str | None, max_bytes: str | None) -> None:
+    """Set NAME's quota overrides (an option left out keeps her current one)."""
+    with _refusals():
+        people = _users()
+        user = people.by_name(name)
+        if user is None:
+            raise ValueError(f"no user named {name!r}")
+        people.set_quota(name, max_sessions=_override(max_sessions, user.max_sessions, "--max-sessions"),
+                         max_bytes=_override(max_bytes, user.max_bytes, "--max-bytes"))
+    click.echo(f"Set the quotas of {user.name}.")
+
+
+def _override(given: str | None, current: int | None, option: str) -> int | None:
+    if given is None:
+        return current
+    if given.strip().lower() == "setting":
+        return None
+    if not given.strip().isdigit():
+        raise ValueError(f"{option}: expected a whole number of 0 or more, or `setting`, got {given!r}")
+    return int(given)
 
 
 def _shared_storage() -> SessionStorage:

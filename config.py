@@ -119,6 +119,12 @@ class Config:
     backup_schedule: str | None = None  # a cron expression: the running service takes backups (scheduler.py)
     allowed_hosts: tuple[str, ...] = ()  # beyond the loopback names, which are always allowed; "*": any
     api_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log
+    users_file: Path = Path("instance/users.json")  # the users and their token hashes (users.py)
+    auth_proxy_header: str | None = None  # the header a trusted authenticating proxy names the user in
+    user_max_sessions: int = 0  # each user's quota (0: no limit), overridable per user in the users file
+    user_max_bytes: int = 0
+    share_max_seconds: int = 30 * 86_400  # the longest a share link may live
+    activity_keep_days: int = 90  # how long the activity log keeps an event
 
     @property
     def redis_configured(self) -> bool:
@@ -189,6 +195,12 @@ class Config:
             compare_max_bytes=_int(env, "COMPARE_MAX_BYTES", 16 * 1024 * 1024, 1024, 2**40),
             compare_concurrency=_int(env, "COMPARE_CONCURRENCY", 1, 1, 256),
             api_token=_token(env),
+            users_file=_file(env, "USERS_FILE", "instance/users.json"),
+            auth_proxy_header=_proxy_header(env),
+            user_max_sessions=_int(env, "USER_MAX_SESSIONS", 0, 0, 100_000_000),
+            user_max_bytes=_int(env, "USER_MAX_BYTES", 0, 0, 2**50),
+            share_max_seconds=_int(env, "SHARE_MAX_SECONDS", 30 * 86_400, 60, 10 * 365 * 86_400),
+            activity_keep_days=_int(env, "ACTIVITY_KEEP_DAYS", 90, 1, 100 * 365),
         )
 
 
@@ -234,6 +246,37 @@ def _folder(env: Mapping[str, str], name: str, default: str) -> Path:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{name}: {str(path)!r} is a file, not a folder")
     return path
+
+
+def _file(env: Mapping[str, str], name: str, default: str) -> Path:
+    """Parse a file path setting whose file may not exist yet: a folder of that name is refused now."""
+    path = _path(env, name, default)
+    if path.is_dir():
+        raise ConfigError(f"{name}: {str(path)!r} is a folder, not a file")
+    return path
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")  # an HTTP field name (RFC 9110 token)
+
+
+def _proxy_header(env: Mapping[str, str]) -> str | None:
+    """Parse `AUTH_PROXY_HEADER`.
+
+    `AUTH_PROXY_HEADER`: the header in which an authenticating proxy names the user (`X-Forwarded-User`). Any
+    client can send any header, so it is believed only from the proxies `TRUSTED_PROXY_HOPS` counts: refused
+    without them rather than letting every client name herself."""
+    raw = env.get("AUTH_PROXY_HEADER", "").strip()
+    if not raw:
+        return None
+    if not _HEADER_NAME.fullmatch(raw):
+        raise ConfigError(f"AUTH_PROXY_HEADER: expected a header name like X-Forwarded-User, got {raw!r}")
+    if raw.lower() in ("authorization", "cookie", "host"):
+        raise ConfigError(f"AUTH_PROXY_HEADER: {raw!r} carries something else; name the header the proxy puts the "
+                          "user name in, like X-Forwarded-User")
+    if _int(env, "TRUSTED_PROXY_HOPS", 0, 0, 10) == 0:
+        raise ConfigError("AUTH_PROXY_HEADER: set, but TRUSTED_PROXY_HOPS is 0 (any client could name any user); "
+                          "set TRUSTED_PROXY_HOPS to the proxies in front of the service")
+    return raw
 
 
 def _host(env: Mapping[str, str]) -> str:

@@ -81,12 +81,36 @@ def test_dotenv_fills_in_but_never_overrides_the_environment(tmp_path: Path) -> 
     ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=abc"), ("HOST", "local host"), ("HOST", "-bad-"),
     ("BACKUP_KEEP", "0"), ("BACKUP_KEEP", "many"), ("BACKUP_DIR", "a\0b"), ("BACKUP_DIR", str(ROOT / "app.py")),
     ("REDIS_POOL_TIMEOUT", "0"), ("REDIS_POOL_TIMEOUT", "forever"), ("REDIS_REQUIRE_REPLICAS", "2"),
+    ("USERS_FILE", "a\0b"), ("USERS_FILE", str(ROOT)), ("AUTH_PROXY_HEADER", "X User"),
+    ("AUTH_PROXY_HEADER", "X-User:"), ("AUTH_PROXY_HEADER", "Authorization"), ("USER_MAX_SESSIONS", "-1"),
+    ("USER_MAX_BYTES", "lots"), ("SHARE_MAX_SECONDS", "59"), ("ACTIVITY_KEEP_DAYS", "0"),
 ])
 def test_a_bad_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as raised:
         Config.from_env({name: value}, dotenv_path=None)
     message = str(raised.value)
     assert message.startswith(f"{name}: ") and "\n" not in message and repr(value) in message
+
+
+def test_the_settings_of_users_shares_and_activity() -> None:
+    defaults = Config.from_env({}, None)
+    assert (defaults.users_file, defaults.auth_proxy_header, defaults.user_max_sessions, defaults.user_max_bytes,
+            defaults.share_max_seconds, defaults.activity_keep_days) == (
+        Path("instance/users.json"), None, 0, 0, 30 * 86_400, 90)
+    config = Config.from_env({"USERS_FILE": "/srv/storyart/users.json", "AUTH_PROXY_HEADER": "X-Forwarded-User",
+                              "TRUSTED_PROXY_HOPS": "1", "USER_MAX_SESSIONS": "200", "USER_MAX_BYTES": "1000000",
+                              "SHARE_MAX_SECONDS": "60", "ACTIVITY_KEEP_DAYS": "7"}, None)
+    assert (config.users_file, config.auth_proxy_header, config.user_max_sessions, config.user_max_bytes,
+            config.share_max_seconds, config.activity_keep_days) == (
+        Path("/srv/storyart/users.json"), "X-Forwarded-User", 200, 1_000_000, 60, 7)
+
+
+def test_a_proxy_header_needs_trusted_proxies() -> None:
+    """Any client can send any header: believed only from the proxies TRUSTED_PROXY_HOPS counts."""
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"AUTH_PROXY_HEADER": "X-Forwarded-User"}, None)
+    assert str(raised.value) == ("AUTH_PROXY_HEADER: set, but TRUSTED_PROXY_HOPS is 0 (any client could name any "
+                                 "user); set TRUSTED_PROXY_HOPS to the proxies in front of the service")
 
 
 @pytest.mark.parametrize("command", [["app.py"], ["-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"]])
