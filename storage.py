@@ -16,7 +16,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import NamedTuple, TypeVar
+from dataclasses import replace
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 import redis
@@ -30,6 +31,8 @@ from stores.base import (
     EVERY,
     INDEX_KEY,
     LOCAL,
+    Event,
+    Keep,
     Keys,
     Limits,
     Listing,
@@ -40,6 +43,7 @@ from stores.base import (
     Query,
     Record,
     SessionStore,
+    Share,
     StorageBusy,
     StorageFull,
     StorageUnavailable,
@@ -236,7 +240,7 @@ class SessionStorage:
 
     # -- operations
 
-    def save(self, draft: Draft, *, when_full: WhenFull | None = None) -> tuple[int, str]:
+    def save(self, draft: Draft, *, when_full: WhenFull | None = None, event: Event | None = None) -> tuple[int, str]:
         """Save a session to the first store that commits it.
 
         Store and return (timestamp, where). Raises `StorageUnavailable` (or `StorageFull`) when no store
@@ -246,7 +250,7 @@ class SessionStorage:
         proposal = self.allocator.propose(now) if draft.timestamp is None else now
         if self.redis is not None and self._link.state is RedisState.CONNECTED:
             try:
-                timestamp = self.redis.save(draft, now=now, ttl_ms=self.ttl_ms, proposal=proposal)
+                timestamp = self.redis.save(draft, now=now, ttl_ms=self.ttl_ms, proposal=proposal, event=event)
             except redis.RedisError as error:
                 self._redis_failed(error)
             else:
@@ -256,7 +260,8 @@ class SessionStorage:
                     with self.local.exclusive():  # an older pending copy must not be written back over it
                         self.local.delete(timestamp)
                 return timestamp, "redis"
-        timestamp = self.local.save(draft, now=now, ttl_ms=self.ttl_ms, proposal=proposal, when_full=when_full)
+        timestamp = self.local.save(draft, now=now, ttl_ms=self.ttl_ms, proposal=proposal, when_full=when_full,
+                                    event=event)
         if draft.timestamp is None:
             self.allocator.observe(timestamp)
         return timestamp, LOCAL
@@ -426,16 +431,16 @@ class SessionStorage:
             self._from_redis(lambda r: r.store_summary(found.timestamp, summary))
         return found._replace(summary=summary)
 
-    def delete(self, timestamp: int) -> bool:
-        """Delete a session from every store.
+    def delete(self, timestamp: int, *, event: Event | None = None) -> bool:
+        """Delete a session from every store, recording `event` with it.
 
         Delete everywhere, or not at all: with Redis configured but away, a copy there would come back. Redis
         keeps a tombstone of the delete, so a copy another host acknowledged before it and still holds is
         dropped when that host writes it back (`stores.redis.RedisStore.delete`)."""
-        return self._everywhere("deleted", lambda store: store.delete(timestamp))
+        return self._everywhere("the session cannot be deleted", lambda store: store.delete(timestamp, event=event))
 
-    def pin(self, timestamp: int, pinned: bool) -> bool:
-        """Pin or unpin a session in every store.
+    def pin(self, timestamp: int, pinned: bool, *, event: Event | None = None) -> bool:
+        """Pin or unpin a session in every store, recording `event` with it.
 
         Pin or unpin everywhere, or not at all (a copy left unchanged in Redis would undo it). A pending copy
         is written back with its pin; one that is not pinned leaves the pin Redis has. Raises `NotASession`,
@@ -443,8 +448,89 @@ class SessionStorage:
         if pinned and self.get(timestamp) is None:
             return False
         now = now_ms()
-        return self._everywhere("pinned" if pinned else "unpinned",
-                                lambda store: store.pin(timestamp, pinned, now=now, ttl_ms=self.ttl_ms))
+        return self._everywhere(f"the session cannot be {'pinned' if pinned else 'unpinned'}",
+                                lambda store: store.pin(timestamp, pinned, now=now, ttl_ms=self.ttl_ms, event=event))
+
+    # -- share links and the activity log of this space (docs/contract.md §6)
+
+    def add_share(self, share: Share, event: Event) -> str:
+        """Store a new share link, with its event, in the first store that takes it; returns where."""
+        if self.redis is not None and self._link.state is RedisState.CONNECTED:
+            try:
+                self.redis.add_share(share, event)
+                return "redis"
+            except redis.RedisError as error:
+                self._redis_failed(error)
+        self.local.add_share(share, event)
+        return LOCAL
+
+    def shares(self) -> tuple[list[Share], bool]:
+        """(this space's shares, newest first; whether an unreachable Redis may hold more)."""
+        found = {share.id: share for share in self.local.shares()}
+        remote = self._from_redis(lambda r: r.shares()) if self.redis is not None else []
+        for share in remote or ():
+            held = found.get(share.id)
+            found[share.id] = share if held is None else replace(held, opened=held.opened + share.opened)
+        return sorted(found.values(), key=lambda share: share.created_at, reverse=True), remote is None
+
+    def find_share(self, token_sha: str) -> Share | None:
+        """The share of this space with this token's SHA-256 (revoked or expired too), or None.
+
+        Raises `StorageUnavailable` when only an unreachable Redis could say."""
+        found = self.local.find_share(token_sha)
+        if found is None and self.redis is not None:
+            found = self._from_redis(lambda r: r.find_share(token_sha))
+            if found is None and not self._readable():
+                raise self._unreadable()
+        return found
+
+    def revoke_share(self, share_id: str, event: Event) -> bool:
+        """Revoke a share everywhere at once (or not at all: 503 while a configured Redis is away)."""
+        return self._everywhere("the share cannot be revoked", lambda store: store.revoke_share(share_id, event))
+
+    def share_opened(self, share: Share, event: Event) -> None:
+        """Count an opening of a share with its event, in the first store that takes it."""
+        if self.redis is not None and self._link.state is RedisState.CONNECTED:
+            try:
+                return self.redis.share_opened(share, event)
+            except redis.RedisError as error:
+                self._redis_failed(error)
+        self.local.share_opened(share, event)
+        return None
+
+    def events(self, before: int, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        """(this space's activity before `before`, newest first, at most `limit`; whether Redis was unreadable).
+
+        A change made in both stores (a delete of a session pending here and held in Redis) recorded its event in
+        both, under one id: it is listed once."""
+        local = self.local.events(before, limit)
+        remote = self._from_redis(lambda r: r.events(before, limit)) if self.redis is not None else []
+        merged = {}
+        for event in [*(remote or ()), *local]:
+            parsed = orjson.loads(event)
+            merged[parsed["id"]] = parsed
+        return sorted(merged.values(), key=lambda e: (e["at"], e["id"]), reverse=True)[:limit], remote is None
+
+    def _write_back_people(self) -> int:
+        """Move the shares, share openings and activity a local store kept while Redis was away to Redis.
+
+        In one step of the local store's write lock, as a session's move: each is applied once however often a
+        move cut short is repeated (share and openings by their markers, events by their ids)."""
+        with self.local.exclusive():
+            pending = self.local.pending_people()
+            if not pending:
+                return 0
+            for share in pending.shares:
+                self.redis.scoped(share.owner).restore_share(share, f"share-{share.id}")
+            for owner, share_id, count, batch in pending.opens:
+                self.redis.scoped(owner).add_openings(share_id, count, f"opens-{batch}")
+            by_owner: dict[str, list[tuple[int, bytes]]] = {}
+            for owner, event in pending.events:
+                by_owner.setdefault(owner, []).append((orjson.loads(event)["at"], event))
+            for owner, events in by_owner.items():
+                self.redis.scoped(owner).add_events(events)
+            self.local.settle(pending)
+        return len(pending.shares) + len(pending.opens) + len(pending.events)
 
     def _everywhere(self, done: str, change: Callable[[SessionStore], bool]) -> bool:
         """Apply a change to both stores atomically.
@@ -455,7 +541,7 @@ class SessionStorage:
         if self.redis is None:
             with self.local.exclusive():
                 return change(self.local)
-        unreachable = f"Redis is unreachable, so the session cannot be {done} everywhere"
+        unreachable = f"Redis is unreachable, so {done} everywhere"
         if self._link.state is RedisState.DOWN and self.check(when_down=True) is RedisState.DOWN:  # rare: ask now
             raise StorageUnavailable(unreachable)
         with self.local.exclusive():
@@ -558,9 +644,12 @@ class SessionStorage:
                 self._link.state = RedisState.CONNECTED
                 log.warning("Redis is reachable again; writing back %d pending session(s)", pending)
         moved = self.write_back() if pending else 0
+        people = self._write_back_people()
         self._accepting()
         if moved:
             log.warning("write-back: %d session(s) moved from the local store to Redis", moved)
+        if people:
+            log.warning("write-back: %d share link(s), share openings and activity events moved to Redis", people)
         return moved
 
     def _recover_loop(self) -> None:
@@ -571,7 +660,8 @@ class SessionStorage:
         else a round of `reconcile`."""
         while not self._stopping.wait(self.retry_interval):
             try:
-                if self._link.state is not RedisState.CONNECTED or self.local.count()[0] or self.redis.unreplicated:
+                if self._link.state is not RedisState.CONNECTED or self.local.count()[0] or self.redis.unreplicated \
+                        or self.local.pending_people():
                     self.recover()
                 else:
                     self.reconcile()
@@ -645,9 +735,10 @@ class SessionStorage:
         if self.redis is not None:
             moved, error = 0, None
             try:
-                if self.local.count()[0]:
+                if self.local.count()[0] or self.local.pending_people():
                     self.redis.ping()
                     moved = self.write_back()
+                    self._write_back_people()
             except (redis.RedisError, StorageUnavailable) as exc:
                 error = exc
             left = self.local.count()[0]
@@ -670,11 +761,13 @@ def _open_backends(config: Config) -> tuple[LocalStore, RedisStore | None, Redis
     that cannot keep sessions safely raises `ConfigError` naming the setting, with everything closed again."""
     limits = Limits(config.local_max_sessions, config.local_max_bytes,
                     WhenFull.REFUSE if config.redis_configured else WhenFull.EVICT_OLDEST)
+    keep = None if config.redis_configured else Keep(config.activity_keep_days)  # with Redis, all waits for it
     if config.local_store == "memory":
         local: LocalStore = memory.MEMORY
-        local.configure(limits)
+        local.configure(limits, keep)
     else:
-        local = sqlite.SqliteStore.open(config.local_store_path, limits, synchronous=config.local_store_sync)
+        local = sqlite.SqliteStore.open(config.local_store_path, limits, synchronous=config.local_store_sync,
+                                        keep=keep)
     if not config.redis_configured:
         return local, None, None
     redis_store = RedisStore.from_config(config)

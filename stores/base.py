@@ -482,7 +482,9 @@ class LocalStore(SessionStore):
 
     @abc.abstractmethod
     def settle(self, pending: Pending) -> None:
-        """Drop what `pending_people` gave once Redis holds it (openings counted since stay)."""
+        """Drop what `pending_people` gave, once Redis holds it.
+
+        Both run inside one `exclusive()`, so nothing changes in between (an opening takes the write lock too)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,7 +492,7 @@ class Pending:
     """Shares, share openings and activity a local store keeps while Redis is away, to be written back."""
 
     shares: list[Share]
-    opens: list[tuple[str, str, int, str]]  # (owner, share id, openings, batch id: how Redis applies them once)
+    opens: list[tuple[str, str, int, str]]  # (owner, share id, openings, batch id: Redis applies a batch once)
     events: list[tuple[str, bytes]]  # (owner, the event as rendered)
 
     def __bool__(self) -> bool:

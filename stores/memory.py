@@ -11,6 +11,7 @@ import contextlib
 import copy
 import heapq
 import logging
+import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -19,7 +20,22 @@ import orjson
 
 from allocator import choose, now_ms
 from payload import Draft
-from stores.base import LOCAL, NEVER, Limits, LocalStore, Origin, Query, Record, Stored, WhenFull, expiry
+from stores.base import (
+    LOCAL,
+    NEVER,
+    Event,
+    Keep,
+    Limits,
+    LocalStore,
+    Origin,
+    Pending,
+    Query,
+    Record,
+    Share,
+    Stored,
+    WhenFull,
+    expiry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +51,9 @@ class _Shelf:
         self.saves: dict[tuple[str, str], int] = {}  # (owner, save id) -> timestamp
         self.bytes = 0
         self.last_assigned = 0
+        self.shares: dict[tuple[str, str], Share] = {}  # by (owner, id)
+        self.opens: dict[tuple[str, str], tuple[int, str]] = {}  # openings of shares only Redis holds, and a batch id
+        self.activity: dict[str, dict[str, tuple[int, bytes]]] = {}  # owner -> event id -> (at, event)
 
 
 class MemoryStore(LocalStore):
@@ -51,8 +70,9 @@ class MemoryStore(LocalStore):
         self._shelf = _Shelf()
         self.configure(limits or Limits())
 
-    def configure(self, limits: Limits) -> None:
+    def configure(self, limits: Limits, keep: Keep | None = None) -> None:
         self.limits = limits
+        self.keep = keep  # how much activity to keep: only without Redis (None: it all waits for Redis)
 
     def scoped(self, owner: str) -> MemoryStore:
         """This store in `owner`'s space: the same sessions and lock, that user's keys."""
@@ -70,6 +90,9 @@ class MemoryStore(LocalStore):
             shelf.order.clear()
             shelf.expiry.clear()
             shelf.bytes = 0
+            shelf.shares.clear()
+            shelf.opens.clear()
+            shelf.activity.clear()
 
     def count(self) -> tuple[int, int]:
         return len(self._shelf.records), self._shelf.bytes
@@ -79,7 +102,8 @@ class MemoryStore(LocalStore):
         with self._shelf.lock:
             yield
 
-    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None) -> int:
+    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None,
+             event: Event | None = None) -> int:
         shelf, owner = self._shelf, self.owner
         with shelf.lock:
             timestamp, origin = draft.timestamp, Origin.CLIENT
@@ -98,9 +122,10 @@ class MemoryStore(LocalStore):
             self._put(Record(timestamp, draft.render(timestamp), draft.summary,
                              NEVER if pinned else expiry(now, ttl_ms), origin, draft.save_id, pinned, acked, owner),
                       now, when_full)
+            self._record(event, timestamp)
             return timestamp
 
-    def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
+    def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int, event: Event | None = None) -> bool:
         shelf = self._shelf
         with shelf.lock:
             record = self._live(timestamp)
@@ -110,7 +135,7 @@ class MemoryStore(LocalStore):
                 record = replace(record, pinned=pinned, expires_at=NEVER if pinned else expiry(now, ttl_ms))
                 shelf.records[self.owner, timestamp] = record
                 heapq.heappush(shelf.expiry, (record.expires_at, self.owner, timestamp))
-            return True
+            return self._record(event, timestamp)
 
     def _put(self, record: Record, now: int, when_full: WhenFull | None) -> None:
         """Insert or replace a session, making room first.
@@ -216,9 +241,77 @@ class MemoryStore(LocalStore):
         found = (self._live(ts) for ts in timestamps)
         return [self._stored(record, summaries) for record in found if record is not None]
 
-    def delete(self, timestamp: int) -> bool:
+    def delete(self, timestamp: int, *, event: Event | None = None) -> bool:
         with self._shelf.lock:
-            return self._drop((self.owner, timestamp)) is not None
+            return self._record(event, timestamp, self._drop((self.owner, timestamp)) is not None)
+
+    # -- share links and the activity log
+
+    def _record(self, event: Event | None, timestamp: int | None = None, done: bool = True) -> bool:
+        """Record `event` with the change it records, when that change was `done` (the caller holds the lock)."""
+        if event is not None and done:
+            log = self._shelf.activity.setdefault(self.owner, {})
+            log[event.id] = (event.at, event.render(timestamp))
+            if self.keep is not None:  # the memory store's log is small: a pass over it is cheap
+                for key in [key for key, (at, _) in log.items() if at < event.at - self.keep.ms]:
+                    del log[key]
+                while len(log) > self.keep.most:
+                    del log[min(log, key=lambda key: log[key][0])]
+        return done
+
+    def add_share(self, share: Share, event: Event) -> None:
+        with self._shelf.lock:
+            self._shelf.shares[self.owner, share.id] = share
+            self._record(event, share.timestamp)
+
+    def shares(self) -> list[Share]:
+        with self._shelf.lock:
+            return [share for (owner, _), share in self._shelf.shares.items() if owner == self.owner]
+
+    def find_share(self, token_sha: str) -> Share | None:
+        return next((share for share in self.shares() if share.token_sha == token_sha), None)
+
+    def revoke_share(self, share_id: str, event: Event) -> bool:
+        with self._shelf.lock:
+            share = self._shelf.shares.get((self.owner, share_id))
+            if share is not None and not share.revoked:
+                self._shelf.shares[self.owner, share_id] = replace(share, revoked=True)
+                self._record(event, share.timestamp)
+            return share is not None
+
+    def share_opened(self, share: Share, event: Event) -> None:
+        shelf, key = self._shelf, (self.owner, share.id)
+        with shelf.lock:
+            held = shelf.shares.get(key)
+            if held is not None:
+                shelf.shares[key] = replace(held, opened=held.opened + 1)
+            else:  # a share only Redis holds: counted apart until the write-back
+                opened, batch = shelf.opens.get(key, (0, secrets.token_hex(8)))
+                shelf.opens[key] = (opened + 1, batch)
+            self._record(event, share.timestamp)
+
+    def events(self, before: int, limit: int) -> list[bytes]:
+        with self._shelf.lock:
+            found = sorted(((at, key, event) for key, (at, event) in self._shelf.activity.get(self.owner, {}).items()
+                            if at < before), reverse=True)
+        return [event for _, _, event in found[:limit]]
+
+    def pending_people(self) -> Pending:
+        shelf = self._shelf
+        with shelf.lock:
+            events = sorted((at, owner, event) for owner, log in shelf.activity.items() for at, event in log.values())
+            opens = [(owner, share_id, opened, batch) for (owner, share_id), (opened, batch) in shelf.opens.items()]
+            return Pending(list(shelf.shares.values()), opens, [(owner, event) for _, owner, event in events])
+
+    def settle(self, pending: Pending) -> None:
+        shelf = self._shelf
+        with shelf.lock:
+            for share in pending.shares:
+                shelf.shares.pop((share.owner, share.id), None)
+            for owner, share_id, _, _ in pending.opens:
+                shelf.opens.pop((owner, share_id), None)
+            for owner, event in pending.events:
+                shelf.activity.get(owner, {}).pop(orjson.loads(event)["id"], None)
 
     def oldest(self) -> Record | None:
         shelf = self._shelf

@@ -73,13 +73,16 @@ from payload import Draft, content_hash, head_of, summarize
 from stores.base import (  # INDEX_KEY and KEY_PREFIX: tools and tests import them from here
     DEFAULT_KEYS,
     NEVER,
+    Event,
     Facets,
+    Keep,
     Keys,
     Moved,
     Outcome,
     Query,
     Record,
     SessionStore,
+    Share,
     StorageBusy,
     Stored,
     WhenFull,
@@ -216,6 +219,7 @@ def _lua(keys: Keys, *names: str) -> str:
     source = "".join((SCRIPTS / f"{name}.lua").read_text(encoding="utf-8") for name in names)
     filled = {"SESSION": keys.session, "META": keys.meta, "SAVE": keys.save, "FACETS": keys.facets,
               "ACKED": keys.acked, "DELETED": keys.deleted, "STORY": keys.story, "EPISODE": keys.episode,
+              "SHARES": keys.shares, "ACTIVITY": keys.activity,
               "ID_AT": str(len(keys.session) + 1), **_CONSTANTS}
     for name, value in filled.items():
         source = source.replace(f"{{{name}}}", value)
@@ -228,10 +232,12 @@ _CONSTANTS = {"SAVE_ID_TTL": str(SAVE_ID_TTL_MS), "PROBES": str(PROBES), "SKEW_M
               "MAX_AHEAD_MS": str(MAX_AHEAD_MS), "FORGET_BATCH": str(FORGET_BATCH), "PAGE_ROUNDS": str(PAGE_ROUNDS)}
 # Each script of a space, by the attribute a store keeps it in; `forget`, `prune` and `assign` are libraries of
 # local functions the others call.
-_SCRIPTS = {"_save": ("forget", "prune", "assign", "save"), "_latest": ("forget", "prune", "latest"),
-            "_page": ("forget", "prune", "page"), "_prune_now": ("forget", "prune", "prune_now"), "_pin": ("pin",),
-            "_delete": ("forget", "delete"), "_summary": ("forget", "summary"), "_no_facets": ("forget", "no_facets"),
-            "_adopt": ("adopt",), "_lease": ("lease",), "_claim": ("claim",)}
+_SCRIPTS = {"_save": ("forget", "prune", "assign", "activity", "save"), "_latest": ("forget", "prune", "latest"),
+            "_page": ("forget", "prune", "page"), "_prune_now": ("forget", "prune", "prune_now"),
+            "_pin": ("activity", "pin"), "_delete": ("forget", "activity", "delete"), "_summary": ("forget", "summary"),
+            "_no_facets": ("forget", "no_facets"), "_adopt": ("adopt",), "_lease": ("lease",), "_claim": ("claim",),
+            "_share": ("activity", "share"), "_revoke": ("activity", "revoke"), "_opened": ("activity", "opened"),
+            "_events": ("activity", "events")}
 
 
 @functools.cache
@@ -310,8 +316,9 @@ class RedisStore(SessionStore):
 
     def __init__(self, client: redis.Redis, probe: redis.Redis | None = None, *,
                  replication: Replication = Replication(), sentinel: Sentinel | None = None,
-                 tombstone_ms: int = TOMBSTONE_MS) -> None:
+                 tombstone_ms: int = TOMBSTONE_MS, keep: Keep | None = None) -> None:
         self.client = client
+        self.keep = keep or Keep()  # how much of each user's activity log is kept
         self.probe = probe or client  # pings: answers within the connect timeout, or Redis counts as down
         self.replication = replication
         self.sentinel = sentinel
@@ -354,7 +361,8 @@ class RedisStore(SessionStore):
                      "queue_class": _FreeConnections}
         replication = Replication(config.redis_wait_replicas, max(1, round(config.redis_connect_timeout * 1000)),
                                   config.redis_require_replicas)
-        kept = {"tombstone_ms": max(TOMBSTONE_MS, config.session_ttl_seconds * 1000)}
+        kept = {"tombstone_ms": max(TOMBSTONE_MS, config.session_ttl_seconds * 1000),
+                "keep": Keep(config.activity_keep_days)}
         if not config.redis_sentinels:
             pool = redis.BlockingConnectionPool.from_url(config.redis_url, socket_timeout=config.redis_socket_timeout,
                                                          **pool_size, **limits)
@@ -392,12 +400,13 @@ class RedisStore(SessionStore):
 
     # -- writes
 
-    def _run_save(self, draft: Draft, now: int, ttl_ms: int, proposal: int, pending: Record | None = None) -> Moved:
+    def _run_save(self, draft: Draft, now: int, ttl_ms: int, proposal: int, pending: Record | None = None,
+                  event: Event | None = None) -> Moved:
         """A save (`pending` None) or the write-back of `pending`, whose draft `draft` is."""
         origin, pin, acked = ("", "", "") if pending is None else \
             (pending.origin.value, "1" if pending.pinned else "", pending.acked)
         args = (draft.head, draft.summary, now, ttl_ms, "" if draft.timestamp is None else draft.timestamp, proposal,
-                origin, draft.save_id, pin, _facets_json(draft.summary), acked)
+                origin, draft.save_id, pin, _facets_json(draft.summary), acked, *self._event(event))
         outcome, stored_as, removed, *held = self._write(self._save, self._save_keys,
                                                          args)
         if held:
@@ -456,8 +465,15 @@ class RedisStore(SessionStore):
             return reply
         raise redis.exceptions.NoScriptError("the script could not be loaded")
 
-    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None) -> int:
-        return self._run_save(draft, now, ttl_ms, proposal).timestamp
+    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None,
+             event: Event | None = None) -> int:
+        return self._run_save(draft, now, ttl_ms, proposal, event=event).timestamp
+
+    def _event(self, event: Event | None) -> tuple[bytes, bytes, int, int, int]:
+        """An event as the scripts take it (`lua/activity.lua`): nothing recorded for None."""
+        if event is None:
+            return b"", b"", 0, 0, 0
+        return *event.split(), event.at, self.keep.ms, self.keep.most
 
     def write_back(self, record: Record, *, now: int) -> Moved:
         """Write a pending session back to Redis.
@@ -468,16 +484,62 @@ class RedisStore(SessionStore):
         ttl_ms = 0 if record.expires_at == NEVER else record.expires_at - now
         return self._run_save(record.draft, now, ttl_ms, record.timestamp, record)
 
-    def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
-        return bool(self._write(self._pin, (self.keys.expiry, self.keys.pinned), (timestamp, int(pinned), now, ttl_ms)))
+    def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int, event: Event | None = None) -> bool:
+        return bool(self._write(self._pin, (self.keys.expiry, self.keys.pinned),
+                                (timestamp, int(pinned), now, ttl_ms, *self._event(event))))
 
-    def delete(self, timestamp: int) -> bool:
+    def delete(self, timestamp: int, *, event: Event | None = None) -> bool:
         """Delete a session and leave a tombstone.
 
         Delete the session and leave a tombstone (`lua/delete.lua`), found or not: a copy another host still holds
         and acknowledged before this delete is dropped at its write-back."""
         return bool(self._write(self._delete, self._indexes,
-                                (timestamp, now_ms(), self.tombstone_ms)))
+                                (timestamp, now_ms(), self.tombstone_ms, *self._event(event))))
+
+    # -- share links and the activity log (`lua/share.lua` says what the keys hold)
+
+    def add_share(self, share: Share, event: Event) -> None:
+        self._put_share(share, event, "")
+
+    def restore_share(self, share: Share, marker: str) -> None:
+        """Write back a share a local store kept, with its openings (`lua/share.lua`): applied once per `marker`."""
+        self._put_share(share, None, marker)
+
+    def _put_share(self, share: Share, event: Event | None, marker: str) -> None:
+        self._write(self._share, (), (share.id, share.record(), share.token_sha, "1" if share.revoked else "",
+                                      share.opened, marker, *self._event(event), share.timestamp))
+
+    def shares(self) -> list[Share]:
+        with self.client.pipeline(transaction=False) as pipe:
+            records, opened = pipe.hgetall(self.keys.shares).hgetall(f"{self.keys.shares}:opened").execute()
+        return [Share.of(record, int(opened.get(share_id, 0))) for share_id, record in records.items()]
+
+    def find_share(self, token_sha: str) -> Share | None:
+        share_id = self.client.hget(f"{self.keys.shares}:tokens", token_sha)
+        if share_id is None:
+            return None
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys.shares, share_id).hget(f"{self.keys.shares}:opened", share_id)
+            record, opened = pipe.execute()
+        return Share.of(record, int(opened or 0)) if record is not None else None
+
+    def revoke_share(self, share_id: str, event: Event) -> bool:
+        return bool(self._write(self._revoke, (), (share_id, *self._event(event))))
+
+    def share_opened(self, share: Share, event: Event) -> None:
+        self._write(self._opened, (), (share.id, 1, "", *self._event(event), share.timestamp))
+
+    def add_openings(self, share_id: str, count: int, marker: str) -> None:
+        """Write back openings a local store counted (`lua/opened.lua`): applied once per `marker`."""
+        self._write(self._opened, (), (share_id, count, marker, *self._event(None), 0))
+
+    def events(self, before: int, limit: int) -> list[bytes]:
+        return self.client.zrevrangebyscore(self.keys.activity, f"({before}", "-inf", start=0, num=limit)
+
+    def add_events(self, events: list[tuple[int, bytes]]) -> None:
+        """Write back events a local store kept (`lua/events.lua`): (when, the event) each; once, however often."""
+        for batch in _batches(events, 500):
+            self._write(self._events, (), (self.keep.ms, self.keep.most, *(part for pair in batch for part in pair)))
 
     # -- reads
 

@@ -19,11 +19,13 @@ import contextlib
 import copy
 import logging
 import os
+import secrets
 import sqlite3
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -35,12 +37,16 @@ from config import ConfigError
 from payload import Draft
 from stores.base import (
     NEVER,
+    Event,
     Facets,
+    Keep,
     Limits,
     LocalStore,
     Origin,
+    Pending,
     Query,
     Record,
+    Share,
     StorageUnavailable,
     Stored,
     WhenFull,
@@ -97,6 +103,17 @@ SCHEMA = (
     """CREATE TRIGGER IF NOT EXISTS sessions_replaced AFTER UPDATE OF body ON sessions BEGIN
         UPDATE state SET bytes = bytes - length(OLD.body) + length(NEW.body);
     END""",
+    # Share links and the activity log: without Redis their home, with Redis what waits to be written back.
+    """CREATE TABLE IF NOT EXISTS shares (
+        owner TEXT NOT NULL, id TEXT NOT NULL, token_sha TEXT NOT NULL, record BLOB NOT NULL,
+        opened INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (owner, id))""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS shares_by_token ON shares (token_sha)",
+    """CREATE TABLE IF NOT EXISTS share_opens (  -- openings of shares only Redis holds, counted while it was away
+        owner TEXT NOT NULL, id TEXT NOT NULL, opened INTEGER NOT NULL, batch TEXT NOT NULL,
+        PRIMARY KEY (owner, id))""",
+    """CREATE TABLE IF NOT EXISTS activity (
+        owner TEXT NOT NULL, at INTEGER NOT NULL, id TEXT NOT NULL, event BLOB NOT NULL, PRIMARY KEY (owner, id))""",
+    "CREATE INDEX IF NOT EXISTS activity_by_time ON activity (owner, at)",
 )
 
 # Columns added since the first version of the file: `_create` adds what an older file lacks and fills the
@@ -146,8 +163,9 @@ def _add_owners(db: sqlite3.Connection) -> None:
 class SqliteStore(LocalStore):
     kind = "sqlite"
 
-    def __init__(self, path: Path, limits: Limits, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, limits: Limits, synchronous: str = "FULL", keep: Keep | None = None) -> None:
         self.path = path
+        self.keep = keep  # how much activity to keep: only without Redis (None: it all waits for Redis)
         self.location = str(path)
         self.clock_path = path.with_name(f"{path.name}-clock")
         self.limits = limits
@@ -156,14 +174,14 @@ class SqliteStore(LocalStore):
         self._pool = _Pool()
 
     @classmethod
-    def open(cls, path: str | Path, limits: Limits, synchronous: str = "FULL") -> SqliteStore:
+    def open(cls, path: str | Path, limits: Limits, synchronous: str = "FULL", keep: Keep | None = None) -> SqliteStore:
         """Open or create the SQLite store.
 
         Open (or create) the store, or raise `ConfigError` naming the path. A file that is not a usable
         SQLite database is never discarded: it is moved aside, the move is logged, and a new store starts."""
         path = Path(path).absolute()
         _check_usable(path)
-        store = cls(path, limits, synchronous)
+        store = cls(path, limits, synchronous, keep)
         try:
             store._create()
         except (sqlite3.OperationalError, StorageUnavailable) as error:  # the latter: from a transaction
@@ -174,7 +192,7 @@ class SqliteStore(LocalStore):
             aside = _move_aside(path)
             log.error("local store %s is not a usable SQLite database (%s): moved it to %s and started a new one",
                       path, error, aside)
-            store = cls(path, limits, synchronous)
+            store = cls(path, limits, synchronous, keep)
             store._create()
         return store
 
@@ -268,7 +286,8 @@ class SqliteStore(LocalStore):
 
     # -- writes
 
-    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None) -> int:
+    def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None,
+             event: Event | None = None) -> int:
         with self._write() as db:
             self._purge_expired(db, now)
             timestamp, origin = draft.timestamp, Origin.CLIENT
@@ -288,14 +307,15 @@ class SqliteStore(LocalStore):
             self._make_room(db, timestamp, len(body), when_full)
             db.execute(UPSERT, (self.owner, timestamp, body, draft.summary, expiry(now, ttl_ms), origin.value,
                                 draft.save_id, *Facets.of(orjson.loads(draft.summary)), now))
+            self._record(db, event, timestamp)
         return timestamp
 
-    def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int) -> bool:
+    def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int, event: Event | None = None) -> bool:
         with self._write() as db:
-            return db.execute("UPDATE sessions SET expires_at = CASE WHEN pinned = ?1 THEN expires_at ELSE ?2 END, "
-                              "pinned = ?1 WHERE owner = ?5 AND timestamp = ?3 AND expires_at > ?4",
-                              (int(pinned), NEVER if pinned else expiry(now, ttl_ms), timestamp, now, self.owner)
-                              ).rowcount > 0
+            changed = db.execute("UPDATE sessions SET expires_at = CASE WHEN pinned = ?1 THEN expires_at ELSE ?2 END, "
+                                 "pinned = ?1 WHERE owner = ?5 AND timestamp = ?3 AND expires_at > ?4",
+                                 (int(pinned), NEVER if pinned else expiry(now, ttl_ms), timestamp, now, self.owner))
+            return self._record(db, event, timestamp, changed.rowcount > 0)
 
     def _make_room(self, db: sqlite3.Connection, timestamp: int, size: int, when_full: WhenFull | None) -> None:
         """Evict the oldest unpinned sessions as `Limits.victims` says.
@@ -333,13 +353,83 @@ class SqliteStore(LocalStore):
         if free >= RECLAIM_PAGES and free * RECLAIM_SHARE >= db.execute("PRAGMA page_count").fetchone()[0]:
             db.executescript(f"PRAGMA incremental_vacuum({RECLAIM_STEP})")
 
-    def delete(self, timestamp: int) -> bool:
+    def delete(self, timestamp: int, *, event: Event | None = None) -> bool:
         with self._write() as db:
             deleted = db.execute("DELETE FROM sessions WHERE owner = ? AND timestamp = ?",
                                  (self.owner, timestamp)).rowcount > 0
             if deleted:
                 self._reclaim()
-            return deleted
+            return self._record(db, event, timestamp, deleted)
+
+    # -- share links and the activity log
+
+    def _record(self, db: sqlite3.Connection, event: Event | None, timestamp: int | None = None,
+                done: bool = True) -> bool:
+        """Record `event` in the transaction of the change it records, when that change was `done`; returns `done`.
+
+        Without Redis the log keeps `keep` (its age and size, pruned here); with Redis it is what waits to be
+        written back, all of it."""
+        if event is not None and done:
+            db.execute("INSERT OR IGNORE INTO activity VALUES (?, ?, ?, ?)",
+                       (self.owner, event.at, event.id, event.render(timestamp)))
+            if self.keep is not None:
+                db.execute("DELETE FROM activity WHERE owner = ?1 AND (at < ?2 OR at <= (SELECT at FROM activity "
+                           "WHERE owner = ?1 ORDER BY at DESC LIMIT 1 OFFSET ?3))",
+                           (self.owner, event.at - self.keep.ms, self.keep.most))
+        return done
+
+    def add_share(self, share: Share, event: Event) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO shares (owner, id, token_sha, record, opened) VALUES (?, ?, ?, ?, ?)",
+                       (self.owner, share.id, share.token_sha, share.record(), share.opened))
+            self._record(db, event, share.timestamp)
+
+    def shares(self) -> list[Share]:
+        return [Share.of(record, opened) for record, opened in
+                self._read("SELECT record, opened FROM shares WHERE owner = ?", (self.owner,))]
+
+    def find_share(self, token_sha: str) -> Share | None:
+        rows = self._read("SELECT record, opened FROM shares WHERE owner = ? AND token_sha = ?",
+                          (self.owner, token_sha))
+        return Share.of(*rows[0]) if rows else None
+
+    def revoke_share(self, share_id: str, event: Event) -> bool:
+        with self._write() as db:
+            rows = db.execute("SELECT record FROM shares WHERE owner = ? AND id = ?", (self.owner, share_id)).fetchall()
+            if not rows:
+                return False
+            share = Share.of(rows[0][0])
+            if not share.revoked:
+                db.execute("UPDATE shares SET record = ? WHERE owner = ? AND id = ?",
+                           (replace(share, revoked=True).record(), self.owner, share_id))
+                self._record(db, event, share.timestamp)
+            return True
+
+    def share_opened(self, share: Share, event: Event) -> None:
+        with self._write() as db:
+            if not db.execute("UPDATE shares SET opened = opened + 1 WHERE owner = ? AND id = ?",
+                              (self.owner, share.id)).rowcount:  # a share only Redis holds: counted apart
+                db.execute("INSERT INTO share_opens VALUES (?, ?, 1, ?) ON CONFLICT (owner, id) DO UPDATE "
+                           "SET opened = opened + 1", (self.owner, share.id, secrets.token_hex(8)))
+            self._record(db, event, share.timestamp)
+
+    def events(self, before: int, limit: int) -> list[bytes]:
+        return [event for (event,) in self._read("SELECT event FROM activity WHERE owner = ? AND at < ? "
+                                                  "ORDER BY at DESC, id DESC LIMIT ?", (self.owner, before, limit))]
+
+    def pending_people(self) -> Pending:
+        return Pending([Share.of(record, opened) for record, opened in self._read("SELECT record, opened FROM shares")],
+                       self._read("SELECT owner, id, opened, batch FROM share_opens"),
+                       self._read("SELECT owner, event FROM activity ORDER BY at"))
+
+    def settle(self, pending: Pending) -> None:
+        with self._write() as db:
+            db.executemany("DELETE FROM shares WHERE owner = ? AND id = ?",
+                           [(share.owner, share.id) for share in pending.shares])
+            db.executemany("DELETE FROM share_opens WHERE owner = ? AND id = ?",
+                           [(owner, share_id) for owner, share_id, _, _ in pending.opens])
+            db.executemany("DELETE FROM activity WHERE owner = ? AND id = ?",
+                           [(owner, orjson.loads(event)["id"]) for owner, event in pending.events])
 
     # -- reads
 

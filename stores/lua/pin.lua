@@ -1,8 +1,8 @@
--- Pin or unpin one session. Unpinning starts the TTL again from now; unpinning a session that was not pinned
--- changes nothing.
+-- Pin or unpin one session (needs activity.lua). Unpinning starts the TTL again from now; unpinning a session
+-- that was not pinned changes nothing.
 --
 -- KEYS: expiry, pinned.
--- ARGV: timestamp, "1" to pin (else unpin), now (ms), TTL (ms; 0: none).
+-- ARGV: timestamp, "1" to pin (else unpin), now (ms), TTL (ms; 0: none), the event (see activity.lua: ARGV[5..9]).
 -- Returns 1 if the session exists, else 0.
 --
 -- Names in braces are constants of stores/redis.py (key prefixes, limits), filled in when it loads this file.
@@ -20,4 +20,5 @@ elseif redis.call('SREM', KEYS[2], key) == 1 and ttl > 0 then
   redis.call('PEXPIRE', meta, ttl)
   redis.call('ZADD', KEYS[1], string.format('%d', tonumber(ARGV[3]) + ttl), key)
 end
+record(event(5), ARGV[1])
 return 1

@@ -1,4 +1,4 @@
--- Save one session atomically (needs forget.lua, prune.lua, assign.lua): a save, or the write-back of a copy a
+-- Save one session atomically (needs forget.lua, prune.lua, assign.lua, activity.lua): a save, or the write-back of a copy a
 -- local store kept while Redis was away.
 --
 -- KEYS: index, expiry, clock, pinned.
@@ -85,4 +85,5 @@ redis.call('ZADD', KEYS[1], id, key)
 redis.call('HSET', '{ACKED}', id, fmt(acked))
 facet(key, id, ARGV[10])
 prune(KEYS[1], KEYS[2], KEYS[4], now)
+record(event(12), id)
 return {outcome, id, removed, distrusted}
