@@ -7,9 +7,6 @@ history page (`page.py`), CORS, the request hooks and the error handlers that ke
 
 from __future__ import annotations
 
-import functools
-import hmac
-import ipaddress
 import logging
 import random
 import re
@@ -21,14 +18,16 @@ from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from cli import sessions
+from cli import sessions, users
 from config import Config, exits_on_config_error
 from deadline import BodyDeadline
 from drain import DrainRefusedBody
+from identity import Identity, Refused, loggable_address
 from page import page
 from responses import OrjsonProvider, error
 from scheduler import Scheduler
 from storage import SessionStorage, build_storage
+from users import Users
 from views import MESSAGES, SessionIdConverter, api
 
 log = logging.getLogger(__name__)
@@ -37,8 +36,6 @@ access_log = logging.getLogger("storyart.access")  # a channel, not a module: op
 DEFAULT_CORS_ORIGINS = (re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?$", re.IGNORECASE),)
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
-_ADDRESS_CHARS = re.compile(r"[0-9A-Fa-f:.]{2,45}")  # what an IPv4 or IPv6 address is written with
-_SCOPE_ID = re.compile(r"[A-Za-z0-9_.-]{1,16}")  # an interface name or number (`fe80::1%eth0`)
 
 
 class ServiceFlask(Flask):
@@ -80,11 +77,14 @@ def create_app(config: Config | None = None, storage: SessionStorage | None = No
         supports_credentials=True,
         max_age=600,
     )
-    _register_hooks(app, config.api_token, (*LOOPBACK_HOSTS, *config.allowed_hosts))
+    identity = Identity(config, Users.open(config.users_file))
+    app.extensions["storyart-identity"] = identity  # views.py
+    _register_hooks(app, identity, (*LOOPBACK_HOSTS, *config.allowed_hosts))
     _register_error_handlers(app)
     app.register_blueprint(api)
     app.register_blueprint(page)  # the history page at `/` (docs/history-page.md)
     app.cli.add_command(sessions)
+    app.cli.add_command(users)
     if config.api_token is None and config.app_env == "production":
         log.warning("APP_ENV=production and no API_TOKEN: the session API is open to anyone who can reach it")
     local = storage.local_report()
@@ -113,33 +113,7 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     return any(a == "*" or name == a or (a.startswith(".") and name.endswith(a)) for a in allowed)
 
 
-def loggable_address(value: str | None) -> str:
-    """Return the client address to write into the access line, or `-`.
-
-    It is `value` if it is one valid IPv4 or IPv6 address (a surrounding `[...]` dropped), else `-`. With
-    TRUSTED_PROXY_HOPS it is the last `X-Forwarded-For` entry, which a client that reaches the service directly writes
-    itself: nothing but an address may get from there into the line.
-    """
-    if not value or len(value) > 64:
-        return "-"
-    return _checked_address(value)
-
-
-@functools.lru_cache(maxsize=1024)  # a few us per parse; the same few addresses come again and again
-def _checked_address(value: str) -> str:
-    text = value[1:-1] if value.startswith("[") and value.endswith("]") else value
-    address, percent, scope = text.partition("%")
-    # ipaddress takes any scope id after "%", spaces and control characters included: only a plain name.
-    if not _ADDRESS_CHARS.fullmatch(address) or (percent and not _SCOPE_ID.fullmatch(scope)):
-        return "-"
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return "-"
-    return text
-
-
-def _register_hooks(app: Flask, api_token: str | None, allowed_hosts: tuple[str, ...]) -> None:
+def _register_hooks(app: Flask, identity: Identity, allowed_hosts: tuple[str, ...]) -> None:
     @app.before_request
     def assign_request_id() -> None:
         # The environ and a PRNG draw rather than request.headers and uuid4: no header wrapper and no
@@ -174,15 +148,17 @@ def _register_hooks(app: Flask, api_token: str | None, allowed_hosts: tuple[str,
         return None
 
     @app.before_request
-    def require_token() -> Response | None:
-        """With API_TOKEN set, /api/v1/... needs `Authorization: Bearer <token>`; preflights and /health don't."""
-        if api_token is None or request.method == "OPTIONS" or not request.path.startswith("/api/v1/"):
-            return None
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_token.encode()):
-            return None
-        return error(401, "A valid API token is required (Authorization: Bearer <token>).",
-                     {"WWW-Authenticate": 'Bearer realm="storyart"'})
+    def identify() -> Response | None:
+        """Name the request's user (`identity.py`).
+
+        `g.caller` is whose space the views work in (None: a request that needs no user); a request that must
+        name a user and does not gets 401."""
+        try:
+            g.caller = identity.caller(request.environ, request.method, request.path)
+        except Refused as refused:
+            return error(refused.status, str(refused),
+                         {"WWW-Authenticate": 'Bearer realm="storyart"'} if refused.status == 401 else None)
+        return None
 
     @app.after_request
     def tag_and_log(response: Response) -> Response:

@@ -28,7 +28,7 @@ PAGE_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",  # another origin cannot even load the page's scripts
 }
-PAGE_ENDPOINTS = ("page.index", "static")
+PAGE_ENDPOINTS = ("page.index", "page.shared", "static")
 
 page = Blueprint("page", __name__)
 
@@ -37,6 +37,16 @@ page = Blueprint("page", __name__)
 def index() -> Response:
     response = current_app.send_static_file("index.html")
     response.headers["Cache-Control"] = "no-cache"  # a new release of the page is seen on the next load
+    return response
+
+
+@page.get("/s/<token>")
+def shared(token: str) -> Response:
+    """A share link: the page shows the shared session read-only (it reads it from `/api/v1/shared/<token>`).
+
+    The token is in the address: no Referer carries it on, and no search engine keeps the page."""
+    response = index()
+    response.headers.update({"X-Robots-Tag": "noindex", "Cache-Control": "no-store"})
     return response
 
 

@@ -13,7 +13,7 @@ import orjson
 from flask import Response, request
 from flask.json.provider import JSONProvider
 
-from stores.base import Stored, session_key
+from stores.base import DEFAULT_KEYS, Keys, Stored
 
 LAST_ISO_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
@@ -67,14 +67,14 @@ def session_response(found: Stored, partial: bool = False) -> Response:
     return response
 
 
-def list_item(found: Stored) -> bytes:
-    """The stored session object plus its `sessionKey`, spliced in before the closing brace."""
-    return b'%s,"sessionKey":"%s"}' % (found.body.rstrip()[:-1], session_key(found.timestamp).encode())
+def list_item(found: Stored, keys: Keys = DEFAULT_KEYS) -> bytes:
+    """The stored session object plus its `sessionKey` (in `keys`' space), spliced in before the closing brace."""
+    return b'%s,"sessionKey":"%s"}' % (found.body.rstrip()[:-1], keys.session_key(found.timestamp).encode())
 
 
-def summary_item(found: Stored) -> bytes:
+def summary_item(found: Stored, keys: Keys = DEFAULT_KEYS) -> bytes:
     """A summary record (whose body is the summary JSON) with its identity, ISO time and store."""
-    return orjson.dumps({"timestamp": found.timestamp, "sessionKey": session_key(found.timestamp),
+    return orjson.dumps({"timestamp": found.timestamp, "sessionKey": keys.session_key(found.timestamp),
                          **orjson.loads(found.body), "savedAt": saved_at(found.timestamp),
                          "storage": found.storage, "pinned": found.pinned})
 

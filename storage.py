@@ -53,8 +53,9 @@ from stores.base import (
 )
 from stores.redis import Adopted, RedisFacts, RedisStore
 
-__all__ = ["EVERY", "INDEX_KEY", "LOCAL", "NotASession", "Query", "RedisState", "SessionStorage", "StorageFull",
-           "StorageUnavailable", "Stored", "WhenFull", "build_storage", "check_start_up", "session_key"]
+__all__ = ["DEFAULT_OWNER", "EVERY", "INDEX_KEY", "LOCAL", "Event", "NotASession", "Query", "RedisState",
+           "SessionStorage", "Share", "StorageFull", "StorageUnavailable", "Stored", "WhenFull", "build_storage",
+           "check_start_up", "session_key"]
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,25 @@ class SessionStorage:
         if checked is None:
             raise NotASession(f"The record stored under {timestamp} is not a session (not a JSON object).")
         return checked
+
+    def expiry_of(self, timestamp: int) -> int | None:
+        """When a session expires (`NEVER`: it does not), the local store first; None when there is none.
+
+        Raises `StorageUnavailable` when only an unreachable Redis could say."""
+        found = self.local.expiry_of(timestamp)
+        if found is None and self.redis is not None:
+            found = self._from_redis(lambda r: r.expiry_of(timestamp))
+            if found is None and not self._readable():
+                raise self._unreadable()
+        return found
+
+    def usage(self) -> tuple[int, int]:
+        """(sessions, bytes) this space holds, from the sessions' summaries: what its quotas count."""
+        listing = self.listing(Query(limit=EVERY), summaries=True)
+        size = sum(orjson.loads(row.body).get("sizeBytes", 0) for row in listing.rows)
+        if listing.partial:
+            raise self._unreadable()
+        return listing.total, size
 
     def held(self, timestamps: list[int]) -> tuple[set[int], bool]:
         """Tell which timestamps hold a session in either store.

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
 import os
+import re
+import secrets
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,19 +25,38 @@ from typing import Any
 
 import orjson
 import yaml
-from flask import Blueprint, Response, abort, current_app, request, stream_with_context
+from flask import Blueprint, Response, abort, current_app, g, request, stream_with_context
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from allocator import now_ms
 from backup import default_name, stream
 from compare import Budget, TooLarge, compare
-from payload import PayloadError, content_hash, draft_from, parse_json, parse_session, value_limit
+from identity import Caller, loggable_address
+from payload import Draft, PayloadError, content_hash, draft_from, parse_json, parse_session, value_limit
 from responses import error, json_response, list_item, session_response, summary_item
-from storage import EVERY, NotASession, Query, RedisState, SessionStorage, StorageUnavailable, WhenFull, session_key
+from storage import (
+    DEFAULT_OWNER,
+    EVERY,
+    Event,
+    NotASession,
+    Query,
+    RedisState,
+    SessionStorage,
+    Share,
+    StorageUnavailable,
+    WhenFull,
+)
+from users import NAME
 
 SERVICE_NAME = "storyart-session"
 LIST_MAX = 100  # the largest page; without `limit` a list has every session
+ACTIVITY_MAX = 500  # the most events one activity page has
+DEFAULT_SHARE_SECONDS = 7 * 86_400
+_SHARE_ID = re.compile(r"[0-9a-f]{16}")
+_SHARE_SECRET = re.compile(r"[A-Za-z0-9_-]{32}")  # `secrets.token_urlsafe(24)`
+# A share link's answer: no Referer carries the token on, no search engine keeps it, no cache keeps the session.
+_SHARED_HEADERS = {"Referrer-Policy": "no-referrer", "X-Robots-Tag": "noindex", "Cache-Control": "no-store"}
 MAX_TIMESTAMP = 2**53  # the largest integer a browser's JSON.parse reads exactly
 OPENAPI_PATH = Path(__file__).resolve().with_name("openapi.yaml")
 MESSAGES = {
@@ -57,8 +80,57 @@ class SessionIdConverter(BaseConverter):
     regex = r"(?!(?:save|import|latest|list)$)[^/]+"
 
 
-def _storage() -> SessionStorage:
+def _root() -> SessionStorage:
+    """The storage as the service sees it (the default user's space): for /health and the share links."""
     return current_app.extensions["storyart"]
+
+
+def _caller() -> Caller:
+    return g.get("caller") or current_app.extensions["storyart-identity"].default
+
+
+def _storage() -> SessionStorage:
+    """The storage in the request's user's space: every session view sees hers only."""
+    return _root().space(_caller().owner)
+
+
+def _event(action: str, timestamp: int | None = None, share_id: str | None = None) -> Event:
+    """An activity event of this request (docs/contract.md §6), stored with the change it records."""
+    return Event(secrets.token_hex(8), now_ms(), action, loggable_address(request.remote_addr), timestamp, share_id)
+
+
+_QUOTA_TURNS: dict[str, threading.Lock] = {}  # a user with quotas saves one at a time in each process
+
+
+@contextmanager
+def _quota_turn() -> Iterator[None]:
+    """Hold the caller's turn to save while her quota is counted, when she has one (no one else waits)."""
+    caller = _caller()
+    if not caller.max_sessions and not caller.max_bytes:
+        yield
+        return
+    with _QUOTA_TURNS.setdefault(caller.owner, threading.Lock()):
+        yield
+
+
+def _over_quota(draft: Draft, space: SessionStorage, caller: Caller) -> str | None:
+    """Why saving `draft` would pass the caller's quota (USER_MAX_SESSIONS, USER_MAX_BYTES), or None.
+
+    Counted from what her space holds now; the same user's saves in other processes at the same moment may each
+    pass it by one (docs/decisions.md, "Quotas")."""
+    if not caller.max_sessions and not caller.max_bytes:
+        return None
+    sessions, size = space.usage()
+    replaced = space.get(draft.timestamp) if draft.timestamp is not None else None
+    sessions += 0 if replaced else 1
+    size += len(draft.head) + 20 - (len(replaced.body) if replaced else 0)
+    if caller.max_sessions and sessions > caller.max_sessions:
+        return (f"Quota reached: {caller.name} may keep {caller.max_sessions:,} sessions (USER_MAX_SESSIONS) and "
+                f"keeps {sessions - 1:,}; delete some first. Nothing was saved.")
+    if caller.max_bytes and size > caller.max_bytes:
+        return (f"Quota reached: {caller.name} may keep {caller.max_bytes:,} bytes of sessions (USER_MAX_BYTES); "
+                f"this save would make it {size:,}. Delete some first. Nothing was saved.")
+    return None
 
 
 @cache
@@ -77,11 +149,15 @@ def save() -> Response:
         draft = parse_session(_request_body(limit), now_ms(), value_limit(limit))
     except PayloadError as exc:
         return error(exc.status, str(exc))
-    timestamp, where = _storage().save(draft)
+    space = _storage()
+    with _quota_turn():
+        if refused := _over_quota(draft, space, _caller()):
+            return error(403, refused)
+        timestamp, where = space.save(draft, event=_event("save", draft.timestamp))
     return json_response({
         "success": True,
         "message": "Session saved successfully",
-        "sessionKey": session_key(timestamp),
+        "sessionKey": space.keys.session_key(timestamp),
         "timestamp": timestamp,
         "storage": where,
     })
@@ -104,14 +180,15 @@ def list_sessions() -> Response:
         query, summaries = _list_query()
     except ValueError as exc:
         return error(400, str(exc))
-    listing = _storage().listing(query, summaries)
+    space = _storage()
+    listing = space.listing(query, summaries)
     item = summary_item if summaries else list_item
 
     def generate() -> Iterator[bytes]:
         yield b'{"success":true,"sessions":['
         count = 0
         for row in listing.rows:
-            yield b"," + item(row) if count else item(row)
+            yield b"," + item(row, space.keys) if count else item(row, space.keys)
             count += 1
         yield b'],"count":%d,"total":%d%s%s}' % (
             count, listing.total, b',"skipped":%d' % listing.skipped if listing.skipped else b"",
@@ -220,11 +297,11 @@ def _compared(stamps: tuple[int, int], budget: Budget) -> Response:
 @api.delete("/api/v1/session/<session_id:raw>")
 def delete_session(raw: str) -> Response:
     timestamp = _timestamp(raw)
-    deleted = _storage().delete(timestamp)
-    if not deleted:
+    space = _storage()
+    if not space.delete(timestamp, event=_event("delete", timestamp)):
         return error(404, "Session not found")
-    return json_response({"success": True, "message": "Session deleted", "sessionKey": session_key(timestamp),
-                          "timestamp": timestamp})
+    return json_response({"success": True, "message": "Session deleted",
+                          "sessionKey": space.keys.session_key(timestamp), "timestamp": timestamp})
 
 
 @api.post("/api/v1/session/<session_id:raw>/pin")
@@ -241,9 +318,10 @@ def unpin_session(raw: str) -> Response:
 
 def _pin(raw: str, *, pinned: bool) -> Response:
     timestamp = _timestamp(raw)
-    if not _storage().pin(timestamp, pinned):
+    space = _storage()
+    if not space.pin(timestamp, pinned, event=_event("pin" if pinned else "unpin", timestamp)):
         return error(404, "Session not found")
-    return json_response({"success": True, "timestamp": timestamp, "sessionKey": session_key(timestamp),
+    return json_response({"success": True, "timestamp": timestamp, "sessionKey": space.keys.session_key(timestamp),
                           "pinned": pinned})
 
 
@@ -294,10 +372,119 @@ def download_backup() -> Response:
                     headers={"Content-Disposition": disposition})
 
 
+# ------------------------------------------------------------------ people: who, share links, activity
+
+
+@api.get("/api/v1/me")
+def me() -> Response:
+    """Who the request is signed in as, for the history page."""
+    identity = current_app.extensions["storyart-identity"]
+    return json_response({"success": True, "user": _caller().name, "multiUser": identity.multi_user()})
+
+
+@api.post("/api/v1/session/<session_id:raw>/shares")
+def create_share(raw: str) -> Response:
+    """Make a share link to one of the caller's sessions (docs/contract.md §6).
+
+    It lives `expiresInSeconds` (default 7 days, at most SHARE_MAX_SECONDS) but never longer than the session
+    itself unless that is pinned; the answer says the expiry it got. The token is in this answer only."""
+    timestamp = _timestamp(raw)
+    config = current_app.config["STORYART"]
+    try:
+        wanted = _share_seconds(_request_body(64 * 1024), config.share_max_seconds)
+    except ValueError as exc:
+        return error(400, str(exc))
+    space = _storage()
+    session_expiry = space.expiry_of(timestamp)
+    if session_expiry is None:
+        return error(404, "Session not found")
+    now = now_ms()
+    token_secret = secrets.token_urlsafe(24)  # 192 random bits
+    token = token_secret if space.owner == DEFAULT_OWNER else f"{space.owner}.{token_secret}"
+    share = Share(secrets.token_hex(8), space.owner, timestamp, _token_sha(token), now,
+                  min(now + wanted * 1000, session_expiry))
+    space.add_share(share, _event("share", timestamp, share.id))
+    body = {"id": share.id, "timestamp": timestamp, "url": f"{request.host_url}s/{token}", "token": token,
+            "createdAt": share.created_at, "expiresAt": share.expires_at}
+    return json_response({"success": True, "share": body}, 201)
+
+
+def _share_seconds(body: bytes, longest: int) -> int:
+    """How long a share link should live, from the request body (empty: the default); ValueError says why not."""
+    default = min(DEFAULT_SHARE_SECONDS, longest)
+    if not body.strip():
+        return default
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ValueError("The body must be a JSON object such as {\"expiresInSeconds\": 86400}, or empty.") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("The body must be a JSON object such as {\"expiresInSeconds\": 86400}, or empty.")
+    seconds = parsed.get("expiresInSeconds", default)
+    if type(seconds) is not int or not 60 <= seconds <= longest:
+        raise ValueError(f"expiresInSeconds must be an integer from 60 to {longest} (SHARE_MAX_SECONDS).")
+    return seconds
+
+
+def _token_sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@api.get("/api/v1/shares")
+def list_shares() -> Response:
+    shares, partial = _storage().shares()
+    return json_response({"success": True, "shares": [share.public() for share in shares],
+                          **({"partial": True} if partial else {})})
+
+
+@api.delete("/api/v1/shares/<share_id>")
+def revoke_share(share_id: str) -> Response:
+    """Revoke one of the caller's share links at once; another user's share id is one that does not exist."""
+    if not _SHARE_ID.fullmatch(share_id) or not _storage().revoke_share(share_id, _event("revoke", None, share_id)):
+        return error(404, "Share not found")
+    return json_response({"success": True, "id": share_id, "revoked": True})
+
+
+@api.get("/api/v1/shared/<token>")
+def open_share(token: str) -> Response:
+    """Read the session a share link names, without a user's token: the link's token is the permission.
+
+    A token that never existed, one revoked, one expired and one whose session is gone all get the same 404."""
+    owner, _, secret = token.rpartition(".")
+    gone = error(404, "This share link does not exist, was revoked or has expired.", _SHARED_HEADERS)
+    if not _SHARE_SECRET.fullmatch(secret) or (owner and not NAME.fullmatch(owner)) or owner != owner.casefold():
+        return gone
+    space = _root().space(owner)
+    share = space.find_share(_token_sha(token))
+    if share is None or not share.open_at(now_ms()):
+        return gone
+    found = space.get(share.timestamp)
+    if found is None:
+        return gone
+    space.share_opened(share, _event("share-opened", share.timestamp, share.id))
+    shared_by = orjson.dumps(current_app.extensions["storyart-identity"].name_of(owner))
+    body = b'{"success":true,"data":%s,"sharedBy":%s,"expiresAt":%d}' % (found.body, shared_by, share.expires_at)
+    return Response(body, mimetype="application/json", headers=_SHARED_HEADERS)
+
+
+@api.get("/api/v1/activity")
+def activity() -> Response:
+    """The caller's activity, newest first: `limit` events (default 50) from before `before` (ms)."""
+    try:
+        limit = _int_arg("limit", 50, 1, ACTIVITY_MAX)
+        before = _int_arg("before", MAX_TIMESTAMP, 1, MAX_TIMESTAMP)
+    except ValueError as exc:
+        return error(400, str(exc))
+    events, partial = _storage().events(before, limit)
+    for event in events:
+        del event["id"]
+    return json_response({"success": True, "events": events, **({"partial": True} if partial else {})})
+
+
 @api.get("/health")
 def health() -> Response:
     """`storage` is where a save goes now; `localStore` is the fallback (and, without Redis, the home)."""
-    sessions = _storage()
+    sessions = _root()
     redis_state = sessions.check()
     local = sessions.local_report()
     degraded = redis_state in (RedisState.DOWN, RedisState.READ_ONLY)
@@ -320,7 +507,7 @@ def health() -> Response:
 @api.get("/health/ready")
 def ready() -> Response:
     """For load balancers: not ready while a configured Redis is unreachable (`/health` stays 200)."""
-    sessions = _storage()
+    sessions = _root()
     redis_state = sessions.check()
     if redis_state is RedisState.DOWN:
         return json_response({"success": False, "error": "Redis is configured but unreachable.",
@@ -365,7 +552,7 @@ def openapi() -> Response:
 @api.errorhandler(StorageUnavailable)
 def unavailable(exc: StorageUnavailable) -> Response:
     """Whatever a view asked of the storage could not be done safely now: nothing changed, retry later."""
-    retry = str(max(1, round(_storage().retry_interval)))
+    retry = str(max(1, round(_root().retry_interval)))
     return error(503, f"Storage is unavailable: {exc}; retry later.", {"Retry-After": retry})
 
 
@@ -376,18 +563,23 @@ def not_a_session(exc: NotASession) -> Response:
 
 def _import_one(index: int, item: Any, held: set[int]) -> dict[str, Any]:
     """Store one item; `held` (the timestamps that hold a session) gains one the item names."""
+    space = _storage()
     try:
         draft = draft_from(item, now_ms())
         if draft.timestamp is None:
             draft = replace(draft, save_id=f"import-{content_hash(draft.head)}")
-        timestamp, where = _storage().save(draft, when_full=WhenFull.REFUSE)  # never evicts to make room
+        with _quota_turn():
+            if refused := _over_quota(draft, space, _caller()):
+                return {"index": index, "status": "rejected", "error": refused}
+            timestamp, where = space.save(draft, when_full=WhenFull.REFUSE,  # never evicts to make room
+                                          event=_event("import", draft.timestamp))
     except (PayloadError, StorageUnavailable) as exc:
         return {"index": index, "status": "rejected", "error": str(exc)}
     existed = draft.timestamp is not None and timestamp in held
     if draft.timestamp is not None:
         held.add(timestamp)
     return {"index": index, "status": "replaced" if existed else "imported", "timestamp": timestamp,
-            "sessionKey": session_key(timestamp), "storage": where}
+            "sessionKey": space.keys.session_key(timestamp), "storage": where}
 
 
 def _skipped(index: int) -> dict[str, Any]:

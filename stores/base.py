@@ -399,6 +399,10 @@ class SessionStore(abc.ABC):
     def latest(self) -> Stored | None: ...
 
     @abc.abstractmethod
+    def expiry_of(self, timestamp: int) -> int | None:
+        """When a session expires (wall clock, ms; `NEVER` for one that does not); None when there is none."""
+
+    @abc.abstractmethod
     def timestamps(self, query: Query) -> tuple[int, list[int]]:
         """Find the timestamps of one page of a list.
 

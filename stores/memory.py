@@ -212,6 +212,10 @@ class MemoryStore(LocalStore):
     def exists(self, timestamp: int) -> bool:
         return self._live(timestamp) is not None
 
+    def expiry_of(self, timestamp: int) -> int | None:
+        record = self._live(timestamp)
+        return record.expires_at if record is not None else None
+
     def latest(self) -> Stored | None:
         now, shelf = now_ms(), self._shelf
         with shelf.lock:

@@ -563,6 +563,10 @@ class RedisStore(SessionStore):
                 found.update(ts for ts, held in zip(batch, pipe.execute(), strict=True) if held)
         return found
 
+    def expiry_of(self, timestamp: int) -> int | None:
+        left = self.client.pttl(self.keys.session_key(timestamp))
+        return None if left == -2 else NEVER if left == -1 else now_ms() + left
+
     def latest(self) -> Stored | None:
         missed = 0
         while missed < 3:  # the newest may expire or be deleted between the two round trips: look again

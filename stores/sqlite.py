@@ -445,6 +445,11 @@ class SqliteStore(LocalStore):
         return bool(self._read("SELECT 1 FROM sessions WHERE owner = ? AND timestamp = ? AND +expires_at > ?",
                                (self.owner, timestamp, now_ms())))
 
+    def expiry_of(self, timestamp: int) -> int | None:
+        rows = self._read("SELECT expires_at FROM sessions WHERE owner = ? AND timestamp = ? AND +expires_at > ?",
+                          (self.owner, timestamp, now_ms()))
+        return rows[0][0] if rows else None
+
     def latest(self) -> Stored | None:
         rows = self._read("SELECT timestamp, body, summary, pinned FROM sessions WHERE owner = ? AND +expires_at > ? "
                           "ORDER BY timestamp DESC LIMIT 1", (self.owner, now_ms()))

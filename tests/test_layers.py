@@ -14,7 +14,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("the users file (it raises config's error)", {"users"}),
     ("the storage vocabulary and interface; compare", {"stores", "stores.base", "compare"}),
     ("one module per backend; the JSON answers", {"stores.memory", "stores.sqlite", "stores.redis", "responses"}),
-    ("the failover and the one factory; the body deadline", {"storage", "deadline"}),
+    ("the failover and the one factory; the body deadline; who a request is", {"storage", "deadline", "identity"}),
     ("backups", {"backup"}),
     ("off-site copies", {"offsite"}),
     ("the backup schedule", {"scheduler"}),
