@@ -77,7 +77,7 @@ class Identity:
                 return self.default  # single-user mode, open as before users existed
         except ConfigError as error:
             raise Refused(503, f"The service cannot read its users now ({error}); retry later.") from None
-        raise Refused(401, "A valid token is required (Authorization: Bearer <token>).")
+        raise Refused(401, "A valid API token is required (Authorization: Bearer <token>).")
 
     def _proxied(self, name: str) -> Caller:
         try:

@@ -62,6 +62,7 @@ def make_app(tmp_path: Path) -> Iterator[Callable[..., Flask]]:
 
     def build(**settings: object) -> Flask:
         settings.setdefault("local_store_path", tmp_path / "sessions.sqlite3")
+        settings.setdefault("users_file", tmp_path / "users.json")  # no users: single-user mode
         app = create_app(dataclasses.replace(Config(), **settings))
         apps.append(app)
         return app

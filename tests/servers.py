@@ -358,7 +358,7 @@ class ServiceProcess:
         self.port = int(env.get("REDIS_API_PORT") or free_port())
         store = str(log_path.with_suffix(".sqlite3"))  # each service its own local store unless told otherwise
         self.env = {**os.environ, "REDIS_API_PORT": str(self.port), "HOST": "127.0.0.1", "LOCAL_STORE_PATH": store,
-                    **env}
+                    "USERS_FILE": str(log_path.with_suffix(".users.json")), **env}
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 

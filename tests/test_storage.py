@@ -123,6 +123,8 @@ def test_redis_layout_is_the_public_contract(make_app, redis_server, redis_db: r
     assert len(ours) == 7 + 2 * len(stamps)  # the list filters' facets: one story, one episode
     assert sorted(int(ts) for ts in redis_db.hkeys("storyart:sessions:acked")) == sorted(stamps)
     ours |= {k.decode() for k in redis_db.scan_iter("storyart:sessions:reconciler")}  # once a round has run
+    ours |= {"storyart:activity"}  # the default user's activity log: one event per save
+    assert redis_db.zcard("storyart:activity") == len(stamps)
     assert {k.decode() for k in redis_db.scan_iter("*")} - set(session_keys) == ours
     assert redis_db.zcard(INDEX_KEY) == 3
 
