@@ -18,6 +18,7 @@ import yaml
 from flask.testing import FlaskClient
 
 from servers import ROOT
+from users import Users
 
 SPEC_PATH = ROOT / "openapi.yaml"
 SPEC: dict[str, Any] = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
@@ -212,11 +213,59 @@ def test_401_with_a_token_conforms_and_health_needs_none(make_app, document) -> 
             if secured:
                 assert response.status_code == 401, (method, path)
                 assert response.headers["WWW-Authenticate"] == 'Bearer realm="storyart"'
-            else:
-                assert response.status_code == 200, (method, path)
+            else:  # open to anyone; a share link that does not exist (`{token}` is none) is a 404
+                assert response.status_code == (404 if path == "/api/v1/shared/{token}" else 200), (method, path)
             conforms(document, path, method.upper(), response)
     authorized = client.get("/api/v1/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"})
     assert authorized.status_code == 200
+
+
+def test_users_shares_activity_and_quotas_conform(make_app, document, redis_server, redis_db, tmp_path) -> None:
+    """Two users, in Redis: who is signed in, a quota refusal, a share made, listed, opened, revoked and gone,
+    another user's session and share as 404s, the activity log and its bad page, and the 401 without a token."""
+    people = Users.open(tmp_path / "users.json")
+    alice = {"Authorization": f"Bearer {people.add('Alice', max_sessions=1)[1]}", **JSON}
+    bob = {"Authorization": f"Bearer {people.add('bob')[1]}", **JSON}
+    client = make_app(redis_url=redis_server.url, users_file=tmp_path / "users.json").test_client()
+    me = client.get("/api/v1/me", headers=alice)
+    assert me.get_json() == {"success": True, "user": "Alice", "multiUser": True}
+    conforms(document, "/api/v1/me", "GET", me)
+    conforms(document, "/api/v1/me", "GET", client.get("/api/v1/me"))  # 401
+    saved = client.post("/api/v1/session/save", data=orjson.dumps(session()), headers=alice)
+    assert saved.get_json()["sessionKey"].startswith("storyart:{u:alice}:session:")
+    conforms(document, "/api/v1/session/save", "POST", saved)
+    over = client.post("/api/v1/session/save", data=orjson.dumps(session()), headers=alice)
+    assert over.status_code == 403 and "USER_MAX_SESSIONS" in over.get_json()["error"]
+    conforms(document, "/api/v1/session/save", "POST", over)
+    ts = saved.get_json()["timestamp"]
+    shares = "/api/v1/session/{timestamp}/shares"
+    made = client.post(f"/api/v1/session/{ts}/shares", data=b'{"expiresInSeconds": 3600}', headers=alice)
+    assert made.status_code == 201 and made.get_json()["share"]["token"].startswith("alice.")
+    conforms(document, shares, "POST", made)
+    for body, headers, status in ((b"", alice, 201), (b"[]", alice, 400), (b'{"expiresInSeconds": 1}', alice, 400),
+                                  (b"", bob, 404)):
+        answer = client.post(f"/api/v1/session/{ts}/shares", data=body, headers=headers)
+        assert answer.status_code == status, (body, answer.data)
+        conforms(document, shares, "POST", answer)
+    share = made.get_json()["share"]
+    opened = client.get(f"/api/v1/shared/{share['token']}")
+    assert opened.get_json()["sharedBy"] == "Alice"
+    conforms(document, "/api/v1/shared/{token}", "GET", opened)
+    conforms(document, "/s/{token}", "GET", client.get(f"/s/{share['token']}"))
+    listed = client.get("/api/v1/shares", headers=alice)
+    assert [(s["id"], s["opened"]) for s in listed.get_json()["shares"]][-1] == (share["id"], 1)
+    conforms(document, "/api/v1/shares", "GET", listed)
+    for headers, status in ((bob, 404), (alice, 200), (alice, 200)):
+        revoked = client.delete(f"/api/v1/shares/{share['id']}", headers=headers)
+        assert revoked.status_code == status
+        conforms(document, "/api/v1/shares/{id}", "DELETE", revoked)
+    gone = client.get(f"/api/v1/shared/{share['token']}")
+    assert gone.status_code == 404
+    conforms(document, "/api/v1/shared/{token}", "GET", gone)
+    activity = client.get("/api/v1/activity?limit=10", headers=alice)
+    assert [e["action"] for e in activity.get_json()["events"]] == ["revoke", "share-opened", "share", "share", "save"]
+    conforms(document, "/api/v1/activity", "GET", activity)
+    conforms(document, "/api/v1/activity", "GET", client.get("/api/v1/activity?limit=0", headers=alice))  # 400
 
 
 def test_503_with_retry_after_and_not_ready_conform(make_app, document) -> None:
