@@ -31,14 +31,15 @@ import orjson
 
 from allocator import now_ms
 from payload import Draft, PayloadError, draft_from, head_of, summarize
-from storage import EVERY, Query, RedisState, SessionStorage, StorageUnavailable, WhenFull, session_key
+from storage import DEFAULT_OWNER, EVERY, Query, RedisState, SessionStorage, StorageUnavailable, WhenFull
+from users import NAME, Users
 
 FORMAT = "storyart-backup"
 VERSION = 1
 MANIFEST = "manifest.json"
 NAME_PREFIX = "storyart-backup-"
 _NAME = re.compile(r"^storyart-backup-\d{8}T\d{6}\.\d{3}Z\.zip$")  # what rotation may remove
-_ENTRY = re.compile(r"^sessions/\d{1,16}\.json$")
+_ENTRY = re.compile(r"^(sessions|users/[a-z0-9._@+-]{1,64})/\d{1,16}\.json$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 LAST_ZIP_SECOND = 4_354_819_198  # 2107-12-31 23:59:58, the last time a ZIP entry can carry
 # What `zipfile` raises for a member it cannot give back: damaged (its CRC, its compressed data, cut short),
@@ -108,8 +109,21 @@ class _Pipe(io.RawIOBase):
         return taken
 
 
-def stream(storage: SessionStorage, on_step: OnStep | None = None) -> Backup:
-    """Return the backup of every live session (pinned ones included), newest first.
+def every_owner(users_file: Path) -> list[str]:
+    """Every user's space: the default user's, then each user's in `USERS_FILE` (what a full backup takes)."""
+    return [DEFAULT_OWNER, *(user.key for user in Users.open(users_file).all())]
+
+
+def _file(owner: str, timestamp: int) -> str:
+    """A session's file in the backup: `sessions/<ms>.json` for the default user, `users/<key>/<ms>.json` else."""
+    return f"sessions/{timestamp}.json" if owner == DEFAULT_OWNER else f"users/{owner}/{timestamp}.json"
+
+
+def stream(storage: SessionStorage, on_step: OnStep | None = None, owners: list[str] | None = None) -> Backup:
+    """Return the backup of every live session (pinned ones included) of `owners`' spaces, newest first in each.
+
+    Without `owners`, of `storage`'s own space (a user's download); `flask sessions backup` and the schedule pass
+    `every_owner`, and the manifest names each session's owner, so a restore puts it back in her space.
 
     Raises `StorageUnavailable` at once when a configured Redis is unreachable (a backup would miss what it holds); if
     Redis goes away midway, or a listed session a store still holds could not be read (`storage.Listing.missed`),
@@ -118,32 +132,35 @@ def stream(storage: SessionStorage, on_step: OnStep | None = None) -> Backup:
     first, so the backup has them too.
     """
     storage.index_every_key()
-    listing = storage.listing(Query(limit=EVERY))
-    if listing.partial:
+    listings = [(owner, storage.space(owner).listing(Query(limit=EVERY))) for owner in owners or [storage.owner]]
+    if any(listing.partial for _, listing in listings):
         raise StorageUnavailable("Redis is unreachable, so a backup would miss the sessions it holds")
+    total = sum(listing.total for _, listing in listings)
     backup = Backup()
 
     def chunks() -> Iterator[bytes]:
         pipe = _Pipe()
         entries = []
         with zipfile.ZipFile(pipe, "w", zipfile.ZIP_DEFLATED) as archive:
-            for row in listing.rows:
-                name = f"sessions/{row.timestamp}.json"
-                archive.writestr(_member(name, row.timestamp), row.body, compresslevel=COMPRESS_LEVEL)
-                entries.append({"timestamp": row.timestamp, "file": name, "bytes": len(row.body),
-                                "sha256": hashlib.sha256(row.body).hexdigest(), "pinned": row.pinned})
-                backup.count += 1
-                backup.bytes += len(row.body)
-                backup.pinned += row.pinned
-                if on_step:
-                    on_step(Step(backup.count, listing.total, backup.bytes))
-                yield pipe.take()
-            if listing.missed:
-                raise StorageUnavailable(f"{listing.missed} listed session(s) could not be read while the backup "
-                                         "ran, though a store holds them; back up again")
-            if listing.partial:
-                raise StorageUnavailable("Redis became unreachable during the backup")
-            backup.skipped = listing.skipped
+            for owner, listing in listings:
+                for row in listing.rows:
+                    name = _file(owner, row.timestamp)
+                    archive.writestr(_member(name, row.timestamp), row.body, compresslevel=COMPRESS_LEVEL)
+                    entries.append({"timestamp": row.timestamp, "file": name, "bytes": len(row.body),
+                                    "sha256": hashlib.sha256(row.body).hexdigest(), "pinned": row.pinned,
+                                    **({"owner": owner} if owner != DEFAULT_OWNER else {})})
+                    backup.count += 1
+                    backup.bytes += len(row.body)
+                    backup.pinned += row.pinned
+                    if on_step:
+                        on_step(Step(backup.count, total, backup.bytes))
+                    yield pipe.take()
+                if listing.missed:
+                    raise StorageUnavailable(f"{listing.missed} listed session(s) could not be read while the backup "
+                                             "ran, though a store holds them; back up again")
+                if listing.partial:
+                    raise StorageUnavailable("Redis became unreachable during the backup")
+                backup.skipped += listing.skipped
             manifest = {"format": FORMAT, "version": VERSION,
                         "createdAt": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                         "count": backup.count, "bytes": backup.bytes, "pinned": backup.pinned,
@@ -168,7 +185,8 @@ def _member(name: str, timestamp: int) -> zipfile.ZipInfo:
     return info
 
 
-def write_file(storage: SessionStorage, path: Path, on_step: OnStep | None = None) -> Backup:
+def write_file(storage: SessionStorage, path: Path, on_step: OnStep | None = None,
+               owners: list[str] | None = None) -> Backup:
     """Write the backup to `path` atomically.
 
     It is written into a temporary file next to it, flushed to the disk, then renamed over `path`. On any failure the
@@ -184,7 +202,7 @@ def write_file(storage: SessionStorage, path: Path, on_step: OnStep | None = Non
     temporary = Path(handle.name)
     try:
         with handle:
-            backup = stream(storage, on_step)
+            backup = stream(storage, on_step, owners)
             for chunk in backup.chunks:
                 handle.write(chunk)
             handle.flush()
@@ -255,13 +273,17 @@ def restore(storage: SessionStorage, path: Path, max_bytes: int, on_step: OnStep
         entries = _manifest(archive, path)
         # Whether a session is "replaced" is decided by what the stores held when the restore began, asked while
         # Redis answers: if Redis goes away midway, the rest go to the local store, which cannot say what Redis has.
-        held, asked = storage.held([entry["timestamp"] for entry in entries])
-        if not asked:
-            raise StorageUnavailable("Redis is configured but unreachable; restore when it answers again")
+        held: dict[str, set[int]] = {}
+        for owner in {entry.get("owner", DEFAULT_OWNER) for entry in entries}:
+            held[owner], asked = storage.space(owner).held([entry["timestamp"] for entry in entries
+                                                             if entry.get("owner", DEFAULT_OWNER) == owner])
+            if not asked:
+                raise StorageUnavailable("Redis is configured but unreachable; restore when it answers again")
         report = Restored()
         done = size = 0
         for index, entry in enumerate(entries):
-            result = _restore_one(storage, archive, entry, max_bytes, held)
+            owner = entry.get("owner", DEFAULT_OWNER)
+            result = _restore_one(storage.space(owner), archive, entry, max_bytes, held[owner])
             report.results.append({"index": index, **result})
             done, size = done + 1, size + entry["bytes"]
             if on_step:
@@ -294,7 +316,16 @@ def _well_formed(entry: Any) -> bool:
             and isinstance(entry.get("file"), str) and bool(_ENTRY.match(entry["file"]))
             and type(entry.get("bytes")) is int and entry["bytes"] >= 0
             and isinstance(entry.get("sha256"), str) and bool(_SHA256.match(entry["sha256"]))
-            and type(entry.get("pinned")) is bool)
+            and type(entry.get("pinned")) is bool and _owned(entry))
+
+
+def _owned(entry: dict[str, Any]) -> bool:
+    """Whether an entry names its owner as a backup writes it: none (the default user's), or a user's key."""
+    owner = entry.get("owner", DEFAULT_OWNER)
+    if owner == DEFAULT_OWNER:
+        return entry["file"].startswith("sessions/")
+    return (isinstance(owner, str) and NAME.fullmatch(owner) is not None and owner == owner.casefold()
+            and owner not in (".", "..") and entry["file"].startswith(f"users/{owner}/"))
 
 
 def _restore_one(storage: SessionStorage, archive: zipfile.ZipFile, entry: dict[str, Any], max_bytes: int,
@@ -321,8 +352,8 @@ def _restore_one(storage: SessionStorage, archive: zipfile.ZipFile, entry: dict[
             storage.pin(stored, True)
         except StorageUnavailable as error:
             return {**rejected, "error": f"stored, but it could not be pinned ({error}); restore again to pin it"}
-    return {"status": "replaced" if existed else "imported", "timestamp": stored, "sessionKey": session_key(stored),
-            "storage": where, "pinned": entry["pinned"]}
+    return {"status": "replaced" if existed else "imported", "timestamp": stored,
+            "sessionKey": storage.keys.session_key(stored), "storage": where, "pinned": entry["pinned"]}
 
 
 def _read(archive: zipfile.ZipFile, name: str, max_bytes: int) -> bytes:

@@ -14,7 +14,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 import offsite
-from backup import BackupError, Step, default_name, restore, write_file
+from backup import BackupError, Step, default_name, every_owner, restore, write_file
 from config import Config, exits_on_config_error
 from storage import INDEX_KEY, SessionStorage, StorageUnavailable
 from users import Users
@@ -60,7 +60,7 @@ def backup(path: Path | None) -> None:
     started = time.monotonic()
     with Progress("backed up") as progress:
         try:
-            written = write_file(storage, target, progress)
+            written = write_file(storage, target, progress, every_owner(config.users_file))
         except (BackupError, StorageUnavailable) as error:
             raise click.ClickException(f"no backup written: {error}") from None
     click.echo(f"Backed up {written.count} session(s) ({written.pinned} pinned, {_size(written.bytes)}) to {target} "

@@ -32,7 +32,18 @@ from typing import Any
 
 import orjson
 
-from backup import FORMAT, MANIFEST, UNREADABLE, Backup, BackupError, OnStep, default_name, rotate, write_file
+from backup import (
+    FORMAT,
+    MANIFEST,
+    UNREADABLE,
+    Backup,
+    BackupError,
+    OnStep,
+    default_name,
+    every_owner,
+    rotate,
+    write_file,
+)
 from config import Config, S3Settings
 from storage import SessionStorage, StorageUnavailable
 
@@ -364,7 +375,7 @@ def take(config: Config, storage: SessionStorage, on_step: OnStep | None = None,
     outcome = Outcome(due=due, offsite_configured=config.backup_s3 is not None)
     path = config.backup_dir / default_name()
     try:
-        outcome.written = write_file(storage, path, on_step)
+        outcome.written = write_file(storage, path, on_step, every_owner(config.users_file))
     except (BackupError, StorageUnavailable) as error:
         outcome.error = f"no backup written: {error}"
         return outcome

@@ -59,8 +59,9 @@ class _State:
 
 def key_of(name: str) -> str:
     """The key of a user name (her storage prefix and owner), or ValueError saying what a name may be."""
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ValueError(f"user name {name!r} is invalid: use 1-64 characters of A-Z a-z 0-9 . _ @ + -")
+    if not isinstance(name, str) or not NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"user name {name!r} is invalid: use 1-64 characters of A-Z a-z 0-9 . _ @ + - "
+                         "(not . or .. alone)")
     return name.casefold()
 
 

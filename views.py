@@ -389,6 +389,8 @@ def create_share(raw: str) -> Response:
     It lives `expiresInSeconds` (default 7 days, at most SHARE_MAX_SECONDS) but never longer than the session
     itself unless that is pinned; the answer says the expiry it got. The token is in this answer only."""
     timestamp = _timestamp(raw)
+    if request.mimetype != "application/json":  # no other site's form can make one (docs/history-page.md)
+        return error(415, MESSAGES[415])
     config = current_app.config["STORYART"]
     try:
         wanted = _share_seconds(_request_body(64 * 1024), config.share_max_seconds)
@@ -461,7 +463,8 @@ def open_share(token: str) -> Response:
     found = space.get(share.timestamp)
     if found is None:
         return gone
-    space.share_opened(share, _event("share-opened", share.timestamp, share.id))
+    if request.method == "GET":  # a HEAD (a link preview asking what is there) opens nothing
+        space.share_opened(share, _event("share-opened", share.timestamp, share.id))
     shared_by = orjson.dumps(current_app.extensions["storyart-identity"].name_of(owner))
     body = b'{"success":true,"data":%s,"sharedBy":%s,"expiresAt":%d}' % (found.body, shared_by, share.expires_at)
     return Response(body, mimetype="application/json", headers=_SHARED_HEADERS)

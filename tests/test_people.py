@@ -279,10 +279,7 @@ def test_the_activity_log_holds_exactly_the_actions_in_order_across_an_outage(se
     redis_server.restart(*durable)
     wait_for(lambda: request(port, "GET", "/health").json()["localStore"]["sessions"] == 0 and not _pending(app),
              "the write-back")
-    answers: list[dict] = []  # a worker that has not seen Redis back yet answers what it holds, saying `partial`
-    wait_for(lambda: not answers.append(request(port, "GET", "/api/v1/activity", None, bearer(alice)).json())
-             and "partial" not in answers[-1], "an activity answer from Redis")
-    events = answers[-1]["events"]
+    events = settled(port, "/api/v1/activity", alice)["events"]
     expected = [("share-opened", during["timestamp"]), ("share", during["timestamp"]), ("save", during["timestamp"]),
                 ("pin", first), ("save", first)]
     assert [(e["action"], e["timestamp"]) for e in events] == expected
@@ -290,9 +287,18 @@ def test_the_activity_log_holds_exactly_the_actions_in_order_across_an_outage(se
     assert all(e["from"] == "127.0.0.1" for e in events)
     in_redis = redis_server.client().zrange("storyart:{u:alice}:activity", 0, -1)
     assert [orjson.loads(e)["action"] for e in reversed(in_redis)] == [action for action, _ in expected]
-    shares = request(port, "GET", "/api/v1/shares", None, bearer(alice)).json()["shares"]
+    shares = settled(port, "/api/v1/shares", alice)["shares"]
     assert [(s["opened"], s["revoked"]) for s in shares] == [(1, False)]
     assert redis_server.client().hget("storyart:{u:alice}:shares:opened", shares[0]["id"]) == b"1"
+
+
+def settled(port: int, path: str, token: str) -> dict:
+    """The answer once it comes from Redis: a worker that has not seen Redis back yet answers what it holds, and
+    says `partial`."""
+    answers: list[dict] = []
+    wait_for(lambda: not answers.append(request(port, "GET", path, None, bearer(token)).json())
+             and "partial" not in answers[-1], f"an answer of {path} from Redis")
+    return answers[-1]
 
 
 def _pending(app: ServiceProcess) -> bool:
@@ -335,3 +341,44 @@ def test_an_auth_proxy_names_the_user_and_a_client_cannot(service, tmp_path: Pat
     finally:
         nginx.stop()
 
+
+
+def test_a_backup_takes_every_users_sessions_and_a_restore_puts_each_back_in_her_space(service, own_redis,
+                                                                                       two_users, tmp_path) -> None:
+    users_file, alice, bob = two_users
+    redis_server = own_redis()
+    app = service("app", REDIS_URL=redis_server.url, USERS_FILE=str(users_file), API_TOKEN="default-token-0123456789")
+    port = app.port
+    hers, his = save(port, alice, "hers"), save(port, bob, "his")
+    mine = save(port, "default-token-0123456789", "the default user's")
+    assert request(port, "POST", f"/api/v1/session/{hers}/pin", None, bearer(alice)).status == 200
+    env = {**os.environ, "USERS_FILE": str(users_file), "REDIS_URL": redis_server.url,
+           "LOCAL_STORE_PATH": app.env["LOCAL_STORE_PATH"]}
+
+    def flask(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "flask", "--app", "app", "sessions", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    target = tmp_path / "all.zip"
+    assert flask("backup", str(target)).returncode == 0
+    with zipfile.ZipFile(target) as archive:
+        names = set(archive.namelist())
+        manifest = orjson.loads(archive.read("manifest.json"))
+    assert names == {f"sessions/{mine}.json", f"users/alice/{hers}.json", f"users/bob@example.org/{his}.json",
+                     "manifest.json"}
+    assert {(e.get("owner"), e["timestamp"], e["pinned"]) for e in manifest["sessions"]} == {
+        (None, mine, False), ("alice", hers, True), ("bob@example.org", his, False)}
+    # Alice's own download has hers only.
+    with zipfile.ZipFile(io.BytesIO(request(port, "GET", "/api/v1/backup", None, bearer(alice)).body)) as archive:
+        assert set(archive.namelist()) == {f"users/alice/{hers}.json", "manifest.json"}
+    before = {who: request(port, "GET", f"/api/v1/session/{ts}", None, bearer(token)).body
+              for who, ts, token in (("alice", hers, alice), ("bob", his, bob))}
+    redis_server.client().flushall()
+    restored = flask("restore", str(target))
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    for who, ts, token in (("alice", hers, alice), ("bob", his, bob)):
+        assert request(port, "GET", f"/api/v1/session/{ts}", None, bearer(token)).body == before[who]
+    assert request(port, "GET", f"/api/v1/session/{hers}", None, bearer(bob)).status == 404
+    listed = request(port, "GET", "/api/v1/session/list?view=summary", None, bearer(alice)).json()["sessions"]
+    assert [(s["timestamp"], s["pinned"]) for s in listed] == [(hers, True)]
+    assert redis_server.client().exists(f"storyart:session:{mine}", f"storyart:{{u:alice}}:session:{hers}") == 2
