@@ -93,6 +93,32 @@ def test_a_store_file_of_the_previous_version_gains_pins_and_filter_columns(make
     assert listing(client, "view=summary")["sessions"][0]["pinned"] is True
 
 
+def test_a_store_file_from_before_users_keeps_its_sessions_for_the_default_user(make_app, tmp_path) -> None:
+    """The file is rebuilt once with an owner column: its sessions are the default user's, and a user's session
+    under the same timestamp is another session in her own space."""
+    from users import Users
+
+    path = tmp_path / "old.sqlite3"
+    body = b'{"scriptText":"x","episodeContext":"","storyUuid":"story-old","analyzedEpisode":{},"timestamp":1000}'
+    with sqlite3.connect(path) as db:
+        db.execute(OLD_SCHEMA)
+        db.execute("INSERT INTO sessions VALUES (1000, ?, ?, ?, 'client')", (body, b"{}", 2**50))
+    users_file = tmp_path / "users.json"
+    _, token = Users.open(users_file).add("hana")
+    app = make_app(local_store_path=path, users_file=users_file, api_token="default-token-0123456789")
+    client = app.test_client()
+    default = {"Authorization": "Bearer default-token-0123456789"}
+    assert client.get("/api/v1/session/1000", headers=default).get_json()["data"]["timestamp"] == 1000
+    hers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    assert client.get("/api/v1/session/1000", headers=hers).status_code == 404
+    saved = client.post("/api/v1/session/save", headers=hers, data=body).get_json()
+    assert (saved["timestamp"], saved["sessionKey"]) == (1000, "storyart:{u:hana}:session:1000")
+    assert client.delete("/api/v1/session/1000", headers=hers).status_code == 200
+    assert client.get("/api/v1/session/1000", headers=default).status_code == 200  # the default user's stays
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT owner, timestamp FROM sessions").fetchall() == [("", 1000)]
+
+
 def test_a_store_file_whose_table_is_not_ours_stops_start_up_naming_it(tmp_path) -> None:
     from config import ConfigError
     from stores.base import Limits
