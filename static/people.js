@@ -165,10 +165,15 @@ function shareRow(share) {
     h("td", { "data-label": "Link" }, shareLink(share)));
 }
 
-/** The caller's share links, newest first. */
-export async function showShares() {
-  const empty = $("shares-empty");
+/** The Shares view, opened: its heading focused, the links loaded. */
+export function showShares() {
   $("shares-title").focus();
+  return loadShares();
+}
+
+/** The caller's share links, newest first. */
+async function loadShares() {
+  const empty = $("shares-empty");
   let answer;
   try {
     answer = await call("/api/v1/shares");
@@ -208,7 +213,7 @@ async function confirmRevoke(event) {
   } catch (err) {
     toast(`The link was not revoked: ${err.message}`, "error");
   }
-  showShares();
+  loadShares();
 }
 
 // ----------------------------------------------------------------------------------------------- activity
