@@ -109,6 +109,7 @@ def test_a_user_shares_a_session_a_reader_opens_it_without_a_token_and_she_revok
     actions = page.locator("#activity-rows tr").evaluate_all("rows => rows.map(r => r.dataset.action)")
     assert actions == ["revoke", "share-opened", "share", "save"]
     expect(page.locator("#activity-rows td[data-label=From]")).to_have_text(["127.0.0.1"] * 4)
+    expect(page.locator("#activity-rows a.title")).to_have_text(["Harbour Lights"] * 4)  # each names the session
 
     # Her own tab holds her token: the share link's page still sends none, and asks for none.
     owner.allow(r"404 \(NOT FOUND\)")
