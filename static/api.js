@@ -2,7 +2,8 @@
 //
 // With API_TOKEN set every /api/v1/... call needs `Authorization: Bearer <token>`: the first 401 asks the person
 // for the token (through the function given to `whenTokenNeeded`), keeps it in sessionStorage for this tab and
-// repeats the call; a token the service refuses is asked for again.
+// repeats the call; a token the service refuses is asked for again. A share link's page calls `anonymous`ly: no
+// token is sent (even one this tab holds) and none is asked for, since the link itself is the permission.
 
 const TOKEN_KEY = "storyart.apiToken";
 const TIMEOUT_MS = 60_000; // an import of many megabytes still fits
@@ -34,7 +35,7 @@ function tokenFromPerson(refused) {
 
 async function send(path, options) {
   const headers = {};
-  const token = sessionStorage.getItem(TOKEN_KEY);
+  const token = options.anonymous ? null : sessionStorage.getItem(TOKEN_KEY);
   if (token) headers.Authorization = `Bearer ${token}`;
   if (options.body !== undefined) headers["Content-Type"] = "application/json";
   try {
@@ -66,11 +67,12 @@ async function errorOf(response) {
   return new ApiError(response.status, `The service answered ${response.status} ${response.statusText}.`);
 }
 
-/** The answer to `path` (a Response with `raw`, else its JSON); ApiError with the service's message if not 2xx. */
+/** The answer to `path` (a Response with `raw`, else its JSON); ApiError with the service's message if not 2xx.
+ * `options`: `method`, `body` (JSON text), `raw`, and `anonymous` (no token sent or asked for). */
 export async function call(path, options = {}) {
   for (;;) {
     const { token, response } = await send(path, options);
-    if (response.status === 401 && path.startsWith("/api/")) {
+    if (response.status === 401 && path.startsWith("/api/") && !options.anonymous) {
       const given = await tokenFromPerson(Boolean(token));
       if (!given) throw await errorOf(response);
       sessionStorage.setItem(TOKEN_KEY, given);

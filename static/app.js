@@ -1,16 +1,20 @@
 // The history page: the list of saved sessions with its filters and paging, one session opened, two compared,
-// import, backup, and the service's health. Three views, chosen by the address's fragment (`#/`,
-// `#/session/<ts>`, `#/compare/<a>/<b>`), so the browser's back button and bookmarks work.
+// import, backup, the service's health, who is signed in, share links and the activity log. Five views, chosen by
+// the address's fragment (`#/`, `#/session/<ts>`, `#/compare/<a>/<b>`, `#/shares`, `#/activity`), so the
+// browser's back button and bookmarks work. A share link (`/s/<token>`) shows one session read-only instead.
 
 import { call, download, whenTokenNeeded } from "./api.js";
 import { renderCompare } from "./compare.js";
 import { fill, formatBytes, h, timeOf, toast } from "./dom.js";
+import { openShare, rememberTitle, showActivity, showShares, showWho, wirePeople } from "./people.js";
 import { renderSession, sessionTitle } from "./session.js";
+import { showShared } from "./shared.js";
 
 const $ = (id) => document.getElementById(id);
 const HEALTH_EVERY_MS = 10_000;
 const SEARCH_DELAY_MS = 250;
-const VIEWS = ["list-view", "session-view", "compare-view"];
+const VIEWS = ["list-view", "session-view", "compare-view", "shares-view", "activity-view"];
+const SESSION_ACTIONS = ["session-download", "session-pin", "session-share", "session-compare", "session-delete"];
 
 const state = {
   rows: [], // summaries shown, newest first
@@ -122,6 +126,7 @@ async function loadList(older = false) {
   if (seq !== state.listSeq) return;
   state.listStale = false;
   state.rows = older ? [...state.rows, ...answer.sessions] : answer.sessions;
+  for (const summary of answer.sessions) rememberTitle(summary.timestamp, summary.title || "Untitled session");
   state.more = answer.total > answer.count;
   if (!older) $("list-total").textContent = `${answer.total} session${answer.total === 1 ? "" : "s"}`;
   $("partial").hidden = !answer.partial;
@@ -271,7 +276,7 @@ async function showSession(timestamp) {
   $("session-meta").replaceChildren();
   fill($("session-body"));
   $("session-pinned").hidden = true;
-  for (const id of ["session-download", "session-pin", "session-compare", "session-delete"]) $(id).disabled = true;
+  for (const id of SESSION_ACTIONS) $(id).disabled = true;
   try {
     const [found, summary] = await Promise.all([call(`/api/v1/session/${timestamp}`), summaryOf(timestamp)]);
     state.open = { timestamp, data: found.data, summary };
@@ -280,7 +285,8 @@ async function showSession(timestamp) {
     renderMeta(timestamp, found.data, summary, found.storage);
     renderPin(Boolean(summary?.pinned));
     fill($("session-body"), renderSession(found.data));
-    for (const id of ["session-download", "session-pin", "session-compare", "session-delete"]) $(id).disabled = false;
+    rememberTitle(timestamp, sessionTitle(found.data));
+    for (const id of SESSION_ACTIONS) $(id).disabled = false;
   } catch (err) {
     fill($("session-title"), err.status === 404 ? "Session not found" : "The session could not be opened");
     fill($("session-body"), h("p", { class: "error", role: "alert" }, err.message));
@@ -402,8 +408,8 @@ async function runImport(event) {
 function askToken(refused) {
   const dialog = $("token-dialog");
   $("token-text").textContent = refused
-    ? "The service did not accept that token. Enter its API token (API_TOKEN) again."
-    : "This service asks for its API token (API_TOKEN). It is kept in this tab only.";
+    ? "The service did not accept that token. Enter your API token again."
+    : "This service asks for your API token (your own, or API_TOKEN). It is kept in this tab only.";
   $("token-input").value = "";
   return new Promise((resolve) => {
     const done = (value) => {
@@ -427,7 +433,9 @@ function askToken(refused) {
 
 function showView(id) {
   for (const view of VIEWS) $(view).hidden = view !== id;
-  if (id === "list-view") document.title = "StoryArt sessions";
+  const titles = { "list-view": "StoryArt sessions", "shares-view": "Share links · StoryArt sessions",
+    "activity-view": "Activity · StoryArt sessions" };
+  if (titles[id]) document.title = titles[id];
 }
 
 function route() {
@@ -436,13 +444,23 @@ function route() {
   if (match) return showSession(Number(match[1]));
   match = /^#\/compare\/(\d{1,16})\/(\d{1,16})$/.exec(hash);
   if (match) return showCompare(Number(match[1]), Number(match[2]));
+  if (hash === "#/shares" || hash === "#/activity") {
+    showView(`${hash.slice(2)}-view`);
+    return hash === "#/shares" ? showShares() : showActivity();
+  }
   showView("list-view");
   if (state.listStale) loadList();
   return null;
 }
 
 function wire() {
-  whenTokenNeeded(askToken);
+  // A token given may name another user than the one shown (a refused token replaced): show who it names.
+  whenTokenNeeded(async (refused) => {
+    const token = await askToken(refused);
+    if (token) setTimeout(showWho); // once the token is kept, after the call that asked for it
+    return token;
+  });
+  wirePeople();
   let searchTimer = null;
   $("filters").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -465,6 +483,7 @@ function wire() {
   $("session-download").addEventListener("click", () => download(`/api/v1/session/${state.open.timestamp}/export`,
     `storyart-session-${state.open.timestamp}.json`).catch((err) => toast(`Download failed: ${err.message}`, "error")));
   $("session-pin").addEventListener("click", togglePin);
+  $("session-share").addEventListener("click", () => openShare(state.open));
   $("session-compare").addEventListener("click", pickOther);
   $("session-delete").addEventListener("click", askDelete);
   $("confirm-delete-form").addEventListener("submit", confirmDelete);
@@ -504,7 +523,9 @@ function wire() {
   window.addEventListener("hashchange", route);
   refreshHealth();
   setInterval(refreshHealth, HEALTH_EVERY_MS);
+  showWho();
   route();
 }
 
-wire();
+if (location.pathname.startsWith("/s/")) showShared(location.pathname.slice(3));
+else wire();

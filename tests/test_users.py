@@ -248,7 +248,8 @@ def test_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(("args", "line"), [
-    (["add", "a b"], "Error: user name 'a b' is invalid: use 1-64 characters of A-Z a-z 0-9 . _ @ + - (not . or .. alone)"),
+    (["add", "a b"], "Error: user name 'a b' is invalid: use 1-64 characters of A-Z a-z 0-9 . _ @ + - "
+                     "(not . or .. alone)"),
     (["add", "Default"], "Error: 'default' is the default user's name (the one API_TOKEN names); choose another"),
     (["add", "oz"], "Error: a user named 'oz' already exists"),
     (["revoke", "pat"], "Error: no user named 'pat'"),
