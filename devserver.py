@@ -81,16 +81,16 @@ class _Body:
 
     def __init__(self, stream: Any, environ: dict[str, Any]) -> None:
         self.stream, declared = stream, environ.get("CONTENT_LENGTH", "")
-        # None: a chunked body (werkzeug decodes it), or a length that is not one (the connection then ends)
-        self.left: int | None = None if environ.get("wsgi.input_terminated") else int(declared or 0) \
-            if declared.isdigit() or not declared else None
+        self.chunked = bool(environ.get("wsgi.input_terminated"))  # werkzeug decodes it; a read of b"" is its end
+        valid = not self.chunked and (declared.isdigit() or not declared)  # else the connection ends after it
+        self.left: int | None = int(declared or 0) if valid else None
         self.ended = self.left == 0
 
     def _count(self, data: bytes, size: int | None) -> bytes:
         if self.left is not None:
             self.left -= len(data)
             self.ended = self.left <= 0
-        elif not data and size != 0:  # a chunked body's end
+        elif self.chunked and not data and size != 0:
             self.ended = True
         return data
 
