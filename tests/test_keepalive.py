@@ -6,11 +6,15 @@ failed with "Remote end closed connection without response"."""
 from __future__ import annotations
 
 import http.client
-from collections.abc import Iterator
+import signal
+import time
+from collections.abc import Callable, Iterator
 
+import orjson
 import pytest
 from chaos import session
 
+from devserver import IDLE_SECONDS
 from servers import ServiceProcess
 
 pytestmark = pytest.mark.slow
@@ -69,5 +73,44 @@ def test_the_next_request_on_a_kept_alive_connection_is_answered(server: Service
             conn.request("GET", "/health")
             health = conn.getresponse()
             assert health.status == 200 and health.read().startswith(b'{"success":true')
+    finally:
+        conn.close()
+
+
+def test_python_app_py_keeps_a_browsers_connection_for_its_preflight_and_requests(
+        service: Callable[..., ServiceProcess]) -> None:
+    """A browser's CORS preflight, its save and the reads after it go over one connection to `python app.py`.
+
+    It used to say `Connection: close` to every answer: each request (and each preflight) paid a new connection and
+    a new thread. A connection kept between requests still does not hold up a graceful stop.
+    """
+    server = service("app")
+    origin = {"Origin": "http://localhost:3000"}
+    preflight = {**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    saved = session("one-connection")
+    steps = [("GET", "/health", None, {}), ("OPTIONS", SAVE, None, preflight),
+             ("POST", SAVE, saved, {**origin, **JSON}), ("GET", "/api/v1/session/latest", None, origin),
+             ("GET", "/api/v1/session/latest", None, origin)]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        ends = set()
+        for method, path, body, headers in steps:
+            conn.request(method, path, body=body, headers=headers)
+            answer = conn.getresponse()
+            content = answer.read()
+            assert answer.status == 200, (method, path, content)
+            assert answer.getheader("Connection") is None, (method, path)
+            assert conn.sock is not None, (method, path)  # http.client closes a connection its server said it would
+            ends.add(conn.sock.getsockname())
+            if headers.get("Origin"):
+                assert answer.getheader("Access-Control-Allow-Origin") == origin["Origin"]
+        assert orjson.loads(content)["data"]["storyUuid"] == "one-connection"  # the save's session
+        assert len(ends) == 1  # one connection for them all
+
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)  # the connection is idle now, kept for a next request
+        assert server.proc.wait(15) == 0
+        assert time.monotonic() - started < IDLE_SECONDS  # closed by the stop, not by its idle timeout
+        assert conn.sock.recv(1) == b""  # the server closed it
     finally:
         conn.close()
