@@ -285,6 +285,7 @@ def test_the_activity_log_holds_exactly_the_actions_in_order_across_an_outage(se
     assert [(e["action"], e["timestamp"]) for e in events] == expected
     assert [e["at"] for e in events] == sorted((e["at"] for e in events), reverse=True)
     assert all(e["from"] == "127.0.0.1" for e in events)
+    assert redis_server.client().exists(f"storyart:{{u:alice}}:session:{during['timestamp']}")  # written back, hers
     in_redis = redis_server.client().zrange("storyart:{u:alice}:activity", 0, -1)
     assert [orjson.loads(e)["action"] for e in reversed(in_redis)] == [action for action, _ in expected]
     shares = settled(port, "/api/v1/shares", alice)["shares"]
