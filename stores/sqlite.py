@@ -237,6 +237,7 @@ class SqliteStore(LocalStore):
             _begin(db)
         except sqlite3.Error as error:
             raise _unavailable(error) from error
+        self._local.counted = None  # this thread's own commit leaves `data_version` as it was
         try:
             yield db
             db.execute("COMMIT")
@@ -400,6 +401,24 @@ class SqliteStore(LocalStore):
         return Record(timestamp, body, summary, expires_at, Origin(origin), save_id, bool(pinned), acked, owner)
 
     def count(self) -> tuple[int, int]:
+        """(sessions, bytes) held, read again only when a commit changed the file since this thread last read them.
+
+        Storage asks it on every request with Redis (is anything pending?): `PRAGMA data_version` changes with every
+        commit of another connection (other threads', other processes'), and this thread's own commits drop its copy,
+        so the answer is always current, at half the cost of the query (a read of the shared WAL index)."""
+        db = self._db()
+        if db.in_transaction:  # the copy does not know this transaction's own changes
+            return self._counted()
+        try:
+            version = _patiently(lambda: db.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as error:
+            raise _unavailable(error) from error
+        known = getattr(self._local, "counted", None)
+        if known is None or known[0] != version:
+            known = self._local.counted = (version, self._counted())
+        return known[1]
+
+    def _counted(self) -> tuple[int, int]:
         sessions, nbytes = self._read("SELECT sessions, bytes FROM state")[0]
         return sessions, nbytes
 

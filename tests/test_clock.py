@@ -298,3 +298,16 @@ def test_damaged_clocks_give_sane_timestamps_and_redis_keeps_answering(hosts) ->
             assert int(tool.get(CLOCK_KEY)) == stamps[1]
         time.sleep(0.1)  # at least a few pings after the last save
     assert pinger.failures == [] and pinger.pings > 10
+
+
+@pytest.mark.parametrize("size", [100, 100_000], ids=["returned by the script", "fetched after it"])
+def test_latest_reads_a_19_digit_timestamp_from_the_member_not_its_float_score(own_store, size: int) -> None:
+    """A session an old clock bug saved under 19 digits: its index score comes back as a float ("1.7e+18"), so
+    `latest` reads the timestamp from the member's digits, and answers the session instead of failing."""
+    store, client = own_store
+    huge = 1_733_123_456_789_012_345
+    body = b'{"scriptText":"%s","timestamp":%d}' % (b"x" * size, huge)
+    client.set(f"storyart:session:{huge}", body)
+    client.zadd(INDEX_KEY, {f"storyart:session:{huge}": huge})
+    found = store.latest()
+    assert found is not None and (found.timestamp, found.body) == (huge, body)
