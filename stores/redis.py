@@ -118,8 +118,9 @@ TOMBSTONE_MS = 30 * 86_400_000
 # Every loop in a script is bounded, so that no script holds Redis (which answers nobody else meanwhile) for long:
 FORGET_BATCH = 1000  # the most expired or dead index members one script forgets
 PAGE_ROUNDS = 16  # the most windows of a list page one script reads
-# The largest body `lua/latest.lua` returns itself (one round trip); a larger one is fetched with a GET after it,
-# which costs Redis less than moving it through Lua (docs/benchmarks.md).
+# The largest body `lua/latest.lua` returns itself (one round trip; a larger one is fetched with a GET after it), and
+# `lua/save.lua` takes as an argument (a larger one is staged with a SET in the same pipeline): moving a value
+# through Lua costs Redis more than a second command beyond about this size (docs/benchmarks.md).
 INLINE_BODY_MAX = 64 * 1024
 STAGED_TTL_MS = 60_000  # a save's staged body (`lua/save.lua`) outlives its script only if the connection died between
 T = TypeVar("T")
@@ -401,12 +402,13 @@ class RedisStore(SessionStore):
         """A save (`pending` None) or the write-back of `pending`, whose draft `draft` is."""
         origin, pin, acked = ("", "", "") if pending is None else \
             (pending.origin.value, "1" if pending.pinned else "", pending.acked)
-        staged_as, body = draft.rendered(proposal if draft.timestamp is None else draft.timestamp)
+        rendered_as, body = draft.rendered(proposal if draft.timestamp is None else draft.timestamp)
+        inline = len(body) <= INLINE_BODY_MAX  # else staged: see `lua/save.lua`
         staged = f"{self.keys.save}{draft.save_id}:{random.getrandbits(64):016x}"  # this attempt's alone
-        args = (staged_as, draft.summary, now, ttl_ms, "" if draft.timestamp is None else draft.timestamp, proposal,
-                origin, draft.save_id, pin, _facets_json(draft.summary), acked)
+        args = (rendered_as, draft.summary, now, ttl_ms, "" if draft.timestamp is None else draft.timestamp, proposal,
+                origin, draft.save_id, pin, _facets_json(draft.summary), acked, body if inline else "")
         outcome, stored_as, removed, *held = self._write(self._save, (*self._save_keys, staged), args,
-                                                         staged=(staged, body))
+                                                         staged=None if inline else (staged, body))
         if held:
             distrusted(f"Redis's clock key {self.keys.clock}", repr(held[0].decode(errors="replace")), now)
         return Moved(Outcome(outcome.decode()), int(stored_as), int(removed) if removed else None)

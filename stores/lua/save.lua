@@ -2,10 +2,10 @@
 -- local store kept while Redis was away.
 --
 -- KEYS: index, expiry, clock, pinned, the staged body.
--- ARGV: the timestamp the staged body was rendered with, summary, now (ms), TTL (ms; 0: none), the client's timestamp or "", the allocator's proposal, for
---   a write-back the session's origin ("client" or "service"; "" for a save), the save's id, "1" to pin it (a
---   write-back of a pinned session), its facets, and for a write-back when the pending copy was acknowledged
---   (ms).
+-- ARGV: the timestamp the body was rendered with, summary, now (ms), TTL (ms; 0: none), the client's timestamp or
+--   "", the allocator's proposal, for a write-back the session's origin ("client" or "service"; "" for a save), the
+--   save's id, "1" to pin it (a write-back of a pinned session), its facets, for a write-back when the pending copy
+--   was acknowledged (ms), and the body itself when it is small (else "": it is staged).
 -- Returns {outcome, timestamp, the unconfirmed copy removed or ""}, and a fourth item when the timestamp was
 --   chosen and the clock key held no trusted value: what it held (see assign.lua), replaced.
 --
@@ -22,11 +22,12 @@
 -- the same request's fallback) is removed; a copy the save id names that was confirmed (a retried import) or
 -- pinned never is.
 --
--- The body never passes through Lua on the way in: the same pipeline SETs it, rendered with the timestamp the
+-- A large body never passes through Lua on the way in: the same pipeline SETs it, rendered with the timestamp the
 -- caller expects, under a staged key of its own (KEYS[5], with a short TTL) just before, and the script RENAMEs
 -- that key to the session's (a pointer move), overwriting the timestamp's digits in place when another was
 -- chosen. A 1 MB value moved through Lua costs Redis about 1.4 ms of copying and garbage more than a SET
 -- (docs/benchmarks.md). Only the rare comparisons below (a retried import, a write-back meeting a copy) read it.
+-- A small body (up to `INLINE_BODY_MAX`) comes as the last argument instead: one command, no staged key.
 --
 -- Names in braces are constants of stores/redis.py (key prefixes, limits), filled in when it loads this file.
 
@@ -36,17 +37,18 @@ local summary, now, ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local ts, proposal, origin, acked = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[11])
 local clock, save = KEYS[3], '{SAVE}' .. ARGV[8]
 local outcome, removed, distrusted = 'stored', '', nil
-if redis.call('EXISTS', staged) == 0 then
+local inline = ARGV[12] ~= ''
+if not inline and redis.call('EXISTS', staged) == 0 then
   return redis.error_reply('the staged body of save ' .. ARGV[8] .. ' is gone')
 end
-local staged_body = nil
+local staged_body = inline and ARGV[12] or nil
 local function rendered(id)  -- the session's bytes as stored under `id`
   staged_body = staged_body or redis.call('GET', staged)
   if id == staged_id then return staged_body end
   return string.sub(staged_body, 1, #staged_body - #staged_id - 1) .. id .. '}'
 end
 local function done(reply)
-  redis.call('DEL', staged)
+  if not inline then redis.call('DEL', staged) end
   return reply
 end
 local applied = redis.call('GET', save)
@@ -91,12 +93,17 @@ if ARGV[9] == '1' or redis.call('SISMEMBER', KEYS[4], key) == 1 then
   redis.call('SADD', KEYS[4], key)
   ttl = 0
 end
-if id ~= staged_id and #id == #staged_id then  -- the digits in place: the length stays, nothing is reallocated
-  redis.call('SETRANGE', staged, redis.call('STRLEN', staged) - #id - 1, id)
-elseif id ~= staged_id then  -- another number of digits (never within this millennium): rendered anew
-  redis.call('SET', staged, rendered(id))
+if inline then
+  redis.call('SET', key, rendered(id))
+elseif id == staged_id or #id == #staged_id then
+  if id ~= staged_id then  -- the digits in place: the length stays, nothing is reallocated
+    redis.call('SETRANGE', staged, redis.call('STRLEN', staged) - #id - 1, id)
+  end
+  redis.call('RENAME', staged, key)
+else  -- another number of digits (never within this millennium): rendered anew
+  redis.call('SET', key, rendered(id))
+  redis.call('DEL', staged)
 end
-redis.call('RENAME', staged, key)
 if ttl > 0 then
   redis.call('PEXPIRE', key, fmt(ttl))
   redis.call('SET', '{META}' .. id, summary, 'PX', fmt(ttl))
