@@ -18,6 +18,7 @@ import redis
 
 import backup
 import storage as storage_module
+import stores.redis as redis_module
 from allocator import Allocator, Slot, now_ms
 from config import Config
 from payload import Draft, parse_session
@@ -60,6 +61,14 @@ def page(store: SessionStore, query: Query, summaries: bool = False) -> tuple[in
 def put(store: SessionStore, d: Draft, ttl_ms: int = 60_000, now: int | None = None) -> int:
     now = now_ms() if now is None else now
     return store.save(d, now=now, ttl_ms=ttl_ms, proposal=ALLOCATOR.propose(now))
+
+
+@pytest.fixture(params=["small bodies", "large bodies"])
+def body_sizes(request: pytest.FixtureRequest, monkeypatch) -> None:
+    """Run a Redis test twice; with "large bodies" every body takes the path of a large one (staged by a SET and
+    renamed by the save script, fetched by a GET after `latest`'s script), whatever its size."""
+    if request.param == "large bodies":
+        monkeypatch.setattr(redis_module, "INLINE_BODY_MAX", -1)
 
 
 @pytest.fixture
@@ -592,7 +601,7 @@ def test_two_hosts_in_the_same_millisecond_get_distinct_timestamps(redis_server,
         host.close()
 
 
-def test_write_back_outcomes(redis_store: RedisStore, redis_db) -> None:
+def test_write_back_outcomes(redis_store: RedisStore, redis_db, body_sizes) -> None:
     """Redis holds another copy under a pending one's timestamp: the copy acknowledged later wins, whatever
     their expiries and pins; a service-assigned clash keeps both; the same bytes again change nothing; a delete
     acknowledged after the pending copy drops it, and a copy acknowledged after the delete is stored."""
@@ -630,7 +639,8 @@ def test_write_back_outcomes(redis_store: RedisStore, redis_db) -> None:
     assert int(redis_db.hget("storyart:sessions:acked", now)) > int(redis_db.get(f"storyart:deleted:{now}")) > dead
 
 
-def test_a_key_another_tool_rewrote_is_ordered_by_what_the_service_knows(redis_store: RedisStore, redis_db) -> None:
+def test_a_key_another_tool_rewrote_is_ordered_by_what_the_service_knows(redis_store: RedisStore, redis_db,
+                                                                        body_sizes) -> None:
     """A tool SETs a session key without touching `storyart:sessions:acked`: it wrote after the service's last
     recorded copy, so a pending copy acknowledged before that loses to the tool's bytes; one acknowledged after
     it (or any, for a key the service never wrote) is the copy a client was told is saved, and wins."""
@@ -761,7 +771,7 @@ def test_a_session_that_fits_nowhere_is_503_with_retry_after(make_app) -> None:
     assert got.get_json()["success"] is False and "retry" in got.get_json()["error"]
 
 
-def test_a_save_redis_applied_but_could_not_confirm_ends_up_once(redis_store: RedisStore, redis_db,
+def test_a_save_redis_applied_but_could_not_confirm_ends_up_once(redis_store: RedisStore, redis_db, body_sizes,
                                                                 pending_store) -> None:
     """Redis applied a save and died before answering: the service stored the session locally under another
     timestamp and told the client that one. The write-back leaves exactly one copy, under the client's."""
@@ -783,6 +793,7 @@ def test_a_save_redis_applied_but_could_not_confirm_ends_up_once(redis_store: Re
 
 @pytest.mark.parametrize("pinned", [False, True])
 def test_a_retried_save_never_removes_the_copy_its_first_attempt_confirmed(redis_store: RedisStore, redis_db,
+                                                                          body_sizes,
                                                                           pending_store, pinned: bool) -> None:
     """The same save id and bytes (a retried import), stored in Redis and confirmed, then stored again in the
     local store by a later attempt while Redis was away: that is not a reply that was lost, so the write-back
