@@ -47,13 +47,22 @@ class Draft:
     same id and bytes again without a timestamp answers with the timestamp it gave them (a retry, e.g. of an
     import, whose id comes from its content): a new save needs a new id."""
 
-    head: bytes
+    head: bytes | memoryview
     timestamp: int | None
     summary: bytes
     save_id: str = field(default_factory=new_save_id)
+    # (timestamp, the bytes under it) as serialized, `head` a view of them: rendering for that timestamp, or
+    # staging them in Redis (which rewrites the digits in place), copies nothing.
+    serialized: tuple[int, bytes] | None = field(default=None, compare=False, repr=False)
 
     def render(self, timestamp: int) -> bytes:
-        return b"%s%d}" % (self.head, timestamp)
+        if self.serialized is not None and self.serialized[0] == timestamp:
+            return self.serialized[1]
+        return b"%b%d}" % (self.head, timestamp)
+
+    def rendered(self, fallback: int) -> tuple[int, bytes]:
+        """The session's bytes under some timestamp, and which: as serialized (no copy), else under `fallback`."""
+        return self.serialized or (fallback, self.render(fallback))
 
 
 def head_of(body: bytes, timestamp: int) -> memoryview:
@@ -166,12 +175,13 @@ def draft_from(session: Any, now: int) -> Draft:
         raise PayloadError(f"Invalid session data: {'; '.join(problems)}.")
     session = dict(session)  # the caller's object stays as it was
     timestamp = session.pop("timestamp", None)
+    session["timestamp"] = placeholder = now if timestamp is None else timestamp  # last, as `render` puts it
     try:
-        serialized = orjson.dumps(session)
+        serialized = orjson.dumps(session)  # the body, once: `head` is a view of it, not a copy
     except orjson.JSONEncodeError:
         raise PayloadError("The session is nested too deeply (at most 254 levels).") from None
-    head = serialized[:-1] + b',"timestamp":'
-    return Draft(head, timestamp, summarize(session, len(head) + len(str(timestamp or now)) + 1, head))
+    head = memoryview(serialized)[: -len(b"%d}" % placeholder)]
+    return Draft(head, timestamp, summarize(session, len(serialized), head), serialized=(placeholder, serialized))
 
 
 def content_hash(data: bytes | memoryview) -> str:

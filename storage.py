@@ -257,7 +257,7 @@ class SessionStorage:
             else:
                 if draft.timestamp is None:
                     self.allocator.observe(timestamp)
-                if draft.timestamp is not None and self.local.exists(timestamp):
+                if draft.timestamp is not None and self._pending() and self.local.exists(timestamp):
                     with self.local.exclusive():  # an older pending copy must not be written back over it
                         self.local.delete(timestamp)
                 return timestamp, "redis"
@@ -266,6 +266,13 @@ class SessionStorage:
         if draft.timestamp is None:
             self.allocator.observe(timestamp)
         return timestamp, LOCAL
+
+    def _pending(self) -> bool:
+        """Whether the local store may hold a session a read must see: always without Redis (it is the store).
+
+        With Redis it holds only pending sessions, usually none: its count, kept current across every thread and
+        process sharing it (`stores.sqlite.SqliteStore.count`), spares each read a query of the local store."""
+        return self.redis is None or self.local.count()[0] > 0
 
     def _from_redis(self, call: Callable[[RedisStore], T]) -> T | None:
         """Run a call on Redis, or return None when Redis is unavailable.
@@ -290,7 +297,7 @@ class SessionStorage:
         host saved since is sorted out by the write-back), then Redis. Raises
         `StorageUnavailable` rather than answer "not found" for a session an unreachable Redis may hold, and
         `NotASession` for a record that is not one."""
-        found = self.local.get(timestamp)
+        found = self.local.get(timestamp) if self._pending() else None
         if found is None and self.redis is not None:
             found = self._from_redis(lambda r: r.get(timestamp))
             if found is None and not self._readable():
@@ -335,7 +342,7 @@ class SessionStorage:
 
     def latest(self) -> tuple[Stored | None, bool]:
         """(the newest session of both stores, whether an unreachable Redis may hold a newer one)."""
-        local = self.local.latest()
+        local = self.local.latest() if self._pending() else None
         remote = self._from_redis(lambda r: r.latest()) if self.redis is not None else None
         if remote is None and self._readable() and self._index_lost():
             remote = self._from_redis(lambda r: r.latest())

@@ -9,9 +9,9 @@ runs it again while `py-spy` samples this process's CPU from outside (1 kHz, not
 call, unlike a tracing profiler) and sums each sample into the innermost step it can name: a library (redis-py;
 logging; flask-cors; werkzeug; Flask; the test client, which is not the service's cost) or a function of the
 service (its own time, which includes the C calls it makes: orjson, hashlib, sqlite3). Cases: `latest` of a 10 KB
-session, a save of 10 KB, a save of 1 MB (the fixtures in tests/fixtures). The access log runs at its documented
-level (INFO) into /dev/null: formatting it is measured, a terminal is not. py-spy needs to attach to this
-process (root, or kernel.yama.ptrace_scope=0).
+session, a save of 10 KB, a save of 1 MB, `latest` of that 1 MB session (the fixtures in tests/fixtures). The
+access log runs at its documented level (INFO) into /dev/null: formatting it is measured, a terminal is not.
+py-spy needs to attach to this process (root, or kernel.yama.ptrace_scope=0).
 """
 
 from __future__ import annotations
@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         assert client.post("/api/v1/session/save", data=small, headers=HEADERS).status_code == 200
         cases = (("latest 10 KB", lambda: client.get("/api/v1/session/latest", headers=HEADERS), args.requests),
                  ("save 10 KB", save(small), args.requests),
-                 ("save 1 MB", save(big), max(1, args.requests // 40)))
+                 ("save 1 MB", save(big), max(1, args.requests // 40)),
+                 # the latest session is 1 MB from here on
+                 ("latest 1 MB", lambda: client.get("/api/v1/session/latest", headers=HEADERS),
+                  max(1, args.requests // 10)))
         for name, request, count in cases:
             for _ in range(max(10, count // 10)):  # warm-up
                 request()

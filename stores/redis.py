@@ -49,6 +49,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import random
 import re
 import secrets
 import threading
@@ -120,6 +121,11 @@ TOMBSTONE_MS = 30 * 86_400_000
 # Every loop in a script is bounded, so that no script holds Redis (which answers nobody else meanwhile) for long:
 FORGET_BATCH = 1000  # the most expired or dead index members one script forgets
 PAGE_ROUNDS = 16  # the most windows of a list page one script reads
+# The largest body `lua/latest.lua` returns itself (one round trip; a larger one is fetched with a GET after it), and
+# `lua/save.lua` takes as an argument (a larger one is staged with a SET in the same pipeline): moving a value
+# through Lua costs Redis more than a second command beyond about this size (docs/benchmarks.md).
+INLINE_BODY_MAX = 64 * 1024
+STAGED_TTL_MS = 60_000  # a save's staged body (`lua/save.lua`) outlives its script only if the connection died between
 T = TypeVar("T")
 
 SCRIPTS = Path(__file__).with_name("lua")  # the Lua scripts, one file each (see `_lua`)
@@ -405,10 +411,14 @@ class RedisStore(SessionStore):
         """A save (`pending` None) or the write-back of `pending`, whose draft `draft` is."""
         origin, pin, acked = ("", "", "") if pending is None else \
             (pending.origin.value, "1" if pending.pinned else "", pending.acked)
-        args = (draft.head, draft.summary, now, ttl_ms, "" if draft.timestamp is None else draft.timestamp, proposal,
-                origin, draft.save_id, pin, _facets_json(draft.summary), acked, *self._event(event))
-        outcome, stored_as, removed, *held = self._write(self._save, self._save_keys,
-                                                         args)
+        rendered_as, body = draft.rendered(proposal if draft.timestamp is None else draft.timestamp)
+        inline = len(body) <= INLINE_BODY_MAX  # else staged: see `lua/save.lua`
+        staged = f"{self.keys.save}{draft.save_id}:{random.getrandbits(64):016x}"  # this attempt's alone
+        args = (rendered_as, draft.summary, now, ttl_ms, "" if draft.timestamp is None else draft.timestamp, proposal,
+                origin, draft.save_id, pin, _facets_json(draft.summary), acked, body if inline else "",
+                *self._event(event))
+        outcome, stored_as, removed, *held = self._write(self._save, (*self._save_keys, staged), args,
+                                                         staged=None if inline else (staged, body))
         if held:
             distrusted(f"Redis's clock key {self.keys.clock}", repr(held[0].decode(errors="replace")), now)
         return Moved(Outcome(outcome.decode()), int(stored_as), int(removed) if removed else None)
@@ -440,29 +450,38 @@ class RedisStore(SessionStore):
         elif was and not reason:
             log.warning("Redis saves are replicated again (%d of %d replica(s) online)", online, wanted)
 
-    def _write(self, script: Script, keys: tuple[str, ...], args: tuple = ()) -> Any:
+    def _write(self, script: Script, keys: tuple[str, ...], args: tuple = (),
+               staged: tuple[str, bytes] | None = None) -> Any:
         """Run a writing script and wait for its replicas.
 
-        Run a writing script; with `REDIS_WAIT_REPLICAS`, followed by WAIT on the same connection (WAIT
-        counts the writes of its own connection), in one pipeline: one round trip. Too few replicas confirming
+        Run a writing script, after SETting `staged` (key, value) when given (a save's body, see `lua/save.lua`);
+        with `REDIS_WAIT_REPLICAS`, followed by WAIT on the same connection (WAIT counts the writes of its own
+        connection); all in one pipeline: one round trip. Too few replicas confirming
         it raises `NotReplicated` when they are required (the write may be in Redis, unconfirmed: a save's
         write-back later removes such a copy by its save id), else the write stands, not replicated. While
         writes are known not to be replicated (and that is allowed) there is no WAIT: it would last its whole
         timeout each time."""
         wanted = self.replication.replicas
-        if not wanted or (self._replicas_now.reason and not self.replication.required):
+        wait = bool(wanted) and not (self._replicas_now.reason and not self.replication.required)
+        if not wait and staged is None:
             return script(keys=keys, args=args)
         for _ in range(2):  # a new master's script cache may be empty: load it, then once more
             with self.client.pipeline(transaction=False) as pipe:
-                pipe.evalsha(script.sha, len(keys), *keys, *args).wait(wanted, self.replication.wait_ms)
+                if staged is not None:
+                    pipe.set(*staged, px=STAGED_TTL_MS)
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                if wait:
+                    pipe.wait(wanted, self.replication.wait_ms)
                 try:
-                    reply, confirmed = pipe.execute()
+                    replies = pipe.execute()
                 except redis.exceptions.NoScriptError:
                     self.client.script_load(script.script)
                     continue
-            self._replicas(confirmed, f"{confirmed} of {wanted} replica(s) confirmed a write within "
-                                      f"{self.replication.wait_ms} ms")
-            return reply
+            if wait:
+                confirmed = replies[-1]
+                self._replicas(confirmed, f"{confirmed} of {wanted} replica(s) confirmed a write within "
+                                          f"{self.replication.wait_ms} ms")
+            return replies[1 if staged is not None else 0]
         raise redis.exceptions.NoScriptError("the script could not be loaded")
 
     def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None,
@@ -570,12 +589,16 @@ class RedisStore(SessionStore):
     def latest(self) -> Stored | None:
         missed = 0
         while missed < 3:  # the newest may expire or be deleted between the two round trips: look again
-            top = self._latest(keys=self._indexes, args=(now_ms(),))
+            top = self._latest(keys=self._indexes, args=(now_ms(), INLINE_BODY_MAX))
             if top == 0:
                 continue  # the script forgot a batch of dead members: on with the rest
             if not top:
                 return None
-            found = self.get(int(top))
+            stamp, body, summary, pinned = top
+            timestamp = int(stamp)
+            if body is not None:
+                return Stored(timestamp, body, self.storage, summary, bool(pinned))
+            found = self.get(timestamp)
             if found is not None:
                 return found
             missed += 1

@@ -172,6 +172,7 @@ class SqliteStore(LocalStore):
         self.synchronous = synchronous
         self._local = threading.local()
         self._pool = _Pool()
+        self._group = _Group()  # the saves waiting for the next group commit of this process (`_grouped`)
 
     @classmethod
     def open(cls, path: str | Path, limits: Limits, synchronous: str = "FULL", keep: Keep | None = None) -> SqliteStore:
@@ -255,6 +256,7 @@ class SqliteStore(LocalStore):
             _begin(db)
         except sqlite3.Error as error:
             raise _unavailable(error) from error
+        self._local.counted = None  # this thread's own commit leaves `data_version` as it was
         try:
             yield db
             db.execute("COMMIT")
@@ -288,26 +290,146 @@ class SqliteStore(LocalStore):
 
     def save(self, draft: Draft, *, now: int, ttl_ms: int, proposal: int, when_full: WhenFull | None = None,
              event: Event | None = None) -> int:
-        with self._write() as db:
-            self._purge_expired(db, now)
-            timestamp, origin = draft.timestamp, Origin.CLIENT
-            if timestamp is None:
-                for earlier, body in db.execute("SELECT timestamp, body FROM sessions WHERE save_id = ? AND owner = ?",
-                                                (draft.save_id, self.owner)):
-                    if body == draft.render(earlier):  # this very save was applied before (a retried import)
-                        return earlier
-                last = db.execute("SELECT last_assigned FROM state").fetchone()[0]
-                taken = "SELECT 1 FROM sessions WHERE owner = ? AND timestamp = ?"
-                timestamp, clock = choose(proposal, last,
-                                          lambda ts: bool(db.execute(taken, (self.owner, ts)).fetchone()), now,
-                                          f"The local store's last assigned timestamp ({self.path})")
-                db.execute("UPDATE state SET last_assigned = ?", (clock,))
-                origin = Origin.SERVICE
-            body = draft.render(timestamp)
-            self._make_room(db, timestamp, len(body), when_full)
-            db.execute(UPSERT, (self.owner, timestamp, body, draft.summary, expiry(now, ttl_ms), origin.value,
-                                draft.save_id, *Facets.of(orjson.loads(draft.summary)), now))
-            self._record(db, event, timestamp)
+        """Store a session; with `synchronous=FULL` committed together with the saves of other threads (`_grouped`)."""
+        def work(db: sqlite3.Connection) -> int:
+            return self._save_in(db, draft, now, ttl_ms, proposal, when_full, event)
+
+        if self.synchronous == "FULL" and not self._db().in_transaction:
+            return self._grouped(work)
+        with self._write() as db:  # inside a transaction this thread holds (a write-back step): part of it
+            return work(db)
+
+    def _grouped(self, work: Callable[[sqlite3.Connection], int]) -> int:
+        """Run a write in the next group commit of this process, and return once that commit is on disk.
+
+        Writes that arrive while a commit is under way wait for it to end; then one of them commits all of them in
+        one transaction and one fsync (each in a savepoint of its own: one that fails is undone alone and raises
+        its own error), instead of one fsync each (3.8 ms here). Each write sees the ones before it in the batch,
+        so the timestamp rule and the caps hold as if they had come one by one."""
+        job = _Job(work)
+        group = self._group
+        with group.lock:
+            if group.pid != os.getpid():  # a forked child: whatever the parent's threads were doing is not ours
+                group.queue, group.leading, group.pid = [], False, os.getpid()
+            group.queue.append(job)
+            job.leads = not group.leading
+            group.leading = True
+        while not job.finished:
+            if job.leads:
+                self._commit_group(group)
+            else:
+                job.event.wait()
+                job.event.clear()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _commit_group(self, group: _Group) -> None:
+        """Commit every write queued now in one transaction, then hand the lead to a write queued meanwhile."""
+        with group.lock:
+            batch, group.queue = group.queue, []
+        try:
+            self._commit_batch(batch)
+        except Exception as error:  # noqa: BLE001 - whatever it was, no write of the batch is acknowledged
+            for job in batch:
+                if job.error is None:
+                    job.error, job.result = StorageUnavailable(f"the local store cannot commit ({error})"), None
+        finally:
+            with group.lock:
+                following = group.queue[0] if group.queue else None
+                group.leading = following is not None
+                if following is not None:
+                    following.leads = True
+            for job in batch:
+                job.finished = True
+                job.event.set()
+            if following is not None:
+                following.event.set()
+
+    def _commit_batch(self, batch: list[_Job]) -> None:
+        """Run `batch` in one transaction, a savepoint each.
+
+        Each job gets its result once it is committed, or its error. A job that fails is undone alone; should SQLite
+        have rolled back the whole transaction with it (a full disk, an I/O error), the jobs before it run again in
+        a new one."""
+
+        db = self._db()
+        waiting = batch
+        while waiting:
+            self._local.counted = None
+            try:
+                _begin(db)
+            except sqlite3.Error as error:
+                for job in waiting:
+                    job.error = _unavailable(error)
+                return
+            applied: list[_Job] = []
+            again: list[_Job] = []
+            for index, job in enumerate(waiting):
+                try:
+                    db.execute("SAVEPOINT grouped")
+                    job.result = job.work(db)
+                    db.execute("RELEASE grouped")
+                    applied.append(job)
+                except Exception as error:  # noqa: BLE001 - the job's own failure, raised in its own thread
+                    job.error = _unavailable(error) if isinstance(error, sqlite3.Error) else error
+                    if not self._undone(db):  # the transaction is gone, or cannot be trusted: the others again
+                        again, applied = applied + waiting[index + 1 :], []
+                        break
+            if applied:
+                try:
+                    db.execute("COMMIT")
+                except sqlite3.Error as error:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                    for job in applied:
+                        job.error, job.result = _unavailable(error), None
+                else:
+                    if getattr(self._local, "freed", False):
+                        with contextlib.suppress(sqlite3.Error):  # only space is at stake, as in `_write`
+                            self._shrink(db)
+            elif db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            self._local.freed = False
+            waiting = again
+
+    @staticmethod
+    def _undone(db: sqlite3.Connection) -> bool:
+        """Undo the failed job's savepoint; False when the transaction is gone (SQLite rolled it back) or broken."""
+        if not db.in_transaction:
+            return False
+        try:
+            db.execute("ROLLBACK TO grouped")
+            db.execute("RELEASE grouped")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            return False
+        return True
+
+    def _save_in(self, db: sqlite3.Connection, draft: Draft, now: int, ttl_ms: int, proposal: int,
+                 when_full: WhenFull | None, event: Event | None) -> int:
+        """The save itself, with its event, inside a write transaction on `db`."""
+        self._purge_expired(db, now)
+        timestamp, origin = draft.timestamp, Origin.CLIENT
+        if timestamp is None:
+            for earlier, body in db.execute("SELECT timestamp, body FROM sessions WHERE save_id = ? AND owner = ?",
+                                            (draft.save_id, self.owner)):
+                if body == draft.render(earlier):  # this very save was applied before (a retried import)
+                    return earlier
+            last = db.execute("SELECT last_assigned FROM state").fetchone()[0]
+            taken = "SELECT 1 FROM sessions WHERE owner = ? AND timestamp = ?"
+            timestamp, clock = choose(proposal, last,
+                                      lambda ts: bool(db.execute(taken, (self.owner, ts)).fetchone()), now,
+                                      f"The local store's last assigned timestamp ({self.path})")
+            db.execute("UPDATE state SET last_assigned = ?", (clock,))
+            origin = Origin.SERVICE
+        body = draft.render(timestamp)
+        self._make_room(db, timestamp, len(body), when_full)
+        db.execute(UPSERT, (self.owner, timestamp, body, draft.summary, expiry(now, ttl_ms), origin.value,
+                            draft.save_id, *Facets.of(orjson.loads(draft.summary)), now))
+        self._record(db, event, timestamp)
         return timestamp
 
     def pin(self, timestamp: int, pinned: bool, *, now: int, ttl_ms: int, event: Event | None = None) -> bool:
@@ -495,6 +617,24 @@ class SqliteStore(LocalStore):
         return Record(timestamp, body, summary, expires_at, Origin(origin), save_id, bool(pinned), acked, owner)
 
     def count(self) -> tuple[int, int]:
+        """(sessions, bytes) held, read again only when a commit changed the file since this thread last read them.
+
+        Storage asks it on every request with Redis (is anything pending?): `PRAGMA data_version` changes with every
+        commit of another connection (other threads', other processes'), and this thread's own commits drop its copy,
+        so the answer is always current, at half the cost of the query (a read of the shared WAL index)."""
+        db = self._db()
+        if db.in_transaction:  # the copy does not know this transaction's own changes
+            return self._counted()
+        try:
+            version = _patiently(lambda: db.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error as error:
+            raise _unavailable(error) from error
+        known = getattr(self._local, "counted", None)
+        if known is None or known[0] != version:
+            known = self._local.counted = (version, self._counted())
+        return known[1]
+
+    def _counted(self) -> tuple[int, int]:
         sessions, nbytes = self._read("SELECT sessions, bytes FROM state")[0]
         return sessions, nbytes
 
@@ -509,6 +649,30 @@ class SqliteStore(LocalStore):
     def close(self) -> None:
         self._pool.close()
         self._local = threading.local()
+
+
+class _Job:
+    """One write waiting in a group commit (`SqliteStore._grouped`), and what became of it."""
+
+    __slots__ = ("work", "event", "leads", "finished", "result", "error")
+
+    def __init__(self, work: Callable[[sqlite3.Connection], int]) -> None:
+        self.work = work
+        self.event = threading.Event()
+        self.leads = False  # this job's thread commits the next batch
+        self.finished = False  # its batch is over: `result` is committed, or `error` says why not
+        self.result: int | None = None
+        self.error: Exception | None = None
+
+
+class _Group:
+    """The group commit of one process: the writes queued for the next batch, and whether a thread leads one."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queue: list[_Job] = []
+        self.leading = False
+        self.pid = os.getpid()
 
 
 class _Lease:

@@ -298,3 +298,32 @@ def test_damaged_clocks_give_sane_timestamps_and_redis_keeps_answering(hosts) ->
             assert int(tool.get(CLOCK_KEY)) == stamps[1]
         time.sleep(0.1)  # at least a few pings after the last save
     assert pinger.failures == [] and pinger.pings > 10
+
+
+@pytest.mark.parametrize("size", [100, 100_000], ids=["returned by the script", "fetched after it"])
+def test_latest_reads_a_19_digit_timestamp_from_the_member_not_its_float_score(own_store, size: int) -> None:
+    """A session an old clock bug saved under 19 digits: its index score comes back as a float ("1.7e+18"), so
+    `latest` reads the timestamp from the member's digits, and answers the session instead of failing."""
+    store, client = own_store
+    huge = 1_733_123_456_789_012_345
+    body = b'{"scriptText":"%s","timestamp":%d}' % (b"x" * size, huge)
+    client.set(f"storyart:session:{huge}", body)
+    client.zadd(INDEX_KEY, {f"storyart:session:{huge}": huge})
+    found = store.latest()
+    assert found is not None and (found.timestamp, found.body) == (huge, body)
+
+
+@pytest.mark.parametrize("size", [100, 100_000], ids=["small: an argument of the script", "large: staged, renamed"])
+def test_a_save_whose_proposal_is_taken_stores_its_bytes_under_the_timestamp_it_got(own_store, size: int) -> None:
+    """Two saves with one proposal: the second gets the next millisecond, and its stored bytes end with that
+    timestamp (a large body is staged under the proposal's digits and rewritten in place), with the session TTL;
+    no staged key is left behind."""
+    store, client = own_store
+    now = now_ms()
+    drafts = [draft(f"{name} {'x' * size}") for name in ("first", "second")]
+    stamps = [store.save(d, now=now, ttl_ms=60_000, proposal=now) for d in drafts]
+    assert stamps == [now, now + 1]
+    for d, ts in zip(drafts, stamps, strict=True):
+        assert client.get(f"storyart:session:{ts}") == d.render(ts) and bytes(d.render(ts)).endswith(b"%d}" % ts)
+        assert 0 < client.pttl(f"storyart:session:{ts}") <= 60_000
+    assert len(list(client.scan_iter("storyart:save:*"))) == 2  # the save ids; no staged body

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -17,9 +18,11 @@ import redis
 
 import backup
 import storage as storage_module
+import stores.redis as redis_module
 from allocator import Allocator, Slot, now_ms
 from config import Config
 from payload import Draft, parse_session
+from servers import wait_for
 from storage import (
     EVERY,
     Query,
@@ -58,6 +61,14 @@ def page(store: SessionStore, query: Query, summaries: bool = False) -> tuple[in
 def put(store: SessionStore, d: Draft, ttl_ms: int = 60_000, now: int | None = None) -> int:
     now = now_ms() if now is None else now
     return store.save(d, now=now, ttl_ms=ttl_ms, proposal=ALLOCATOR.propose(now))
+
+
+@pytest.fixture(params=["small bodies", "large bodies"])
+def body_sizes(request: pytest.FixtureRequest, monkeypatch) -> None:
+    """Run a Redis test twice; with "large bodies" every body takes the path of a large one (staged by a SET and
+    renamed by the save script, fetched by a GET after `latest`'s script), whatever its size."""
+    if request.param == "large bodies":
+        monkeypatch.setattr(redis_module, "INLINE_BODY_MAX", -1)
 
 
 @pytest.fixture
@@ -592,7 +603,7 @@ def test_two_hosts_in_the_same_millisecond_get_distinct_timestamps(redis_server,
         host.close()
 
 
-def test_write_back_outcomes(redis_store: RedisStore, redis_db) -> None:
+def test_write_back_outcomes(redis_store: RedisStore, redis_db, body_sizes) -> None:
     """Redis holds another copy under a pending one's timestamp: the copy acknowledged later wins, whatever
     their expiries and pins; a service-assigned clash keeps both; the same bytes again change nothing; a delete
     acknowledged after the pending copy drops it, and a copy acknowledged after the delete is stored."""
@@ -630,7 +641,8 @@ def test_write_back_outcomes(redis_store: RedisStore, redis_db) -> None:
     assert int(redis_db.hget("storyart:sessions:acked", now)) > int(redis_db.get(f"storyart:deleted:{now}")) > dead
 
 
-def test_a_key_another_tool_rewrote_is_ordered_by_what_the_service_knows(redis_store: RedisStore, redis_db) -> None:
+def test_a_key_another_tool_rewrote_is_ordered_by_what_the_service_knows(redis_store: RedisStore, redis_db,
+                                                                        body_sizes) -> None:
     """A tool SETs a session key without touching `storyart:sessions:acked`: it wrote after the service's last
     recorded copy, so a pending copy acknowledged before that loses to the tool's bytes; one acknowledged after
     it (or any, for a key the service never wrote) is the copy a client was told is saved, and wins."""
@@ -761,7 +773,7 @@ def test_a_session_that_fits_nowhere_is_503_with_retry_after(make_app) -> None:
     assert got.get_json()["success"] is False and "retry" in got.get_json()["error"]
 
 
-def test_a_save_redis_applied_but_could_not_confirm_ends_up_once(redis_store: RedisStore, redis_db,
+def test_a_save_redis_applied_but_could_not_confirm_ends_up_once(redis_store: RedisStore, redis_db, body_sizes,
                                                                 pending_store) -> None:
     """Redis applied a save and died before answering: the service stored the session locally under another
     timestamp and told the client that one. The write-back leaves exactly one copy, under the client's."""
@@ -783,6 +795,7 @@ def test_a_save_redis_applied_but_could_not_confirm_ends_up_once(redis_store: Re
 
 @pytest.mark.parametrize("pinned", [False, True])
 def test_a_retried_save_never_removes_the_copy_its_first_attempt_confirmed(redis_store: RedisStore, redis_db,
+                                                                          body_sizes,
                                                                           pending_store, pinned: bool) -> None:
     """The same save id and bytes (a retried import), stored in Redis and confirmed, then stored again in the
     local store by a later attempt while Redis was away: that is not a reply that was lost, so the write-back
@@ -795,3 +808,81 @@ def test_a_retried_save_never_removes_the_copy_its_first_attempt_confirmed(redis
     assert redis_store.write_back(pending_store.oldest(), now=now_ms()) == (Outcome.STORED, retried, None)
     assert body_of(redis_store.get(first))["scriptText"] == body_of(redis_store.get(retried))["scriptText"]
     assert redis_store.get(first).pinned is pinned
+
+
+class CountingCommits(SqliteStore):
+    """The SQLite store whose connections count the COMMITs they run (SQLite's own trace of its statements)."""
+
+    commits = 0
+
+    def _connect(self):
+        db = super()._connect()
+        db.set_trace_callback(self._traced)
+        return db
+
+    def _traced(self, statement: str) -> None:
+        if statement.strip().upper() == "COMMIT":
+            type(self).commits += 1
+
+
+def _saves_while_the_write_lock_is_held(store: SqliteStore, drafts: list[Draft]) -> list[object]:
+    """Start one thread per draft while another connection holds the file's write lock, let go once every save
+    waits, and return what each save answered (its timestamp, or the error it raised)."""
+    holder = sqlite3.connect(store.path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    answers: list[object] = [None] * len(drafts)
+
+    def run(i: int) -> None:
+        now = now_ms()
+        try:
+            answers[i] = store.save(drafts[i], now=now, ttl_ms=60_000, proposal=now)
+        except Exception as error:  # noqa: BLE001 - the answer this test looks at
+            answers[i] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(drafts))]
+    threads[0].start()  # the first leads a commit of its own save, and waits for the lock
+    wait_for(lambda: store._group.leading and not store._group.queue, what="the first save to wait for the lock")
+    for t in threads[1:]:
+        t.start()
+    wait_for(lambda: len(store._group.queue) == len(drafts) - 1, what="the saves to wait for the write lock")
+    holder.execute("COMMIT")
+    holder.close()
+    for t in threads:
+        t.join(10)
+    return answers
+
+
+def test_saves_arriving_together_commit_in_one_transaction(tmp_path) -> None:
+    """With LOCAL_STORE_SYNC=FULL, saves from threads of one process that wait for the write lock together are
+    committed together: one COMMIT (one fsync) for all that queued behind the first, each answered with its own
+    timestamp only then, all stored."""
+    store = CountingCommits.open(tmp_path / "group.sqlite3", Limits(1000, 1 << 30, WhenFull.REFUSE))
+    CountingCommits.commits = 0
+    drafts = [parse_session(orjson.dumps({"scriptText": f"s{i}", "episodeContext": "", "storyUuid": "u",
+                                          "analyzedEpisode": {}}), now_ms()) for i in range(8)]
+    answers = _saves_while_the_write_lock_is_held(store, drafts)
+    assert all(isinstance(a, int) for a in answers) and len(set(answers)) == 8
+    assert CountingCommits.commits == 2  # the first save, then the seven that queued behind it
+    assert store.count()[0] == 8 and {s.timestamp for s in store.rows(answers)} == set(answers)
+    store.close()
+
+
+def test_a_save_that_fails_in_a_group_commit_fails_alone(tmp_path) -> None:
+    """A save that fails inside a group commit (here: no room left, or a summary that is not JSON) is undone
+    alone: the others of its batch are committed and answered, and the local store's clock and caps are as if
+    the failed one never came."""
+    store = SqliteStore.open(tmp_path / "group.sqlite3", Limits(5, 1 << 30, WhenFull.REFUSE))
+
+    def one(i: int) -> Draft:
+        return parse_session(orjson.dumps({"scriptText": f"s{i}", "episodeContext": "", "storyUuid": "u",
+                                           "analyzedEpisode": {}}), now_ms())
+
+    drafts = [one(i) for i in range(7)]
+    drafts[3] = dataclasses.replace(drafts[3], summary=b"not json")
+    answers = _saves_while_the_write_lock_is_held(store, drafts)
+    stored = [a for a in answers if isinstance(a, int)]
+    assert len(stored) == 5 and store.count()[0] == 5  # the cap: five
+    assert isinstance(answers[3], orjson.JSONDecodeError)
+    assert sum(isinstance(a, storage_module.StorageFull) for a in answers) == 1
+    assert {s.timestamp for s in store.rows(stored)} == set(stored)
+    store.close()
