@@ -365,14 +365,19 @@ class SqliteStore(LocalStore):
                 return
             applied: list[_Job] = []
             again: list[_Job] = []
+            alone = len(waiting) == 1  # no savepoint needed: a failure rolls back the transaction, its own
             for index, job in enumerate(waiting):
                 try:
-                    db.execute("SAVEPOINT grouped")
+                    if not alone:
+                        db.execute("SAVEPOINT grouped")
                     job.result = job.work(db)
-                    db.execute("RELEASE grouped")
+                    if not alone:
+                        db.execute("RELEASE grouped")
                     applied.append(job)
                 except Exception as error:  # noqa: BLE001 - the job's own failure, raised in its own thread
                     job.error = _unavailable(error) if isinstance(error, sqlite3.Error) else error
+                    if alone:
+                        break
                     if not self._undone(db):  # the transaction is gone, or cannot be trusted: the others again
                         again, applied = applied + waiting[index + 1 :], []
                         break

@@ -867,22 +867,26 @@ def test_saves_arriving_together_commit_in_one_transaction(tmp_path) -> None:
     store.close()
 
 
-def test_a_save_that_fails_in_a_group_commit_fails_alone(tmp_path) -> None:
-    """A save that fails inside a group commit (here: no room left, or a summary that is not JSON) is undone
-    alone: the others of its batch are committed and answered, and the local store's clock and caps are as if
-    the failed one never came."""
-    store = SqliteStore.open(tmp_path / "group.sqlite3", Limits(5, 1 << 30, WhenFull.REFUSE))
+@pytest.mark.parametrize("failure", ["no room", "a summary that is not JSON"])
+def test_a_save_that_fails_in_a_group_commit_fails_alone(tmp_path, failure: str) -> None:
+    """A save that fails inside a group commit (no room left under the cap, or a summary that is not JSON, which
+    fails after the row's timestamp was chosen and room made) is undone alone: the others of its batch are
+    committed and answered."""
+    cap = 5 if failure == "no room" else 1000
+    store = SqliteStore.open(tmp_path / "group.sqlite3", Limits(cap, 1 << 30, WhenFull.REFUSE))
 
     def one(i: int) -> Draft:
         return parse_session(orjson.dumps({"scriptText": f"s{i}", "episodeContext": "", "storyUuid": "u",
                                            "analyzedEpisode": {}}), now_ms())
 
     drafts = [one(i) for i in range(7)]
-    drafts[3] = dataclasses.replace(drafts[3], summary=b"not json")
+    if failure != "no room":
+        drafts[3] = dataclasses.replace(drafts[3], summary=b"not json")
     answers = _saves_while_the_write_lock_is_held(store, drafts)
     stored = [a for a in answers if isinstance(a, int)]
-    assert len(stored) == 5 and store.count()[0] == 5  # the cap: five
-    assert isinstance(answers[3], orjson.JSONDecodeError)
-    assert sum(isinstance(a, storage_module.StorageFull) for a in answers) == 1
-    assert {s.timestamp for s in store.rows(stored)} == set(stored)
+    if failure == "no room":
+        assert len(stored) == 5 and sum(isinstance(a, storage_module.StorageFull) for a in answers) == 2
+    else:
+        assert len(stored) == 6 and isinstance(answers[3], orjson.JSONDecodeError)
+    assert store.count()[0] == len(stored) and {s.timestamp for s in store.rows(stored)} == set(stored)
     store.close()
