@@ -19,6 +19,7 @@ import abc
 import enum
 import functools
 import logging
+import random
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -160,14 +161,21 @@ class Share:
 
 @dataclass(frozen=True, slots=True)
 class Keep:
-    """How much of an activity log is kept: `days`, and at most `most` events."""
+    """How much of an activity log is kept: `days`, and at most `most` events.
+
+    A local store prunes its log on one event in `prune_every` (at random), so an event costs no pass over the
+    log: it may hold about that many events more than `most` in between."""
 
     days: int = 90
     most: int = 10_000
+    prune_every: int = 64
 
     @property
     def ms(self) -> int:
         return self.days * 86_400_000
+
+    def due(self) -> bool:
+        return random.randrange(self.prune_every) == 0
 
 
 class Stored(NamedTuple):

@@ -256,7 +256,7 @@ class MemoryStore(LocalStore):
         if event is not None and done:
             log = self._shelf.activity.setdefault(self.owner, {})
             log[event.id] = (event.at, event.render(timestamp))
-            if self.keep is not None:  # the memory store's log is small: a pass over it is cheap
+            if self.keep is not None and self.keep.due():
                 for key in [key for key, (at, _) in log.items() if at < event.at - self.keep.ms]:
                     del log[key]
                 while len(log) > self.keep.most:

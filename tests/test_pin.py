@@ -129,3 +129,26 @@ def test_a_store_file_whose_table_is_not_ours_stops_start_up_naming_it(tmp_path)
         db.execute("CREATE TABLE sessions (something_else TEXT)")
     with pytest.raises(ConfigError, match=f"LOCAL_STORE_PATH: cannot open {path}"):
         SqliteStore.open(path, Limits())
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_a_local_activity_log_keeps_its_days_and_its_most(kind, tmp_path) -> None:
+    """Without Redis the local store is the log's home: it drops events older than its days and beyond its most."""
+    from stores.base import Event, Keep, Limits, Share
+    from stores.memory import MemoryStore
+    from stores.sqlite import SqliteStore
+
+    keep = Keep(days=1, most=5, prune_every=1)
+    store = SqliteStore.open(tmp_path / "log.sqlite3", Limits(), keep=keep) if kind == "sqlite" else MemoryStore()
+    if kind == "memory":
+        store.configure(Limits(), keep)
+    alice = store.scoped("alice")
+    now = 10 * 86_400_000
+    alice.add_share(Share("s1", "alice", 1, "a" * 64, now, now + 1), Event("old", now - 2 * 86_400_000, "share", "-"))
+    for n in range(8):
+        store.add_share(Share(f"d{n}", "", 1, f"{n:064d}", now, now + 1), Event(f"e{n}", now + n, "share", "-"))
+    assert [orjson.loads(e)["id"] for e in store.events(now + 100, 100)] == ["e7", "e6", "e5", "e4", "e3"]
+    assert alice.events(now + 100, 100) != []  # another user's log is hers alone: pruned only by her events
+    alice.add_share(Share("s2", "alice", 1, "b" * 64, now, now + 1), Event("new", now, "share", "-"))
+    assert [orjson.loads(e)["id"] for e in alice.events(now + 100, 100)] == ["new"]  # the 2-day-old one dropped
+    store.close()
