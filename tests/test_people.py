@@ -215,7 +215,7 @@ def test_a_share_link_opens_without_a_token_and_stops_when_revoked_or_expired(se
     assert request(port, "DELETE", f"/api/v1/shares/{share['id']}", None, bearer(alice)).status == 200
     gone = request(port, "GET", f"/api/v1/shared/{share['token']}")
     assert gone.status == 404
-    for token in ("alice." + "A" * 32, "A" * 32, "x", "..", "alice.", share["token"] + "x"):
+    for token in ("alice." + "A" * 32, "A" * 32, "x", "..", "alice.", share["token"] + "x", "nobody." + "A" * 32):
         assert request(port, "GET", f"/api/v1/shared/{token}").body == gone.body  # never existed: the same
     # A share of a session that expires is capped at its expiry, and stops there.
     short = request(port, "POST", f"/api/v1/session/{ts}/shares", b"", bearer(alice)).json()["share"]
