@@ -90,12 +90,12 @@ class Identity:
         return Caller(user.key, user.name, sessions if user.max_sessions is None else user.max_sessions,
                       size if user.max_bytes is None else user.max_bytes)
 
-    def name_of(self, owner: str) -> str:
-        """How a space's owner is shown (`sharedBy`): her name as written, or `default`."""
+    def shown_name(self, owner: str) -> str | None:
+        """How a space's owner is shown (`sharedBy`): her name as written, or `default`; None when nobody has it."""
         if owner == DEFAULT_OWNER:
             return DEFAULT
         user = self.users.by_name(owner)
-        return user.name if user is not None else owner
+        return user.name if user is not None else None
 
 
 def loggable_address(value: str | None) -> str:

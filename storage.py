@@ -129,6 +129,9 @@ class SessionStorage:
         another user's timestamps are sessions that do not exist."""
         if owner == self.owner:
             return self
+        view = self._link.spaces.get(owner)  # made once per user and process: no lock on the way of a request
+        if view is not None:
+            return view
         with self._link.lock:
             view = self._link.spaces.get(owner)
             if view is None:
@@ -287,6 +290,18 @@ class SessionStorage:
             self._redis_failed(error)
             return None
 
+    def _first(self, read: Callable[[SessionStore], T | None], *, ask_local: bool = True) -> T | None:
+        """What `read` finds in the local store (when `ask_local`), else in Redis.
+
+        A pending local copy wins. Raises `StorageUnavailable` rather than answer None for what an unreachable
+        Redis may hold."""
+        found = read(self.local) if ask_local else None
+        if found is None and self.redis is not None:
+            found = self._from_redis(read)
+            if found is None and not self._readable():
+                raise self._unreadable()
+        return found
+
     def _unreadable(self) -> StorageUnavailable:
         return StorageUnavailable("Redis is unreachable, and the session may be there")
 
@@ -297,11 +312,7 @@ class SessionStorage:
         host saved since is sorted out by the write-back), then Redis. Raises
         `StorageUnavailable` rather than answer "not found" for a session an unreachable Redis may hold, and
         `NotASession` for a record that is not one."""
-        found = self.local.get(timestamp) if self._pending() else None
-        if found is None and self.redis is not None:
-            found = self._from_redis(lambda r: r.get(timestamp))
-            if found is None and not self._readable():
-                raise self._unreadable()
+        found = self._first(lambda store: store.get(timestamp), ask_local=self._pending())
         if found is None:
             return None
         checked = self._checked(found)
@@ -313,12 +324,7 @@ class SessionStorage:
         """When a session expires (`NEVER`: it does not), the local store first; None when there is none.
 
         Raises `StorageUnavailable` when only an unreachable Redis could say."""
-        found = self.local.expiry_of(timestamp)
-        if found is None and self.redis is not None:
-            found = self._from_redis(lambda r: r.expiry_of(timestamp))
-            if found is None and not self._readable():
-                raise self._unreadable()
-        return found
+        return self._first(lambda store: store.expiry_of(timestamp), ask_local=self._pending())
 
     def usage(self) -> tuple[int, int]:
         """(sessions, bytes) this space holds, from the sessions' summaries: what its quotas count.
@@ -505,12 +511,7 @@ class SessionStorage:
         """The share of this space with this token's SHA-256 (revoked or expired too), or None.
 
         Raises `StorageUnavailable` when only an unreachable Redis could say."""
-        found = self.local.find_share(token_sha)
-        if found is None and self.redis is not None:
-            found = self._from_redis(lambda r: r.find_share(token_sha))
-            if found is None and not self._readable():
-                raise self._unreadable()
-        return found
+        return self._first(lambda store: store.find_share(token_sha))
 
     def revoke_share(self, share_id: str, event: Event) -> bool:
         """Revoke a share everywhere at once (or not at all: 503 while a configured Redis is away)."""

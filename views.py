@@ -456,8 +456,8 @@ def open_share(token: str) -> Response:
     gone = error(404, "This share link does not exist, was revoked or has expired.", _SHARED_HEADERS)
     if not _SHARE_SECRET.fullmatch(secret) or (owner and not NAME.fullmatch(owner)) or owner != owner.casefold():
         return gone
-    identity = current_app.extensions["storyart-identity"]
-    if owner and identity.users.by_name(owner) is None:  # no space is opened for a name nobody has
+    shared_by = current_app.extensions["storyart-identity"].shown_name(owner)
+    if shared_by is None:  # no space is opened for a name nobody has
         return gone
     space = _root().space(owner)
     share = space.find_share(_token_sha(token))
@@ -468,8 +468,8 @@ def open_share(token: str) -> Response:
         return gone
     if request.method == "GET":  # a HEAD (a link preview asking what is there) opens nothing
         space.share_opened(share, _event("share-opened", share.timestamp, share.id))
-    shared_by = orjson.dumps(identity.name_of(owner))
-    body = b'{"success":true,"data":%s,"sharedBy":%s,"expiresAt":%d}' % (found.body, shared_by, share.expires_at)
+    body = b'{"success":true,"data":%s,"sharedBy":%s,"expiresAt":%d}' % (found.body, orjson.dumps(shared_by),
+                                                                          share.expires_at)
     return Response(body, mimetype="application/json", headers=_SHARED_HEADERS)
 
 

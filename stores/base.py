@@ -16,6 +16,7 @@ splice them into responses without parsing. The promises behind all of this are 
 from __future__ import annotations
 
 import abc
+import copy
 import enum
 import functools
 import logging
@@ -477,8 +478,16 @@ class LocalStore(SessionStore):
     @abc.abstractmethod
     def exclusive(self) -> AbstractContextManager[None]: ...
 
-    @abc.abstractmethod
-    def scoped(self, owner: str) -> LocalStore: ...
+    def scoped(self, owner: str) -> LocalStore:
+        """This store in `owner`'s space: a shallow copy with her as owner.
+
+        Each local store keeps its state (file, connections, the thread's transaction, lock, sessions) in objects
+        the copy shares, so the view sees and locks the same store, and its queries keep to her rows."""
+        if owner == self.owner:
+            return self
+        view = copy.copy(self)
+        view.owner = owner
+        return view
 
     @abc.abstractmethod
     def oldest(self) -> Record | None:

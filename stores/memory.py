@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import copy
 import heapq
 import logging
 import secrets
@@ -73,14 +72,6 @@ class MemoryStore(LocalStore):
     def configure(self, limits: Limits, keep: Keep | None = None) -> None:
         self.limits = limits
         self.keep = keep  # how much activity to keep: only without Redis (None: it all waits for Redis)
-
-    def scoped(self, owner: str) -> MemoryStore:
-        """This store in `owner`'s space: the same sessions and lock, that user's keys."""
-        if owner == self.owner:
-            return self
-        view = copy.copy(self)
-        view.owner = owner
-        return view
 
     def clear(self) -> None:
         shelf = self._shelf

@@ -16,7 +16,6 @@ to check.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import secrets
@@ -645,14 +644,6 @@ class SqliteStore(LocalStore):
     def _counted(self) -> tuple[int, int]:
         sessions, nbytes = self._read("SELECT sessions, bytes FROM state")[0]
         return sessions, nbytes
-
-    def scoped(self, owner: str) -> SqliteStore:
-        """This store in `owner`'s space: the same file, connections and thread's transaction, that user's rows."""
-        if owner == self.owner:
-            return self
-        view = copy.copy(self)
-        view.owner = owner
-        return view
 
     def close(self) -> None:
         self._pool.close()
