@@ -333,10 +333,12 @@ class TestContract:
         time.sleep(0.3)
         assert store.get(kept).pinned and body_of(store.get(resaved))["scriptText"] == "saved again, still pinned"
         assert [r.pinned for r in page(store, Query(), summaries=True)[1]] == [True, True]
-        assert store.pin(kept, False, now=now_ms(), ttl_ms=150)
+        unpinned = now_ms()
+        assert store.pin(kept, False, now=unpinned, ttl_ms=1500)  # long enough for a busy machine to look
         assert store.pin(resaved, False, now=now_ms(), ttl_ms=60_000)
         assert not store.get(kept).pinned and page(store, Query())[0] == 2  # the TTL counts from the unpin
-        time.sleep(0.3)
+        wait_for(lambda: store.get(kept) is None, "the unpinned session's expiry", timeout=10)
+        assert now_ms() >= unpinned + 1500 - 5  # not before its TTL from the unpin
         assert store.get(kept) is None and store.get(resaved) is not None
         assert store.pin(resaved, False, now=now_ms(), ttl_ms=1)  # not pinned: nothing changes ...
         time.sleep(0.05)
