@@ -53,6 +53,12 @@ class DrainRefusedBody:
         return _ThenDrain(result, environ, self._left_to_drain(environ), self.max_seconds) if refused else result
 
     def _left_to_drain(self, environ: dict[str, Any]) -> int:
+        """How many bytes to drain: a declared body's, if not too large; a chunked one's, up to `max_excess`.
+
+        A chunked body's end is not known here, so it is drained until the peer, having read its 413, closes,
+        within the same bounds in bytes and time."""
+        if environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
+            return self.max_excess
         try:
             declared = int(environ.get("CONTENT_LENGTH") or -1)
         except ValueError:
