@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 import yaml
 from flask import Blueprint, Response, abort, current_app, g, request, stream_with_context
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from allocator import now_ms
@@ -627,10 +627,20 @@ def _request_body(limit: int) -> bytes:
     at the limit without saying it cut it), 400 and `Connection: close` when the server cannot read it (a malformed
     chunk under gunicorn raises its own parser error here).
     """
+    length = request.content_length
     try:
-        body = request.get_data(cache=False)
-        if request.content_length is None and len(body) >= limit and request.environ["wsgi.input"].read(1):
+        if length is None:  # chunked: werkzeug stops at the limit, and a byte more says the body was larger
+            body = request.get_data(cache=False)
+            if len(body) >= limit and request.environ["wsgi.input"].read(1):
+                raise RequestEntityTooLarge()
+            return body
+        if length > limit:
             raise RequestEntityTooLarge()
+        # One read of the declared length: werkzeug's reads of 64 KiB made gunicorn copy what it had buffered
+        # of the rest of the body at each one (1.1 ms of a 1 MB save's 7.7 ms, docs/benchmarks.md).
+        body = request.environ["wsgi.input"].read(length)
+        if len(body) != length:
+            raise ClientDisconnected()
     except HTTPException:
         raise
     except Exception as exc:  # only reading the request happens here: whatever fails is the request's fault
