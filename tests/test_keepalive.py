@@ -6,16 +6,18 @@ failed with "Remote end closed connection without response"."""
 from __future__ import annotations
 
 import http.client
+import multiprocessing
 import signal
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import orjson
 import pytest
 from chaos import session
 
 from devserver import IDLE_SECONDS
-from servers import ServiceProcess
+from servers import ServiceProcess, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -114,3 +116,42 @@ def test_python_app_py_keeps_a_browsers_connection_for_its_preflight_and_request
         assert conn.sock.recv(1) == b""  # the server closed it
     finally:
         conn.close()
+
+
+def _hammer(port: int, stop: Any, answered: Any) -> None:
+    """Send `GET /health` back to back over one kept-alive connection until `stop` is set; count the answers."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    while not stop.is_set():
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        with answered.get_lock():
+            answered.value += 1
+    conn.close()
+
+
+def test_a_gunicorn_thread_keeps_no_connection_while_others_wait(service: Callable[..., ServiceProcess]) -> None:
+    """Connections that send their next request at once do not keep a worker's threads from a newcomer.
+
+    A thread serves the next request of its kept-alive connection itself when it follows at once, but only while
+    the worker holds no more connections than threads: here two connections send back to back to a worker of two
+    threads, and a third connection's requests are still answered at once.
+    """
+    server = service("gunicorn", WEB_CONCURRENCY="1", GUNICORN_THREADS="2")
+    context = multiprocessing.get_context("fork")
+    stop, answered = context.Event(), context.Value("l", 0)
+    hammers = [context.Process(target=_hammer, args=(server.port, stop, answered), daemon=True) for _ in range(2)]
+    for hammer in hammers:
+        hammer.start()
+    try:
+        wait_for(lambda: answered.value > 200, what="the two connections' requests")
+        for _ in range(5):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            started = time.monotonic()
+            conn.request("GET", "/health")
+            assert conn.getresponse().status == 200
+            assert time.monotonic() - started < 1.0
+            conn.close()
+    finally:
+        stop.set()
+        for hammer in hammers:
+            hammer.join(10)
