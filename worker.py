@@ -14,6 +14,9 @@ connection is reset, and the answer's bytes and generator are released.
 
 Whatever the app sends as `Connection: close` closes the connection and says so (gunicorn drops an app's
 hop-by-hop headers and would announce keep-alive).
+
+And a thread that answered on a kept-alive connection serves its next request itself when it follows at once
+(`ParkingWorker.handle`), instead of handing the connection back to the poller in between.
 """
 
 from __future__ import annotations
