@@ -179,6 +179,16 @@ class ParkingWorker(gthread.ThreadWorker):
             result = super().handle(conn)
         return result
 
+    def is_parent_alive(self) -> bool:
+        """gthread's check, which also stops the worker's threads from taking a next request when the master is gone.
+
+        gthread leaves its loop then without clearing `alive`; a thread serving a connection's requests one after
+        another (`handle`) would go on answering after the stop hook closed the storage."""
+        if super().is_parent_alive():
+            return True
+        self.alive = False
+        return False
+
     def handle_request(self, req: Any, conn: gthread.TConn) -> bool | object:
         """gthread's, up to the app's answer; that is then written by a `Reply`."""
         environ: dict[str, Any] = {}

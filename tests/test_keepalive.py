@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
+import psutil
 import pytest
 from chaos import session
 
@@ -119,13 +120,18 @@ def test_python_app_py_keeps_a_browsers_connection_for_its_preflight_and_request
 
 
 def _hammer(port: int, stop: Any, answered: Any) -> None:
-    """Send `GET /health` back to back over one kept-alive connection until `stop` is set; count the answers."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    while not stop.is_set():
-        conn.request("GET", "/health")
-        conn.getresponse().read()
-        with answered.get_lock():
-            answered.value += 1
+    """Send `GET /health` back to back over one kept-alive connection until `stop` is set; count the answers.
+
+    The first request that fails (the server closed the connection and takes no new one) ends it."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        while not stop.is_set():
+            conn.request("GET", "/health")
+            conn.getresponse().read()
+            with answered.get_lock():
+                answered.value += 1
+    except OSError:
+        pass
     conn.close()
 
 
@@ -155,3 +161,31 @@ def test_a_gunicorn_thread_keeps_no_connection_while_others_wait(service: Callab
         stop.set()
         for hammer in hammers:
             hammer.join(10)
+
+
+def test_a_gunicorn_worker_whose_master_died_answers_nothing_after_its_stop(
+        service: Callable[..., ServiceProcess]) -> None:
+    """A worker whose master was killed stops taking requests, even on a connection that sends back to back.
+
+    gthread notices the master is gone, waits for its connections and runs the stop hook (the last write-back, the
+    storage closed). A thread serving one connection's requests one after another must not go on answering after
+    that: no access line may follow the worker's "Worker exiting"."""
+    server = service("gunicorn", WEB_CONCURRENCY="1", GUNICORN_THREADS="2", GUNICORN_CMD_ARGS="--graceful-timeout 3")
+    worker = psutil.Process(server.proc.pid).children()[0]
+    context = multiprocessing.get_context("fork")
+    stop, answered = context.Event(), context.Value("l", 0)
+    hammer = context.Process(target=_hammer, args=(server.port, stop, answered), daemon=True)
+    hammer.start()
+    try:
+        wait_for(lambda: answered.value > 100, what="the connection's requests")
+        server.proc.kill()  # the master, alone: its worker finds itself orphaned
+        server.proc.wait()
+        psutil.wait_procs([worker], timeout=20)
+        assert not worker.is_running()
+    finally:
+        stop.set()
+        hammer.join(10)
+    log = server.log_path.read_text(errors="replace")
+    assert "Worker exiting" in log
+    after = log[log.index("Worker exiting"):]
+    assert " GET /health 200 " not in after, after[:2000]
