@@ -21,7 +21,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import yaml
@@ -632,10 +632,10 @@ def _request_body(limit: int) -> bytes:
         if length is None:  # chunked: werkzeug stops at the limit, and a byte more says the body was larger
             body = request.get_data(cache=False)
             if len(body) >= limit and request.environ["wsgi.input"].read(1):
-                raise RequestEntityTooLarge()
+                _too_large(limit)
             return body
         if length > limit:
-            raise RequestEntityTooLarge()
+            _too_large(limit)
         # One read of the declared length: werkzeug's reads of 64 KiB made gunicorn copy what it had buffered
         # of the rest of the body at each one (1.1 ms of a 1 MB save's 7.7 ms, docs/benchmarks.md).
         body = request.environ["wsgi.input"].read(length)
@@ -647,6 +647,13 @@ def _request_body(limit: int) -> bytes:
         # Where a next request would begin is unknown, so the server closes the connection: the answer says so.
         abort(error(400, f"The request body could not be read ({type(exc).__name__}).", {"Connection": "close"}))
     return body
+
+
+def _too_large(limit: int) -> NoReturn:
+    """Answer 413 naming the limit this request was held to: MAX_CONTENT_LENGTH, or an endpoint's own."""
+    if limit == current_app.config["MAX_CONTENT_LENGTH"]:
+        raise RequestEntityTooLarge()  # the error handler names MAX_CONTENT_LENGTH
+    abort(error(413, f"The request body is larger than the limit of {limit:,} bytes for this request."))
 
 
 def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:

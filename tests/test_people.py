@@ -228,6 +228,9 @@ def test_a_share_link_opens_without_a_token_and_stops_when_revoked_or_expired(se
     for body in (b"[]", b"{", b'{"expiresInSeconds": 10}', b'{"expiresInSeconds": 99999999999}',
                  b'{"expiresInSeconds": "60"}'):
         assert request(port, "POST", f"/api/v1/session/{pinned}/shares", body, bearer(alice)).status == 400
+    too_large = request(port, "POST", f"/api/v1/session/{pinned}/shares", b" " * 70_000, bearer(alice))
+    assert too_large.status == 413
+    assert "65,536 bytes" in too_large.json()["error"]  # this request's limit, not MAX_CONTENT_LENGTH's
     assert len(request(port, "GET", "/api/v1/shares", None, bearer(alice)).json()["shares"]) == 2
 
 
