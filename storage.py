@@ -487,16 +487,18 @@ class SessionStorage:
 
     # -- share links and the activity log of this space (docs/contract.md §6)
 
-    def add_share(self, share: Share, event: Event) -> str:
-        """Store a new share link, with its event, in the first store that takes it; returns where."""
+    def _to_first(self, write: Callable[[SessionStore], None]) -> None:
+        """Apply `write` to Redis while saves go there, else (or when it fails now) to the local store."""
         if self.redis is not None and self._link.state is RedisState.CONNECTED:
             try:
-                self.redis.add_share(share, event)
-                return "redis"
+                return write(self.redis)
             except redis.RedisError as error:
                 self._redis_failed(error)
-        self.local.add_share(share, event)
-        return LOCAL
+        return write(self.local)
+
+    def add_share(self, share: Share, event: Event) -> None:
+        """Store a new share link, with its event, in the first store that takes it."""
+        self._to_first(lambda store: store.add_share(share, event))
 
     def shares(self) -> tuple[list[Share], bool]:
         """(this space's shares, newest first; whether an unreachable Redis may hold more)."""
@@ -519,13 +521,7 @@ class SessionStorage:
 
     def share_opened(self, share: Share, event: Event) -> None:
         """Count an opening of a share with its event, in the first store that takes it."""
-        if self.redis is not None and self._link.state is RedisState.CONNECTED:
-            try:
-                return self.redis.share_opened(share, event)
-            except redis.RedisError as error:
-                self._redis_failed(error)
-        self.local.share_opened(share, event)
-        return None
+        self._to_first(lambda store: store.share_opened(share, event))
 
     def events(self, before: int, limit: int) -> tuple[list[dict[str, Any]], bool]:
         """(this space's activity before `before`, newest first, at most `limit`; whether Redis was unreadable).
@@ -554,8 +550,8 @@ class SessionStorage:
             for owner, share_id, count, batch in pending.opens:
                 self.redis.scoped(owner).add_openings(share_id, count, f"opens-{batch}")
             by_owner: dict[str, list[tuple[int, bytes]]] = {}
-            for owner, event in pending.events:
-                by_owner.setdefault(owner, []).append((orjson.loads(event)["at"], event))
+            for owner, at, _, event in pending.events:
+                by_owner.setdefault(owner, []).append((at, event))
             for owner, events in by_owner.items():
                 self.redis.scoped(owner).add_events(events)
             self.local.settle(pending)

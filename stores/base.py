@@ -514,7 +514,7 @@ class Pending:
 
     shares: list[Share]
     opens: list[tuple[str, str, int, str]]  # (owner, share id, openings, batch id: Redis applies a batch once)
-    events: list[tuple[str, bytes]]  # (owner, the event as rendered)
+    events: list[tuple[str, int, str, bytes]]  # (owner, at, event id, the event as rendered)
 
     def __bool__(self) -> bool:
         return bool(self.shares or self.opens or self.events)

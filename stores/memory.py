@@ -294,9 +294,11 @@ class MemoryStore(LocalStore):
     def pending_people(self) -> Pending:
         shelf = self._shelf
         with shelf.lock:
-            events = sorted((at, owner, event) for owner, log in shelf.activity.items() for at, event in log.values())
+            events = sorted((at, owner, event_id, event) for owner, log in shelf.activity.items()
+                            for event_id, (at, event) in log.items())
             opens = [(owner, share_id, opened, batch) for (owner, share_id), (opened, batch) in shelf.opens.items()]
-            return Pending(list(shelf.shares.values()), opens, [(owner, event) for _, owner, event in events])
+            return Pending(list(shelf.shares.values()), opens,
+                           [(owner, at, event_id, event) for at, owner, event_id, event in events])
 
     def settle(self, pending: Pending) -> None:
         shelf = self._shelf
@@ -305,8 +307,8 @@ class MemoryStore(LocalStore):
                 shelf.shares.pop((share.owner, share.id), None)
             for owner, share_id, _, _ in pending.opens:
                 shelf.opens.pop((owner, share_id), None)
-            for owner, event in pending.events:
-                shelf.activity.get(owner, {}).pop(orjson.loads(event)["id"], None)
+            for owner, _, event_id, _ in pending.events:
+                shelf.activity.get(owner, {}).pop(event_id, None)
 
     def oldest(self) -> Record | None:
         shelf = self._shelf

@@ -548,7 +548,7 @@ class SqliteStore(LocalStore):
     def pending_people(self) -> Pending:
         return Pending([Share.of(record, opened) for record, opened in self._read("SELECT record, opened FROM shares")],
                        self._read("SELECT owner, id, opened, batch FROM share_opens"),
-                       self._read("SELECT owner, event FROM activity ORDER BY at"))
+                       self._read("SELECT owner, at, id, event FROM activity ORDER BY at"))
 
     def settle(self, pending: Pending) -> None:
         with self._write() as db:
@@ -557,8 +557,7 @@ class SqliteStore(LocalStore):
             db.executemany("DELETE FROM share_opens WHERE owner = ? AND id = ?",
                            [(owner, share_id) for owner, share_id, _, _ in pending.opens])
             db.executemany("DELETE FROM activity WHERE owner = ? AND at = ? AND id = ?",
-                           [(owner, (parsed := orjson.loads(event))["at"], parsed["id"])
-                            for owner, event in pending.events])
+                           [(owner, at, event_id) for owner, at, event_id, _ in pending.events])
 
     # -- reads
 
