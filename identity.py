@@ -33,6 +33,10 @@ class Caller:
     max_sessions: int = 0
     max_bytes: int = 0
 
+    @property
+    def has_quota(self) -> bool:
+        return bool(self.max_sessions or self.max_bytes)
+
 
 class Refused(Exception):
     """The request names no valid user: `status` (401, 403 or 503) and a message for the JSON error."""

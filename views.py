@@ -106,7 +106,7 @@ _QUOTA_TURNS: dict[str, threading.Lock] = {}  # a user with quotas saves one at 
 def _quota_turn() -> Iterator[None]:
     """Hold the caller's turn to save while her quota is counted, when she has one (no one else waits)."""
     caller = _caller()
-    if not caller.max_sessions and not caller.max_bytes:
+    if not caller.has_quota:
         yield
         return
     with _QUOTA_TURNS.setdefault(caller.owner, threading.Lock()):
@@ -118,7 +118,7 @@ def _over_quota(draft: Draft, space: SessionStorage, caller: Caller) -> str | No
 
     Counted from what her space holds now; the same user's saves in other processes at the same moment may each
     pass it by one (docs/decisions.md, "Quotas")."""
-    if not caller.max_sessions and not caller.max_bytes:
+    if not caller.has_quota:
         return None
     sessions, size = space.usage()
     replaced = space.get(draft.timestamp) if draft.timestamp is not None else None
@@ -419,7 +419,7 @@ def _share_seconds(body: bytes, longest: int) -> int:
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise ValueError("The body must be a JSON object such as {\"expiresInSeconds\": 86400}, or empty.") from None
+        parsed = None
     if not isinstance(parsed, dict):
         raise ValueError("The body must be a JSON object such as {\"expiresInSeconds\": 86400}, or empty.")
     seconds = parsed.get("expiresInSeconds", default)
