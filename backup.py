@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from allocator import now_ms
+from files import sync_folder
 from payload import Draft, PayloadError, draft_from, head_of, summarize
 from storage import DEFAULT_OWNER, EVERY, Query, RedisState, SessionStorage, StorageUnavailable, WhenFull
 from users import NAME, Users
@@ -213,19 +214,8 @@ def write_file(storage: SessionStorage, path: Path, on_step: OnStep | None = Non
         if isinstance(error, OSError):
             raise BackupError(f"cannot write the backup {path}: {error.strerror or error}") from None
         raise
-    _sync_folder(folder)
+    sync_folder(folder)
     return backup
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX; Windows has no directory handles to flush)."""
-    if os.name != "posix":
-        return
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def rotate(folder: Path, keep: int, spare: str | None = None) -> list[Path]:

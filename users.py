@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from config import ConfigError
+from files import sync_folder
 
 NAME = re.compile(r"[A-Za-z0-9._@+-]{1,64}")  # user names; compared case-insensitively (their casefold is the key)
 DEFAULT = "default"  # the default user's name: the owner of everything in single-user mode, named by API_TOKEN
@@ -300,12 +301,7 @@ def _write(path: Path, raw: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise ConfigError(f"USERS_FILE: cannot write {str(path)!r} ({error.strerror or error})") from None
-    if os.name == "posix":  # the rename itself survives a power loss once the folder is flushed
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+    sync_folder(path.parent)
 
 
 def _replace(temporary: str, path: Path) -> None:

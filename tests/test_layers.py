@@ -10,7 +10,7 @@ from servers import ROOT
 
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundations: settings, the session payload, timestamps, stand-alone tools",
-     {"config", "payload", "allocator", "drain", "launcher"}),
+     {"config", "files", "payload", "allocator", "drain", "launcher"}),
     ("the users file (it raises config's error)", {"users"}),
     ("the storage vocabulary and interface; compare", {"stores", "stores.base", "compare"}),
     ("one module per backend; the JSON answers", {"stores.memory", "stores.sqlite", "stores.redis", "responses"}),
