@@ -154,10 +154,10 @@ def _settings() -> Config:
         return Config.from_env()
 
 
-def _users() -> Users:
-    """The users file the service's settings name; an unusable file stops with one line naming it (exit 2)."""
+def _users(config: Config | None = None) -> Users:
+    """The users file the settings name (from `.env` unless given); an unusable one stops with one line (exit 2)."""
     with exits_on_config_error():
-        return Users.open(_settings().users_file)
+        return Users.open((config or _settings()).users_file)
 
 
 @contextlib.contextmanager
@@ -188,7 +188,7 @@ def add_user(name: str, max_sessions: int | None, max_bytes: int | None) -> None
 def list_users() -> None:
     """List the users: name, whether her token is set, her quotas (never a token or its hash)."""
     config = _settings()
-    people = _users()
+    people = _users(config)
     everyone = people.all()
     click.echo(f"{'name':<24} {'token':<8} {'max sessions':>16} {'max bytes':>20}")
     for user in everyone:
