@@ -33,7 +33,7 @@ from allocator import now_ms
 from files import sync_folder
 from payload import Draft, PayloadError, draft_from, head_of, summarize
 from storage import DEFAULT_OWNER, EVERY, Query, RedisState, SessionStorage, StorageUnavailable, WhenFull
-from users import NAME, Users
+from users import Users, is_key
 
 FORMAT = "storyart-backup"
 VERSION = 1
@@ -314,8 +314,7 @@ def _owned(entry: dict[str, Any]) -> bool:
     owner = entry.get("owner", DEFAULT_OWNER)
     if owner == DEFAULT_OWNER:
         return entry["file"].startswith("sessions/")
-    return (isinstance(owner, str) and NAME.fullmatch(owner) is not None and owner == owner.casefold()
-            and owner not in (".", "..") and entry["file"].startswith(f"users/{owner}/"))
+    return is_key(owner) and entry["file"].startswith(f"users/{owner}/")
 
 
 def _restore_one(storage: SessionStorage, archive: zipfile.ZipFile, entry: dict[str, Any], max_bytes: int,

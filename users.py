@@ -66,6 +66,16 @@ def key_of(name: str) -> str:
     return name.casefold()
 
 
+def is_key(text: object) -> bool:
+    """Whether `text` is a user's key as storage, share tokens and backups write it (a valid name, casefolded)."""
+    if not isinstance(text, str):
+        return False
+    try:
+        return key_of(text) == text
+    except ValueError:
+        return False
+
+
 def _digest(token: str) -> str:
     """What the file keeps of a token: its SHA-256.
 

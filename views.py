@@ -47,7 +47,7 @@ from storage import (
     StorageUnavailable,
     WhenFull,
 )
-from users import NAME
+from users import is_key
 
 SERVICE_NAME = "storyart-session"
 LIST_MAX = 100  # the largest page; without `limit` a list has every session
@@ -454,7 +454,7 @@ def open_share(token: str) -> Response:
     A token that never existed, one revoked, one expired and one whose session is gone all get the same 404."""
     owner, _, secret = token.rpartition(".")
     gone = error(404, "This share link does not exist, was revoked or has expired.", _SHARED_HEADERS)
-    if not _SHARE_SECRET.fullmatch(secret) or (owner and not NAME.fullmatch(owner)) or owner != owner.casefold():
+    if not _SHARE_SECRET.fullmatch(secret) or (owner and not is_key(owner)):
         return gone
     shared_by = current_app.extensions["storyart-identity"].shown_name(owner)
     if shared_by is None:  # no space is opened for a name nobody has
